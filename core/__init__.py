@@ -1,0 +1,1 @@
+"""mriq core: the pure-ML library (preprocessing, data, models, training, evaluation, inference)."""

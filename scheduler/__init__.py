@@ -1,0 +1,1 @@
+"""mriq scheduler: the control plane (SQL schema, repository, HTTP API, the mriq CLI). No torch."""

@@ -1,0 +1,1 @@
+"""mriq worker: Celery app and tasks that call core and record through scheduler."""
