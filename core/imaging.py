@@ -1,0 +1,392 @@
+"""Read one image file into a 2-D float32 grayscale array in [0, 1].
+
+Every decoder path ends in the same representation (HxW, float32, [0, 1]) so that cropping,
+transforms and models never see format differences. Bad input never escapes as a raw
+PIL/pydicom/OS exception: callers get an :class:`~core.errors.ImageReadError` subclass that
+names the file and the reason, so a batch can record the failure and carry on.
+
+Supported: JPEG, PNG, BMP, TIFF (first page), GIF (first frame) through Pillow, and DICOM
+(``.dcm`` or the ``DICM`` magic at offset 128) through pydicom. Notes on the choices:
+
+- Colour is reduced with ITU-R BT.601 luma weights in float, before any rounding.
+- Transparent pixels (RGBA, LA, palette with transparency) are composited on black, the
+  background of an MRI slice, so a transparent margin never looks like tissue.
+- 8-bit and 1-bit data are scaled by their fixed range. 16/32-bit integer and float data
+  carry no display window and rarely use their full range (12-bit scanners), so they are
+  min-max scaled, like DICOM files without a VOI window.
+- The pixel budget is checked against the header size before any pixel is decoded: a
+  small file can claim a huge canvas (decompression bomb).
+- Pillow's ``LOAD_TRUNCATED_IMAGES`` is never turned on: a truncated file is an error, not
+  an image with a grey lower half that would silently poison training.
+"""
+
+from __future__ import annotations
+
+import errno
+import stat
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from core.errors import (
+    CorruptImageError,
+    EmptyFileError,
+    ImageReadError,
+    ImageTooLargeError,
+    ImageTooSmallError,
+    NotAFileError,
+    UnreadableFileError,
+    UnsupportedFormatError,
+)
+
+__all__ = ["IMAGE_SUFFIXES", "is_image_path", "read_image"]
+
+IMAGE_SUFFIXES: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".dcm"}
+)
+
+# Only formats we mean to accept; anything else Pillow could parse (EPS, PSD, ...) would
+# widen the attack surface for no gain.
+_PIL_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "BMP", "DIB", "TIFF", "GIF")
+
+_NIFTI_MESSAGE = "NIfTI volumes are not supported; export 2-D slices"
+_DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
+_HEAD_BYTES = 352  # covers the DICOM preamble+magic (132) and the NIfTI-1 magic (344..348)
+
+# File signatures of the formats we decode: when Pillow cannot identify a file that starts
+# with one of these, the file is damaged rather than of an unknown kind.
+_KNOWN_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
+
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def is_image_path(path: Path | str) -> bool:
+    """True when the file name has one of the image suffixes we read (case-insensitive)."""
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+def read_image(path: Path | str, *, max_pixels: int = 64_000_000, min_side: int = 8) -> np.ndarray:
+    """Decode ``path`` into an HxW float32 array in [0, 1].
+
+    Raises only :class:`ImageReadError` subclasses: ``EmptyFileError``, ``NotAFileError``,
+    ``UnreadableFileError``, ``UnsupportedFormatError``, ``CorruptImageError``,
+    ``ImageTooLargeError`` (more than ``max_pixels`` pixels, checked before decoding) and
+    ``ImageTooSmallError`` (a side shorter than ``min_side``).
+    """
+    p = Path(path)
+    try:
+        return _read_checked(p, max_pixels=max_pixels, min_side=min_side)
+    except ImageReadError:
+        raise
+    except MemoryError:
+        raise ImageTooLargeError(p, "not enough memory to decode the image") from None
+    except Exception as exc:  # a decoder bug must not take the whole batch down
+        raise CorruptImageError(p, f"could not decode: {type(exc).__name__}: {exc}") from exc
+
+
+def _read_checked(p: Path, *, max_pixels: int, min_side: int) -> np.ndarray:
+    _check_file(p)
+    name = p.name.lower()
+    if name.endswith(".nii") or name.endswith(".nii.gz"):
+        raise UnsupportedFormatError(p, _NIFTI_MESSAGE)
+    try:
+        fh = open(p, "rb")  # noqa: SIM115 - closed in the finally below
+    except OSError as exc:
+        raise _open_error(p, exc) from exc
+    try:
+        head = fh.read(_HEAD_BYTES)
+        fh.seek(0)
+        if head[344:348] in (b"n+1\x00", b"ni1\x00"):
+            raise UnsupportedFormatError(p, _NIFTI_MESSAGE)
+        if _looks_like_dicom(p, head):
+            img = _read_dicom(p, fh, head, max_pixels=max_pixels, min_side=min_side)
+        else:
+            img = _read_pil(p, fh, head, max_pixels=max_pixels, min_side=min_side)
+    except OSError as exc:
+        # I/O failure while reading an opened file (network share gone, EIO, ...).
+        if isinstance(exc, PermissionError) or exc.errno in (errno.EACCES, errno.EIO):
+            raise _open_error(p, exc) from exc
+        raise CorruptImageError(p, f"read failed: {exc}") from exc
+    finally:
+        fh.close()
+    return _finish(p, img, min_side=min_side)
+
+
+def _check_file(p: Path) -> None:
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise UnreadableFileError(p, "file not found") from None
+    except PermissionError:
+        raise UnreadableFileError(p, "permission denied") from None
+    except OSError as exc:
+        raise UnreadableFileError(p, f"cannot stat file: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise NotAFileError(p, "is a directory, not an image file")
+    if not stat.S_ISREG(st.st_mode):
+        raise NotAFileError(p, "is not a regular file")
+    if st.st_size == 0:
+        raise EmptyFileError(p, "file is empty (0 bytes)")
+
+
+def _open_error(p: Path, exc: OSError) -> ImageReadError:
+    if isinstance(exc, PermissionError) or exc.errno == errno.EACCES:
+        return UnreadableFileError(p, "permission denied")
+    if isinstance(exc, IsADirectoryError):
+        return NotAFileError(p, "is a directory, not an image file")
+    if isinstance(exc, FileNotFoundError):
+        return UnreadableFileError(p, "file not found")
+    return UnreadableFileError(p, f"cannot open file: {exc.strerror or exc}")
+
+
+def _check_size(p: Path, width: int, height: int, *, max_pixels: int, min_side: int) -> None:
+    if width * height > max_pixels:
+        raise ImageTooLargeError(
+            p,
+            f"image is {width}x{height} = {width * height:,} pixels, "
+            f"over the limit of {max_pixels:,}",
+        )
+    if min(width, height) < min_side:
+        raise ImageTooSmallError(
+            p, f"image is {width}x{height}; each side must be at least {min_side} pixels"
+        )
+
+
+def _finish(p: Path, img: np.ndarray, *, min_side: int) -> np.ndarray:
+    if img.ndim != 2:
+        raise CorruptImageError(p, f"decoded to an unexpected shape {img.shape}")
+    h, w = img.shape
+    if min(h, w) < min_side:
+        raise ImageTooSmallError(
+            p, f"image is {w}x{h}; each side must be at least {min_side} pixels"
+        )
+    out = np.nan_to_num(img.astype(np.float32, copy=False), nan=0.0, posinf=1.0, neginf=0.0)
+    np.clip(out, 0.0, 1.0, out=out)
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def _min_max(arr: np.ndarray) -> np.ndarray:
+    a = arr.astype(np.float64, copy=False)
+    lo, hi = float(a.min()), float(a.max())
+    if not hi > lo:  # constant (or all-NaN) image: nothing to stretch
+        return np.zeros(a.shape, dtype=np.float32)
+    return ((a - lo) / (hi - lo)).astype(np.float32)
+
+
+def _luma(rgb: np.ndarray) -> np.ndarray:
+    return rgb[..., :3].astype(np.float32) @ _LUMA
+
+
+# --------------------------------------------------------------------------------- Pillow
+
+
+def _describe_unknown(head: bytes) -> str:
+    stripped = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if stripped.startswith((b"<!doctype html", b"<html", b"<head", b"<body")):
+        return "file is an HTML document, not an image"
+    if stripped.startswith(b"<?xml") or stripped.startswith(b"<svg"):
+        return "file is an XML/SVG document, not a supported raster image"
+    if head.startswith(b"%PDF"):
+        return "file is a PDF document, not an image"
+    if head.startswith(b"\x1f\x8b"):
+        return "file is gzip-compressed, not an image"
+    if head.startswith(b"PK\x03\x04"):
+        return "file is a ZIP archive, not an image"
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "WebP images are not supported"
+    printable = sum(32 <= b < 127 or b in (9, 10, 13) for b in head)
+    if head and printable / len(head) > 0.95:
+        return "file is text, not an image"
+    return "not a recognised image format (expected JPEG, PNG, BMP, TIFF, GIF or DICOM)"
+
+
+def _read_pil(p: Path, fh: IO[bytes], head: bytes, *, max_pixels: int, min_side: int) -> np.ndarray:
+    # Image.open(formats=...) looks the names up in the plugin registry, which holds only
+    # the five commonest formats until init() has run (it returns at once after the first).
+    Image.init()
+    try:
+        im = Image.open(fh, formats=_PIL_FORMATS)
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(p, f"decompression bomb guard: {exc}") from exc
+    except UnidentifiedImageError as exc:
+        for magic, fmt in _KNOWN_MAGIC:
+            if head.startswith(magic):
+                raise CorruptImageError(p, f"damaged or truncated {fmt} header") from exc
+        reason = _describe_unknown(head)
+        if is_image_path(p):
+            reason += f" (despite the {p.suffix} name)"
+        raise UnsupportedFormatError(p, reason) from exc
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise CorruptImageError(p, f"damaged image header: {exc}") from exc
+    with im:
+        fmt = im.format or "image"
+        # Image.open only parsed the header: this check costs nothing and runs before the
+        # decoder allocates the canvas.
+        _check_size(p, im.width, im.height, max_pixels=max_pixels, min_side=min_side)
+        try:
+            im.seek(0)  # first frame of an animated GIF / first page of a TIFF
+            im.load()
+        except Image.DecompressionBombError as exc:
+            raise ImageTooLargeError(p, f"decompression bomb guard: {exc}") from exc
+        except (OSError, ValueError, SyntaxError, EOFError, IndexError) as exc:
+            raise CorruptImageError(p, f"truncated or corrupt {fmt} data: {exc}") from exc
+        try:
+            oriented = ImageOps.exif_transpose(im)
+        except Exception:
+            # A damaged EXIF block should not cost us an otherwise good image.
+            oriented = im
+        return _pil_to_gray(p, oriented)
+
+
+def _pil_to_gray(p: Path, im: Image.Image) -> np.ndarray:
+    mode = im.mode
+    if mode == "1":
+        return np.asarray(im, dtype=bool).astype(np.float32)
+    if mode == "L":
+        return np.asarray(im, dtype=np.uint8).astype(np.float32) / 255.0
+    if mode == "LA":
+        la = np.asarray(im, dtype=np.uint8).astype(np.float32) / 255.0
+        return la[..., 0] * la[..., 1]
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        arr = np.asarray(im)
+        if arr.ndim != 2:
+            raise CorruptImageError(p, f"unexpected {mode} pixel layout {arr.shape}")
+        return _min_max(arr)
+    if mode in ("P", "PA"):
+        has_alpha = mode == "PA" or "transparency" in im.info
+        im = im.convert("RGBA" if has_alpha else "RGB")
+        mode = im.mode
+    if mode in ("RGBA", "La", "RGBa", "PA"):
+        im = im.convert("RGBA")
+        rgba = np.asarray(im, dtype=np.uint8).astype(np.float32) / 255.0
+        return _luma(rgba) * rgba[..., 3]
+    if mode != "RGB":
+        # CMYK, YCbCr, LAB, HSV, RGBX, ...: Pillow knows the colour maths, we do not redo it.
+        im = im.convert("RGB")
+    rgb = np.asarray(im, dtype=np.uint8)
+    return _luma(rgb) / 255.0
+
+
+# ---------------------------------------------------------------------------------- DICOM
+
+
+def _first_float(value: Any) -> float | None:
+    """Window centre/width may be multi-valued (several presets); the first is the default."""
+    if value is None:
+        return None
+    try:
+        if hasattr(value, "__getitem__") and not isinstance(value, (str, bytes)):
+            value = value[0]
+        return float(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def _looks_like_dicom(p: Path, head: bytes) -> bool:
+    if head[128:132] == b"DICM":
+        return True
+    # A .dcm name without the magic is either a preamble-less data set (read it as DICOM)
+    # or a mislabelled JPEG/PNG export (let Pillow have it).
+    return p.suffix.lower() in _DICOM_SUFFIXES and not any(
+        head.startswith(magic) for magic, _ in _KNOWN_MAGIC
+    )
+
+
+def _read_dicom(
+    p: Path, fh: IO[bytes], head: bytes, *, max_pixels: int, min_side: int
+) -> np.ndarray:
+    import pydicom  # deferred: only DICOM inputs pay for importing it
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(fh, force=True)
+    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError) as exc:
+        raise CorruptImageError(p, f"not a valid DICOM file: {exc}") from exc
+    if len(ds) == 0:  # force=True accepts anything; nothing parsed means it was not DICOM
+        raise UnsupportedFormatError(p, _describe_unknown(head))
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        if head[128:132] != b"DICM":
+            raise UnsupportedFormatError(p, f"no DICOM pixel data found; {_describe_unknown(head)}")
+        raise UnsupportedFormatError(
+            p, "DICOM file has no pixel data (a report, structured document or header only)"
+        )
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise CorruptImageError(p, "DICOM file lacks Rows/Columns") from exc
+    # Rows x Columns are known before pixel_array decodes anything.
+    _check_size(p, cols, rows, max_pixels=max_pixels, min_side=min_side)
+
+    meta = getattr(ds, "file_meta", None)
+    tsyntax = getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
+    if tsyntax is None:
+        # Files without a meta header (raw datasets) are implicit VR little endian by the
+        # standard's default; pydicom needs to be told.
+        from pydicom.dataset import FileMetaDataset
+        from pydicom.uid import ImplicitVRLittleEndian
+
+        if meta is None:
+            ds.file_meta = meta = FileMetaDataset()
+        meta.TransferSyntaxUID = ImplicitVRLittleEndian
+        tsyntax = ImplicitVRLittleEndian
+    try:
+        arr = np.asarray(ds.pixel_array)
+    except (NotImplementedError, RuntimeError, ImportError) as exc:
+        ts_name = getattr(tsyntax, "name", str(tsyntax))
+        raise UnsupportedFormatError(
+            p,
+            f"DICOM transfer syntax '{ts_name}' ({tsyntax}) cannot be decoded here: "
+            f"no installed pixel-data handler supports it ({exc})",
+        ) from exc
+    except (ValueError, AttributeError, KeyError, TypeError, EOFError) as exc:
+        raise CorruptImageError(p, f"DICOM pixel data is damaged: {exc}") from exc
+
+    samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    if frames > 1:
+        arr = arr[0]
+    if samples > 1:
+        # pydicom already converted YBR to RGB; colour DICOMs (secondary captures) have no
+        # modality or VOI LUT semantics, so they are treated like an 8-bit RGB picture.
+        rgb = arr.astype(np.float32)
+        top = float(2 ** int(getattr(ds, "BitsStored", 8) or 8) - 1)
+        return _luma(rgb) / top
+    if arr.ndim != 2:
+        raise CorruptImageError(p, f"unexpected DICOM pixel layout {arr.shape}")
+
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+    center = _first_float(ds.get("WindowCenter"))
+    width = _first_float(ds.get("WindowWidth"))
+    if center is not None and width is not None and width > 0:
+        out = _window(values, center, width, str(ds.get("VOILUTFunction", "LINEAR")).upper())
+    elif "VOILUTSequence" in ds:
+        out = _min_max(np.asarray(apply_voi_lut(values, ds), dtype=np.float64))
+    else:
+        out = _min_max(values)
+    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        out = 1.0 - out  # MONOCHROME1 means low values are white
+    return out
+
+
+def _window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
+    """DICOM PS3.3 C.11.2.1.2 windowing, mapped to [0, 1] instead of the output bit range."""
+    if function == "SIGMOID":
+        out = 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
+    elif function == "LINEAR_EXACT":
+        out = (values - center) / width + 0.5
+    else:
+        w = max(width - 1.0, 1e-6)  # width 1 is a hard threshold
+        out = (values - (center - 0.5)) / w + 0.5
+    return np.clip(out, 0.0, 1.0).astype(np.float32)

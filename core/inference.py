@@ -1,0 +1,409 @@
+"""Streaming batch inference with a loaded checkpoint.
+
+Design notes (why it looks like this):
+
+* **Flat memory for any number of inputs.** Inputs are pulled lazily from the caller's
+  iterable by a sampler whose "indices" are the paths themselves, and a map-style dataset
+  reads the file named by each key. ``DataLoader`` only ever asks the sampler for the
+  batches it has in flight (1 with ``num_workers=0``, ``num_workers * prefetch_factor``
+  otherwise), so neither the path list nor the results are ever materialised: a job of
+  10 million files uses the memory of a few batches.
+* **Order and workers.** With ``num_workers > 0`` the workers receive keys from the main
+  process through the loader's index queues and the loader re-orders finished batches
+  (``in_order=True``), so output order equals input order without any worker having to
+  re-iterate the input (a generator over a DB cursor cannot be shared across processes).
+* **One result per input.** Unreadable files do not raise: the worker returns the error's
+  reason and the file becomes an error row; the rest of its batch is still classified.
+* **Evaluation preset only.** Images go through ``EvalPreset(params=ckpt.meta.preset)``:
+  deterministic, no augmentation, identical to what validation saw during training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from core.errors import ImageReadError
+from core.imaging import is_image_path, read_image
+from core.transforms import EvalPreset
+
+if TYPE_CHECKING:
+    from core.checkpoint import LoadedCheckpoint
+
+__all__ = [
+    "DeviceUnavailableError",
+    "Prediction",
+    "Predictor",
+    "configure_cpu_threads",
+    "expand_inputs",
+    "select_device",
+]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The outcome for one input. Either ``label``/``confidence``/``top_k`` or ``error`` is set."""
+
+    path: str
+    label: str | None
+    confidence: float | None
+    top_k: tuple[tuple[str, float], ...]
+    error: str | None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+# (path, probabilities over the checkpoint's classes | None, error reason | None)
+ProbResult = tuple[str, np.ndarray | None, str | None]
+
+
+class DeviceUnavailableError(RuntimeError):
+    """The requested device does not exist on this machine."""
+
+
+def select_device(spec: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when available else CPU; ``"cpu"``; ``"cuda"`` / ``"cuda:N"``.
+
+    Asking for CUDA on a machine without it is an error rather than a silent CPU fallback:
+    a job sized for a GPU would otherwise run for hours on CPU without anyone noticing.
+    """
+    if isinstance(spec, torch.device):
+        device = spec
+    else:
+        text = str(spec).strip().lower()
+        if text == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            device = torch.device(text)
+        except RuntimeError:
+            raise ValueError(f"unknown device {spec!r}: use auto, cpu or cuda[:N]") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ValueError(f"unsupported device {str(device)!r}: use auto, cpu or cuda[:N]")
+    if not torch.cuda.is_available():
+        raise DeviceUnavailableError(
+            f"device {str(device)!r} requested but CUDA is not available on this machine "
+            "(no GPU, no driver, or a CPU-only torch build); use --device cpu or auto"
+        )
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise DeviceUnavailableError(
+            f"device {str(device)!r} requested but only {torch.cuda.device_count()} "
+            "CUDA device(s) are visible"
+        )
+    return device
+
+
+def _available_cpus() -> int:
+    # sched_getaffinity honours taskset/cgroup cpusets (containers); cpu_count does not.
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def configure_cpu_threads(n: int | None = None) -> int:
+    """Set torch's intra-op thread count to ``n`` (default: the CPUs this process may use).
+
+    Why this exists: torch's OpenMP/MKL thread pools are not fork-safe. A prefork parent
+    (a Celery prefork master, a DataLoader parent about to fork workers) that has already
+    run a multithreaded torch op hands its children a pool whose threads no longer exist,
+    and the children can deadlock on the first parallel op. So parents should keep torch
+    single-threaded (``configure_cpu_threads(1)``) or not touch torch before forking, and
+    each child calls this *after* the fork to size its own pool. Oversubscription is the
+    other reason: N worker processes x all-cores threads each thrash the CPU.
+
+    Returns the number of threads now in use.
+    """
+    threads = _available_cpus() if n is None else int(n)
+    if threads < 1:
+        raise ValueError(f"thread count must be >= 1, not {n}")
+    torch.set_num_threads(threads)
+    # The inter-op pool can only be sized once per process, before any parallel work
+    # started; later calls raise RuntimeError, which is harmless to ignore here.
+    with contextlib.suppress(RuntimeError):
+        torch.set_num_interop_threads(max(1, min(threads, 4)))
+    return torch.get_num_threads()
+
+
+# --------------------------------------------------------------------------------------
+# input expansion
+
+
+def _walk_images(root: Path, seen: set[tuple[int, int]]) -> Iterator[Path]:
+    """Image files under ``root``, depth first, entries sorted by name at every level.
+
+    Sorting per directory gives a stable order while holding one directory listing at a
+    time. Hidden entries (``.DS_Store``, macOS ``._x.jpg`` resource forks, ``.git``) are
+    skipped: they are never slices and would only become noise error rows. Symlinked
+    directories are followed once (``seen`` breaks loops).
+    """
+    try:
+        st = root.stat()
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            return
+        seen.add(key)
+        with os.scandir(root) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError:
+        # Not silently dropped: the folder itself becomes an error row naming the problem.
+        yield root
+        return
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        path = Path(entry.path)
+        try:
+            is_dir = entry.is_dir()
+        except OSError:
+            is_dir = False
+        if is_dir:
+            yield from _walk_images(path, seen)
+        elif is_image_path(path):
+            yield path
+
+
+def _expand_one(path: Path, seen: set[tuple[int, int]]) -> Iterator[Path]:
+    if path.is_dir():
+        yield from _walk_images(path, seen)
+    else:
+        # Explicit files are kept whatever their suffix or existence: the user named them,
+        # so a missing/unsupported one must show up as an error row, not vanish.
+        yield path
+
+
+def _read_list(list_file: Path) -> Iterator[Path]:
+    if not list_file.is_file():
+        raise FileNotFoundError(f"{list_file}: input list file not found")
+    base = list_file.parent
+    with list_file.open(encoding="utf-8") as fh:
+        for line in fh:  # line by line: list files may hold millions of paths
+            entry = line.strip()
+            if not entry or entry.startswith("#"):
+                continue
+            p = Path(entry).expanduser()
+            yield p if p.is_absolute() else base / p
+
+
+def expand_inputs(inputs: Sequence[str | Path]) -> Iterator[Path]:
+    """Lazily expand CLI-style inputs into file paths, in the order given.
+
+    * a file (existing or not) -> itself; a missing one is still yielded so it becomes an
+      error row instead of disappearing from the output;
+    * a folder -> its image files, recursively, sorted by name at each level;
+    * ``@list.txt`` -> each line (blank lines and ``#`` comments skipped), relative paths
+      resolved against the list file's folder; entries may be files or folders. A missing
+      list file raises ``FileNotFoundError`` (a usage error, not a data error).
+    """
+    seen: set[tuple[int, int]] = set()
+    for raw in inputs:
+        text = str(raw)
+        if text.startswith("@") and len(text) > 1:
+            for entry in _read_list(Path(text[1:]).expanduser()):
+                yield from _expand_one(entry, seen)
+        else:
+            yield from _expand_one(Path(text).expanduser(), seen)
+
+
+# --------------------------------------------------------------------------------------
+# data loading
+
+
+class _PathStream(Sampler[str]):
+    """A sampler whose keys are the input paths, pulled lazily from the caller's iterable."""
+
+    def __init__(self, paths: Iterable[Path | str]) -> None:
+        self._paths = paths
+
+    def __iter__(self) -> Iterator[str]:
+        for p in self._paths:
+            yield str(p)
+
+
+# (path, tensor 3xSxS | None, error reason | None)
+_Item = tuple[str, torch.Tensor | None, str | None]
+
+
+class _ImageFiles(Dataset[_Item]):
+    """Map-style dataset keyed by path: reads and preprocesses one file, never raises for it."""
+
+    def __init__(self, transform: Callable[[np.ndarray], torch.Tensor]) -> None:
+        self._transform = transform
+
+    def __getitem__(self, key: str) -> _Item:  # type: ignore[override]
+        try:
+            img = read_image(Path(key))
+        except ImageReadError as exc:
+            return key, None, exc.reason
+        try:
+            return key, self._transform(img), None
+        except (ValueError, RuntimeError, TypeError, OSError) as exc:
+            # A decodable but pathological image (e.g. degenerate after cropping) must cost
+            # one error row, not the batch.
+            return key, None, f"preprocessing failed: {type(exc).__name__}: {exc}"
+
+
+@dataclass
+class _Batch:
+    paths: list[str]
+    images: torch.Tensor | None  # the readable items only, stacked
+    errors: list[str | None]  # one per path; None where the image is in ``images``
+
+    def pin_memory(self) -> _Batch:
+        # DataLoader's pin_memory thread calls this on custom batch types.
+        if self.images is not None:
+            self.images = self.images.pin_memory()
+        return self
+
+
+def _collate(batch: list[_Item]) -> _Batch:
+    """Stacks the readable items of a batch (module-level so worker processes can pickle it)."""
+    tensors = [t for _, t, _ in batch if t is not None]
+    return _Batch(
+        paths=[p for p, _, _ in batch],
+        images=torch.stack(tensors) if tensors else None,
+        errors=[e if t is None else None for _, t, e in batch],
+    )
+
+
+# --------------------------------------------------------------------------------------
+# predictor
+
+
+class Predictor:
+    """Classifies image files with a loaded checkpoint; create once, call :meth:`predict` often.
+
+    The checkpoint's model is moved to ``device`` (in place: the predictor owns it from now
+    on), put in eval mode and channels-last layout once. ``device`` accepts ``"auto"``,
+    ``"cpu"``, ``"cuda[:N]"`` or a ``torch.device``.
+    """
+
+    def __init__(
+        self,
+        ckpt: LoadedCheckpoint,
+        *,
+        device: str | torch.device = "cpu",
+        batch_size: int = 32,
+        num_workers: int = 0,
+        top_k: int = 3,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, not {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, not {num_workers}")
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, not {top_k}")
+        self.meta = ckpt.meta
+        self.classes: tuple[str, ...] = tuple(ckpt.meta.classes)
+        self.device = select_device(device)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.top_k = min(top_k, len(self.classes))
+        self._transform = EvalPreset(params=ckpt.meta.preset)
+        model = ckpt.model
+        model.eval()
+        # channels_last is the fast layout for cuDNN tensor cores and oneDNN on CPU alike.
+        self.model = model.to(self.device).to(memory_format=torch.channels_last)
+        self._cuda = self.device.type == "cuda"
+        self._amp_dtype = (
+            torch.bfloat16 if self._cuda and torch.cuda.is_bf16_supported() else torch.float16
+        )
+
+    # ---- core loop ------------------------------------------------------------------
+
+    def _loader(self, paths: Iterable[Path | str]) -> DataLoader[Any]:
+        workers = self.num_workers
+        return DataLoader(
+            _ImageFiles(self._transform),
+            batch_size=self.batch_size,
+            sampler=_PathStream(paths),
+            num_workers=workers,
+            collate_fn=_collate,
+            pin_memory=self._cuda,
+            # Bounded read-ahead: this, not the input size, is what sets the memory use.
+            prefetch_factor=2 if workers else None,
+            persistent_workers=False,
+        )
+
+    def _forward(self, images: torch.Tensor) -> np.ndarray:
+        x = images.to(self.device, non_blocking=True, memory_format=torch.channels_last)
+        autocast = (
+            torch.autocast("cuda", dtype=self._amp_dtype)
+            if self._cuda
+            else contextlib.nullcontext()
+        )
+        with torch.inference_mode(), autocast:
+            logits = self.model(x)
+        # Softmax in float32 even under autocast, so probabilities sum to 1 within 1e-6.
+        return torch.softmax(logits.float(), dim=1).cpu().numpy()
+
+    def predict_proba(
+        self,
+        paths: Iterable[Path | str],
+        *,
+        should_stop: Callable[[], bool] | None = None,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> Iterator[ProbResult]:
+        """Yield ``(path, probs | None, error | None)`` per input, in input order.
+
+        ``probs`` is a float32 vector over ``self.classes``. ``should_stop()`` is checked
+        before each batch; when it returns True the stream ends early (already yielded
+        results stay valid). ``on_batch(n)`` is called once per batch with its size, after
+        the forward pass and before that batch's results are yielded.
+        """
+        batches = iter(self._loader(paths))
+        try:
+            while True:
+                if should_stop is not None and should_stop():
+                    return
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    return
+                probs = self._forward(batch.images) if batch.images is not None else None
+                # Reported before the rows are yielded so that it fires for every finished
+                # batch even when the consumer stops pulling mid-batch.
+                if on_batch is not None:
+                    on_batch(len(batch.paths))
+                row = 0
+                for path, error in zip(batch.paths, batch.errors, strict=True):
+                    if error is None:
+                        assert probs is not None
+                        yield path, probs[row], None
+                        row += 1
+                    else:
+                        yield path, None, error
+        finally:
+            # Stop worker processes now, also when the consumer abandons the generator.
+            del batches
+
+    def predict(
+        self,
+        paths: Iterable[Path | str],
+        *,
+        should_stop: Callable[[], bool] | None = None,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> Iterator[Prediction]:
+        """Stream one :class:`Prediction` per input, in input order (see module notes)."""
+        k = self.top_k
+        for path, probs, error in self.predict_proba(
+            paths, should_stop=should_stop, on_batch=on_batch
+        ):
+            if probs is None:
+                yield Prediction(path, None, None, (), error or "unknown error")
+                continue
+            # Stable sort: equal probabilities rank by class index, as argmax does.
+            order = np.argsort(-probs, kind="stable")[:k]
+            top = tuple((self.classes[int(i)], float(probs[i])) for i in order)
+            yield Prediction(path, top[0][0], top[0][1], top, None)

@@ -1,0 +1,159 @@
+"""``python -m core.predict``: classify image files with a checkpoint and write a CSV.
+
+Inputs are files, folders (recursive) and ``@list.txt`` files; they are expanded and
+classified as a stream, and each row is written as soon as its batch is done, so any number
+of files runs in flat memory and an interrupted run keeps the rows written so far.
+Columns: ``path,label,confidence,top_k,error`` with ``top_k`` as ``label:prob;label:prob``.
+Progress and the final summary go to stderr; stdout carries the CSV when ``--out`` is absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import TextIO
+
+CSV_COLUMNS: tuple[str, ...] = ("path", "label", "confidence", "top_k", "error")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m core.predict",
+        description="Classify brain MRI slices with a trained checkpoint; writes one CSV row "
+        "per input (unreadable files get an error row).",
+    )
+    parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint file (.pt)")
+    parser.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="image file, folder (searched recursively) or @list.txt (one path per line)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="CSV file to write (default: stdout)"
+    )
+    parser.add_argument("--top-k", type=int, default=3, help="classes listed per row (3)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per batch (32)")
+    parser.add_argument(
+        "--device", default="auto", help="auto (CUDA if available), cpu or cuda[:N] (auto)"
+    )
+    parser.add_argument(
+        "--num-workers", type=int, default=0, help="image-decoding worker processes (0)"
+    )
+    parser.add_argument(
+        "--sha256", default=None, help="refuse the checkpoint unless its sha256 matches"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def format_row(pred: object) -> list[str]:
+    """CSV cells for a :class:`core.inference.Prediction` (probabilities with 6 decimals)."""
+    from core.inference import Prediction
+
+    assert isinstance(pred, Prediction)
+    return [
+        pred.path,
+        pred.label or "",
+        "" if pred.confidence is None else f"{pred.confidence:.6f}",
+        ";".join(f"{label}:{prob:.6f}" for label, prob in pred.top_k),
+        pred.error or "",
+    ]
+
+
+def _positive(parser: argparse.ArgumentParser, name: str, value: int, low: int) -> None:
+    if value < low:
+        parser.error(f"{name} must be >= {low}, not {value}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _positive(parser, "--top-k", args.top_k, 1)
+    _positive(parser, "--batch-size", args.batch_size, 1)
+    _positive(parser, "--num-workers", args.num_workers, 0)
+
+    # Heavy imports after argument parsing so --help and usage errors answer instantly.
+    from tqdm import tqdm
+
+    from core.checkpoint import CheckpointError, load_checkpoint
+    from core.inference import DeviceUnavailableError, Predictor, expand_inputs, select_device
+
+    err = sys.stderr
+    try:
+        device = select_device(args.device)
+        ckpt = load_checkpoint(args.checkpoint, expected_sha256=args.sha256, device=device)
+    except (CheckpointError, DeviceUnavailableError, ValueError) as exc:
+        print(f"error: {exc}", file=err)
+        return 1
+    predictor = Predictor(
+        ckpt,
+        device=device,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        top_k=args.top_k,
+    )
+    print(
+        f"checkpoint {args.checkpoint} ({ckpt.meta.arch}, {len(ckpt.meta.classes)} classes, "
+        f"sha256 {ckpt.sha256[:12]}) on {device}",
+        file=err,
+    )
+
+    total = ok = 0
+    labels: Counter[str] = Counter()
+    interrupted = False
+    with ExitStack() as stack:
+        out: TextIO
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            out = stack.enter_context(args.out.open("w", newline="", encoding="utf-8"))
+        else:
+            out = sys.stdout
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(CSV_COLUMNS)
+        progress = stack.enter_context(
+            tqdm(desc="predict", unit="img", file=err, disable=args.no_progress, leave=False)
+        )
+
+        def flush_batch(n: int) -> None:
+            # Rows of the previous batch reach the disk before the next forward pass, so a
+            # killed run loses at most one batch of work.
+            out.flush()
+
+        try:
+            for pred in predictor.predict(expand_inputs(args.inputs), on_batch=flush_batch):
+                writer.writerow(format_row(pred))
+                total += 1
+                if pred.label is not None:
+                    ok += 1
+                    labels[pred.label] += 1
+                progress.update(1)
+        except FileNotFoundError as exc:  # a missing @list file
+            print(f"error: {exc}", file=err)
+            return 1
+        except KeyboardInterrupt:
+            interrupted = True
+        out.flush()
+
+    errors = total - ok
+    dest = str(args.out) if args.out is not None else "stdout"
+    print(f"{total} file(s): {ok} classified, {errors} error(s) -> {dest}", file=err)
+    if labels:
+        common = ", ".join(f"{name} {count}" for name, count in labels.most_common(5))
+        print(f"most frequent labels: {common}", file=err)
+    if interrupted:
+        print("interrupted: the rows above are complete, the rest was not processed", file=err)
+        return 130
+    if total == 0:
+        print("error: no input files found", file=err)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,309 @@
+"""Predictor streaming/order/error behaviour, input expansion, device and thread helpers.
+
+``make_tiny_checkpoint*`` and ``write_gray_png`` are also used by the evaluation and CLI
+tests of the same module family.
+"""
+
+from __future__ import annotations
+
+import itertools
+import types
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from core.inference import (
+    DeviceUnavailableError,
+    Prediction,
+    Predictor,
+    configure_cpu_threads,
+    expand_inputs,
+    select_device,
+)
+
+IMAGE_SIZE = 32  # tiny inputs keep a resnet18 forward pass at a few ms on 2 cores
+
+
+def make_tiny_checkpoint_file(directory: Path, name: str = "tiny.pt") -> tuple[Path, str]:
+    """A real resnet18 / 15-class checkpoint with a 32 px, no-crop eval preset."""
+    from core.checkpoint import CheckpointMeta, save_checkpoint
+    from core.labels import CLASSES_15
+    from core.models import build_model
+    from core.transforms import PresetParams
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = build_model("resnet18", len(CLASSES_15), weights="none")
+    meta = CheckpointMeta(
+        arch="resnet18",
+        classes=CLASSES_15,
+        label_mode="15",
+        preset=PresetParams(image_size=IMAGE_SIZE, crop="none"),
+    )
+    path = directory / name
+    sha = save_checkpoint(path, model=model, meta=meta)
+    return path, sha
+
+
+def make_tiny_checkpoint(directory: Path):  # -> LoadedCheckpoint
+    from core.checkpoint import load_checkpoint
+
+    path, sha = make_tiny_checkpoint_file(directory)
+    return load_checkpoint(path, expected_sha256=sha)
+
+
+def write_gray_png(path: Path, *, seed: int, size: int = 40) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    arr = (rng.random((size, size)) * 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr, mode="L").save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpt_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("ckpt")
+    make_tiny_checkpoint_file(d)
+    return d
+
+
+@pytest.fixture()
+def predictor(ckpt_dir: Path) -> Predictor:
+    from core.checkpoint import load_checkpoint
+
+    return Predictor(load_checkpoint(ckpt_dir / "tiny.pt"), batch_size=3)
+
+
+@pytest.fixture()
+def images(tmp_path: Path) -> list[Path]:
+    return [write_gray_png(tmp_path / f"img{i}.png", seed=i) for i in range(5)]
+
+
+def broken_files(tmp_path: Path) -> dict[str, Path]:
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    text = tmp_path / "text.jpg"
+    text.write_text("this is not a jpeg\n")
+    folder = tmp_path / "adir.png"
+    folder.mkdir()
+    return {"empty": empty, "text": text, "missing": tmp_path / "missing.png", "dir": folder}
+
+
+# ---- predictor ----------------------------------------------------------------------
+
+
+def test_order_one_row_per_input_and_error_rows(
+    predictor: Predictor, images: list[Path], tmp_path: Path
+) -> None:
+    bad = broken_files(tmp_path)
+    inputs: list[Path] = [
+        images[0], bad["empty"], images[1], bad["text"], bad["missing"],
+        images[2], images[3], bad["dir"], images[4],
+    ]
+    preds = list(predictor.predict(inputs))
+    assert [p.path for p in preds] == [str(p) for p in inputs]
+    errors = {Path(p.path) for p in preds if p.error is not None}
+    assert errors == set(bad.values())
+    for p in preds:
+        if p.error is not None:
+            assert p.label is None and p.confidence is None and p.top_k == ()
+            assert p.error  # a non-empty reason
+            assert str(p.path) not in p.error  # the reason only; the path is its own column
+        else:
+            assert p.label in predictor.classes
+            assert len(p.top_k) == 3
+            assert p.top_k[0] == (p.label, p.confidence)
+            assert [prob for _, prob in p.top_k] == sorted(
+                (prob for _, prob in p.top_k), reverse=True
+            )
+
+
+def test_batch_of_only_broken_files(predictor: Predictor, tmp_path: Path) -> None:
+    bad = list(broken_files(tmp_path).values())
+    preds = list(predictor.predict(bad))
+    assert len(preds) == len(bad) and all(p.error for p in preds)
+
+
+def test_probabilities_sum_to_one(predictor: Predictor, images: list[Path]) -> None:
+    results = list(predictor.predict_proba(images))
+    assert len(results) == len(images)
+    for _, probs, error in results:
+        assert error is None and probs is not None
+        assert probs.shape == (15,)
+        assert float(probs.sum()) == pytest.approx(1.0, abs=1e-5)
+        assert np.all(probs >= 0)
+
+
+def test_deterministic_and_uses_eval_preset(predictor: Predictor, images: list[Path]) -> None:
+    from core.imaging import read_image
+    from core.transforms import EvalPreset
+
+    first = list(predictor.predict(images))
+    assert list(predictor.predict(images)) == first
+    # the same file twice, in separate calls, gives bit-identical probabilities: no random
+    # augmentation anywhere on the inference path
+    (_, a, _), = predictor.predict_proba([images[0]])
+    (_, b, _), = predictor.predict_proba([images[0]])
+    assert a is not None and b is not None
+    np.testing.assert_array_equal(a, b)
+    # and they equal a manual forward pass through the checkpoint's eval preset
+    preset = EvalPreset(params=predictor.meta.preset)
+    x = preset(read_image(images[0]))[None]
+    with torch.inference_mode():
+        ref = torch.softmax(predictor.model(x.to(memory_format=torch.channels_last)), 1)
+    np.testing.assert_allclose(a, ref[0].numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_streams_lazily_from_a_generator(predictor: Predictor, images: list[Path]) -> None:
+    pulled = 0
+
+    def paths() -> Iterator[Path]:
+        nonlocal pulled
+        for p in itertools.islice(itertools.cycle(images), 10_000):
+            pulled += 1
+            yield p
+
+    stream = predictor.predict(paths())
+    first = next(stream)
+    assert first.path == str(images[0])
+    # only about one batch (batch_size=3) was read before the first result came out
+    assert pulled <= 2 * predictor.batch_size
+    for _ in range(10):
+        next(stream)
+    assert pulled <= 13 + 2 * predictor.batch_size
+    assert isinstance(stream, types.GeneratorType)
+    stream.close()
+    assert pulled < 100
+
+
+def test_on_batch_and_should_stop(predictor: Predictor, images: list[Path]) -> None:
+    sizes: list[int] = []
+    preds = list(predictor.predict(images, on_batch=sizes.append))
+    assert sizes == [3, 2] and len(preds) == 5
+    batches = 0
+
+    def stop() -> bool:
+        return batches >= 1
+
+    def count(n: int) -> None:
+        nonlocal batches
+        batches += 1
+
+    partial = list(predictor.predict(images, should_stop=stop, on_batch=count))
+    assert [p.path for p in partial] == [str(p) for p in images[:3]]
+
+
+def test_top_k_is_capped_and_configurable(ckpt_dir: Path, images: list[Path]) -> None:
+    from core.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(ckpt_dir / "tiny.pt")
+    (p,) = Predictor(ckpt, top_k=1).predict(images[:1])
+    assert len(p.top_k) == 1
+    (p,) = Predictor(ckpt, top_k=99).predict(images[:1])
+    assert len(p.top_k) == 15
+    assert sum(prob for _, prob in p.top_k) == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(ValueError):
+        Predictor(ckpt, top_k=0)
+    with pytest.raises(ValueError):
+        Predictor(ckpt, batch_size=0)
+
+
+def test_worker_processes_keep_order(ckpt_dir: Path, images: list[Path], tmp_path: Path) -> None:
+    from core.checkpoint import load_checkpoint
+
+    bad = broken_files(tmp_path)
+    inputs = [*images, bad["empty"], *images[::-1], bad["text"]]
+    predictor = Predictor(load_checkpoint(ckpt_dir / "tiny.pt"), batch_size=2, num_workers=2)
+    preds = list(predictor.predict(iter(inputs)))
+    assert [p.path for p in preds] == [str(p) for p in inputs]
+    single = Predictor(load_checkpoint(ckpt_dir / "tiny.pt"), batch_size=2)
+    for a, b in zip(preds, single.predict(inputs), strict=True):
+        assert (a.path, a.label, a.error) == (b.path, b.label, b.error)
+        assert (a.confidence or 0.0) == pytest.approx(b.confidence or 0.0, abs=1e-5)
+
+
+def test_prediction_is_frozen() -> None:
+    p = Prediction("x.png", None, None, (), "empty file")
+    with pytest.raises(AttributeError):
+        p.label = "y"  # type: ignore[misc]
+    assert not p.ok
+
+
+# ---- expand_inputs --------------------------------------------------------------------
+
+
+def test_expand_files_folders_and_missing(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    for rel in ["b/2.png", "b/1.jpg", "a/z.PNG", "a/sub/y.dcm", "top.png", "notes.txt",
+                ".hidden/x.png", "a/._resource.jpg"]:
+        f = root / rel
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"x")
+    single = tmp_path / "single.txt"  # an explicit file is kept whatever its suffix
+    single.write_text("x")
+    missing = tmp_path / "nope.png"
+    got = list(expand_inputs([str(single), str(root), str(missing)]))
+    assert got == [
+        single,
+        root / "a/sub/y.dcm",
+        root / "a/z.PNG",
+        root / "b/1.jpg",
+        root / "b/2.png",
+        root / "top.png",
+        missing,
+    ]
+
+
+def test_expand_list_file(tmp_path: Path) -> None:
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"x")
+    abs_file = tmp_path / "abs.png"
+    list_file = lists / "inputs.txt"
+    list_file.write_text(
+        "# comment\n\nrel.png\n  ../imgs  \n" + f"{abs_file}\r\n" + "   \n#another\n"
+    )
+    got = list(expand_inputs([f"@{list_file}", str(abs_file)]))
+    assert got == [lists / "rel.png", lists / "../imgs/a.png", abs_file, abs_file]
+    with pytest.raises(FileNotFoundError, match="list file"):
+        list(expand_inputs([f"@{tmp_path / 'none.txt'}"]))
+
+
+def test_expand_inputs_is_lazy(tmp_path: Path) -> None:
+    it = expand_inputs([f"@{tmp_path / 'missing-list.txt'}"])
+    # nothing happens until the first item is requested
+    with pytest.raises(FileNotFoundError):
+        next(it)
+
+
+# ---- devices and threads ---------------------------------------------------------------
+
+
+def test_select_device() -> None:
+    assert select_device("cpu") == torch.device("cpu")
+    assert select_device("auto").type in {"cpu", "cuda"}
+    assert select_device(torch.device("cpu")) == torch.device("cpu")
+    with pytest.raises(ValueError):
+        select_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceUnavailableError, match="CUDA is not available"):
+            select_device("cuda")
+        assert select_device("auto") == torch.device("cpu")
+
+
+def test_configure_cpu_threads() -> None:
+    before = torch.get_num_threads()
+    try:
+        assert configure_cpu_threads(1) == 1
+        assert configure_cpu_threads() >= 1
+        with pytest.raises(ValueError):
+            configure_cpu_threads(0)
+    finally:
+        torch.set_num_threads(before)
