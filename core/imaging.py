@@ -91,7 +91,15 @@ def read_image(path: Path | str, *, max_pixels: int = 64_000_000, min_side: int 
     except MemoryError:
         raise ImageTooLargeError(p, "not enough memory to decode the image") from None
     except Exception as exc:  # a decoder bug must not take the whole batch down
-        raise CorruptImageError(p, f"could not decode: {type(exc).__name__}: {exc}") from exc
+        raise CorruptImageError(
+            p, f"could not decode: {type(exc).__name__}: {_one_line(exc)}"
+        ) from exc
+
+
+def _one_line(exc: BaseException) -> str:
+    """A library's message on one line: a reason is one row of a CSV/DB, and pydicom lists
+    its missing plugins on separate lines."""
+    return " ".join(str(exc).split())
 
 
 def _read_checked(p: Path, *, max_pixels: int, min_side: int) -> np.ndarray:
@@ -126,6 +134,10 @@ def _check_file(p: Path) -> None:
     try:
         st = p.stat()
     except FileNotFoundError:
+        if p.is_symlink():  # ls shows it, so "not found" alone would be confusing
+            raise UnreadableFileError(
+                p, "file not found: broken symbolic link (its target does not exist)"
+            ) from None
         raise UnreadableFileError(p, "file not found") from None
     except PermissionError:
         raise UnreadableFileError(p, "permission denied") from None
@@ -177,10 +189,19 @@ def _finish(p: Path, img: np.ndarray, *, min_side: int) -> np.ndarray:
 
 def _min_max(arr: np.ndarray) -> np.ndarray:
     a = arr.astype(np.float64, copy=False)
+    # The range comes from the finite values only: one NaN/inf pixel (a dead detector
+    # element, a masked float export) must not turn the whole slice black. The non-finite
+    # pixels themselves are mapped by _finish (NaN -> 0, +inf -> 1, -inf -> 0).
     lo, hi = float(a.min()), float(a.max())
-    if not hi > lo:  # constant (or all-NaN) image: nothing to stretch
-        return np.zeros(a.shape, dtype=np.float32)
-    return ((a - lo) / (hi - lo)).astype(np.float32)
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        finite = a[np.isfinite(a)]
+        if finite.size == 0:
+            return np.zeros(a.shape, dtype=np.float32)
+        lo, hi = float(finite.min()), float(finite.max())
+    if not hi > lo:  # constant image: nothing to stretch
+        return np.where(np.isposinf(a), 1.0, 0.0).astype(np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        return ((a - lo) / (hi - lo)).astype(np.float32)
 
 
 def _luma(rgb: np.ndarray) -> np.ndarray:
@@ -346,7 +367,7 @@ def _read_dicom(
         raise UnsupportedFormatError(
             p,
             f"DICOM transfer syntax '{ts_name}' ({tsyntax}) cannot be decoded here: "
-            f"no installed pixel-data handler supports it ({exc})",
+            f"no installed pixel-data handler supports it ({_one_line(exc)})",
         ) from exc
     except (ValueError, AttributeError, KeyError, TypeError, EOFError) as exc:
         raise CorruptImageError(p, f"DICOM pixel data is damaged: {exc}") from exc

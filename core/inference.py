@@ -187,7 +187,9 @@ def _read_list(list_file: Path) -> Iterator[Path]:
     if not list_file.is_file():
         raise FileNotFoundError(f"{list_file}: input list file not found")
     base = list_file.parent
-    with list_file.open(encoding="utf-8") as fh:
+    # surrogateescape: a line naming a non-UTF-8 file (Latin-1 exports) decodes to the str
+    # that os.fsencode maps back to the same bytes, instead of aborting the whole list.
+    with list_file.open(encoding="utf-8", errors="surrogateescape") as fh:
         for line in fh:  # line by line: list files may hold millions of paths
             entry = line.strip()
             if not entry or entry.startswith("#"):
