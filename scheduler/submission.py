@@ -1,0 +1,547 @@
+"""Job submission shared by the CLI and the HTTP API.
+
+Expands the user's inputs (files, folders, globs, ``@list.txt``), confines every path to
+``settings.data_roots``, stores the job with its items and chunks in one transaction and
+only then hands the work to the broker through the :class:`Dispatcher`. Nothing here
+imports torch: training options are validated against plain lists that mirror ``core``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+from sqlalchemy.orm import Session
+
+from scheduler import repository
+from scheduler.paths import PathOutsideRootsError, confine
+from scheduler.schema import JobKind, JobStatus
+
+__all__ = [
+    "ARCHITECTURES",
+    "DEVICES",
+    "PREDICTION_COLUMNS",
+    "IMAGE_SUFFIXES",
+    "InvalidInputError",
+    "InvalidOptionsError",
+    "NoInputsError",
+    "NoProductionModelError",
+    "PathOutsideRootsError",
+    "SubmissionError",
+    "TooManyInputsError",
+    "cancel_job",
+    "data_roots",
+    "expand_inputs",
+    "prediction_csv_row",
+    "submit_classify",
+    "submit_evaluate",
+    "submit_train",
+    "validate_train_options",
+]
+
+# Mirrors core.imaging.IMAGE_SUFFIXES; duplicated because importing core.imaging pulls in
+# numpy/pydicom and the control plane must stay light (and torch-free).
+IMAGE_SUFFIXES: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".dcm"}
+)
+# Mirrors core.models.ARCHITECTURES (that module imports torch); the first is the default.
+ARCHITECTURES: tuple[str, ...] = (
+    "efficientnet_b0",
+    "efficientnet_b3",
+    "resnet18",
+    "resnet50",
+    "densenet121",
+    "mobilenet_v3_large",
+    "convnext_tiny",
+)
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda", "mps")
+_GLOB_CHARS = frozenset("*?[")
+# Longest path string we store; far above PATH_MAX on Linux, so it only stops abuse.
+MAX_PATH_CHARS = 4096
+
+
+class SubmissionError(ValueError):
+    """A submission was refused before anything was stored."""
+
+
+class InvalidInputError(SubmissionError):
+    """An input string cannot be a path (empty, NUL byte, too long, unreadable list file)."""
+
+
+class NoInputsError(SubmissionError):
+    """The inputs expanded to no file at all: a job without items would never finish."""
+
+
+class TooManyInputsError(SubmissionError):
+    """More items than ``settings.max_paths_per_job``."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        super().__init__(
+            f"too many inputs: a job takes at most {limit} paths (settings.max_paths_per_job); "
+            "split the submission into several jobs"
+        )
+
+
+class InvalidOptionsError(SubmissionError):
+    """Training/evaluation options failed validation; the message names the option."""
+
+
+class NoProductionModelError(SubmissionError):
+    """Classify without ``model_version_id`` needs a production model."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "no production model: promote one with `mriq models promote ID` "
+            "(or POST /models/{id}/promote), or pass a model version explicitly (--model)"
+        )
+
+
+class DispatchError(RuntimeError):
+    """The job was stored but could not be handed to the broker; it has been marked failed."""
+
+
+class DispatcherLike(Protocol):
+    """What submission needs from ``scheduler.dispatch.Dispatcher`` (kept structural so the
+    module does not import Celery at import time)."""
+
+    def train(self, job_id: int) -> Any: ...
+    def evaluate(self, job_id: int) -> Any: ...
+    def classify_chunks(self, job_id: int, chunk_indices: Sequence[int]) -> Any: ...
+    def revoke(self, job_id: int) -> Any: ...
+
+
+SessionFactory = Callable[[], Session]
+
+
+# --------------------------------------------------------------------------------------
+# Input expansion
+# --------------------------------------------------------------------------------------
+
+
+def data_roots(settings: Any) -> list[Path]:
+    """``settings.data_roots`` as a list of paths (accepts a list or an os.pathsep string)."""
+    roots = settings.data_roots
+    if isinstance(roots, str | os.PathLike):
+        roots = [r for r in str(roots).split(os.pathsep) if r]
+    return [Path(r) for r in roots]
+
+
+def _check_text(value: str, what: str) -> str:
+    # NUL bytes crash os calls and PostgreSQL text; lone surrogates cannot be stored as UTF-8.
+    if not value or not value.strip():
+        raise InvalidInputError(f"{what}: empty path")
+    if "\x00" in value:
+        raise InvalidInputError(f"{what!s}: path contains a NUL byte")
+    if len(value) > MAX_PATH_CHARS:
+        raise InvalidInputError(f"{value[:80]}...: path longer than {MAX_PATH_CHARS} characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInputError(f"{value!r}: path is not valid UTF-8") from None
+    return value
+
+
+def _is_image(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+
+
+def _walk_images(folder: Path, roots: Sequence[Path]) -> Iterator[Path]:
+    """Image files below ``folder``, depth first, sorted per directory for a stable order.
+
+    Only one directory listing is held at a time, so 100k files cost no extra memory.
+    Symlinked directories are not followed (a loop would never end); symlinked files are
+    confined like any other path, so one pointing outside the roots refuses the job.
+    """
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        dirnames.sort()
+        for name in sorted(filenames):
+            if _is_image(name):
+                yield confine(Path(dirpath) / name, roots)
+
+
+def _glob_base(pattern: str) -> str:
+    """The literal directory prefix of a glob pattern (what must be inside the roots)."""
+    parts: list[str] = []
+    for part in Path(pattern).parts:
+        if _GLOB_CHARS & set(part):
+            break
+        parts.append(part)
+    return str(Path(*parts)) if parts else "."
+
+
+def _expand_one(raw: str, roots: Sequence[Path], *, base: Path | None) -> Iterator[Path]:
+    text = _check_text(raw.strip() if base is not None else raw, raw)
+    candidate = Path(text).expanduser()
+    if base is not None and not candidate.is_absolute():
+        candidate = base / candidate
+    if _GLOB_CHARS & set(text):
+        # Confine the literal prefix before listing anything: nothing outside the roots is
+        # ever enumerated, so a refused request learns nothing about the file system.
+        confine(Path(_glob_base(str(candidate))), roots)
+        matches = sorted(glob.iglob(str(candidate), recursive=True))
+        for match in matches:
+            path = Path(match)
+            if path.is_dir():
+                yield from _walk_images(confine(path, roots), roots)
+            elif _is_image(match):
+                yield confine(path, roots)
+        return
+    path = confine(candidate, roots)
+    if path.is_dir():
+        yield from _walk_images(path, roots)
+    else:
+        # Missing or unreadable files are still items: the worker turns them into error rows
+        # so the user sees every input accounted for in the results.
+        yield path
+
+
+def _read_list(list_path: Path) -> Iterator[str]:
+    try:
+        with list_path.open(encoding="utf-8") as fh:
+            for line in fh:
+                stripped = line.strip()
+                if stripped and not stripped.startswith("#"):
+                    yield stripped
+    except FileNotFoundError:
+        raise InvalidInputError(f"{list_path}: list file not found") from None
+    except IsADirectoryError:
+        raise InvalidInputError(f"{list_path}: list file is a directory") from None
+    except UnicodeDecodeError:
+        raise InvalidInputError(f"{list_path}: list file is not UTF-8 text") from None
+    except OSError as exc:
+        raise InvalidInputError(f"{list_path}: cannot read list file ({exc.strerror})") from None
+
+
+def expand_inputs(inputs: Iterable[str], roots: Sequence[Path]) -> Iterator[str]:
+    """Yield one absolute, confined path string per item, in input order.
+
+    - a file yields itself (even if missing: it becomes an error row, not a refusal);
+    - a folder yields its image files (suffixes in ``IMAGE_SUFFIXES``) recursively;
+    - a glob (``*``, ``?``, ``[``; ``**`` recursive) yields matching image files and the
+      images inside matching folders;
+    - ``@list.txt`` yields each non-empty, non-``#`` line treated as a path, folder or glob;
+      relative lines are relative to the list file's folder. Lists do not nest.
+
+    Duplicates are kept as separate items. Raises ``PathOutsideRootsError`` for any path
+    (list files and glob prefixes included) outside ``roots`` and ``InvalidInputError`` for
+    strings that cannot be paths. It is a generator: callers stream it.
+    """
+    for raw in inputs:
+        if raw.startswith("@"):
+            list_text = _check_text(raw[1:], raw)
+            list_path = confine(Path(list_text).expanduser(), roots)
+            for line in _read_list(list_path):
+                if line.startswith("@"):
+                    raise InvalidInputError(f"{list_path}: nested list files are not supported")
+                for path in _expand_one(line, roots, base=list_path.parent):
+                    yield str(path)
+        else:
+            for path in _expand_one(raw, roots, base=None):
+                yield str(path)
+
+
+def _spool_inputs(inputs: Iterable[str], settings: Any) -> tuple[IO[str], int]:
+    """Expand and validate every input into a temporary file before touching the database.
+
+    Doing the slow part (walking folders) outside the transaction keeps SQLite's write lock
+    short and guarantees a refusal leaves nothing behind; the spool keeps memory flat.
+    """
+    limit = int(settings.max_paths_per_job)
+    spool = tempfile.TemporaryFile(mode="w+", encoding="utf-8")  # noqa: SIM115 (returned)
+    count = 0
+    try:
+        for path in expand_inputs(inputs, data_roots(settings)):
+            count += 1
+            if count > limit:
+                raise TooManyInputsError(limit)
+            # JSON per line survives newlines inside file names.
+            spool.write(json.dumps(path))
+            spool.write("\n")
+        if count == 0:
+            raise NoInputsError("no input files: the inputs matched no image file")
+        spool.seek(0)
+    except BaseException:
+        spool.close()
+        raise
+    return spool, count
+
+
+def _read_spool(spool: IO[str]) -> Iterator[str]:
+    for line in spool:
+        yield json.loads(line)
+
+
+# --------------------------------------------------------------------------------------
+# Options
+# --------------------------------------------------------------------------------------
+
+_TRAIN_DEFAULTS: dict[str, Any] = {
+    "arch": "efficientnet_b0",
+    "epochs": 10,
+    "image_size": 224,
+    "batch_size": 32,
+    "lr": 1e-3,
+    "labels": "15",
+    "finetune": False,
+    "weights": "auto",
+    "seed": 0,
+    "device": None,  # None -> settings.default_device
+    "warm_start": False,
+}
+
+
+def _int_option(options: Mapping[str, Any], key: str, lo: int, hi: int) -> int:
+    value = options[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidOptionsError(f"{key}: must be an integer, not {value!r}")
+    if not lo <= value <= hi:
+        raise InvalidOptionsError(f"{key}: must be between {lo} and {hi}, not {value}")
+    return value
+
+
+def _valid_device(value: Any) -> str:
+    if not isinstance(value, str):
+        raise InvalidOptionsError(f"device: must be a string, not {value!r}")
+    if value in DEVICES:
+        return value
+    head, _, index = value.partition(":")
+    if head == "cuda" and index.isdigit() and len(index) <= 3:
+        return value
+    raise InvalidOptionsError(
+        f"device: must be one of {', '.join(DEVICES)} or cuda:N, not {value!r}"
+    )
+
+
+def validate_train_options(
+    options: Mapping[str, Any] | None, *, roots: Sequence[Path], default_device: str = "auto"
+) -> dict[str, Any]:
+    """Check ``core.train`` options without importing torch; returns the full option dict.
+
+    Unknown keys are refused (a typo would otherwise silently train with a default).
+    ``weights`` may be ``auto``/``none``/``imagenet`` or a checkpoint path inside the roots.
+    """
+    given = dict(options or {})
+    unknown = sorted(set(given) - set(_TRAIN_DEFAULTS))
+    if unknown:
+        raise InvalidOptionsError(
+            f"unknown training option(s): {', '.join(unknown)}; "
+            f"known: {', '.join(sorted(_TRAIN_DEFAULTS))}"
+        )
+    merged = {**_TRAIN_DEFAULTS, **{k: v for k, v in given.items() if v is not None}}
+    if merged["device"] is None:
+        merged["device"] = default_device
+    if merged["arch"] not in ARCHITECTURES:
+        raise InvalidOptionsError(
+            f"arch: {merged['arch']!r} is not one of {', '.join(ARCHITECTURES)}"
+        )
+    out: dict[str, Any] = {"arch": merged["arch"]}
+    out["epochs"] = _int_option(merged, "epochs", 1, 10_000)
+    out["image_size"] = _int_option(merged, "image_size", 32, 2048)
+    out["batch_size"] = _int_option(merged, "batch_size", 1, 4096)
+    out["seed"] = _int_option(merged, "seed", 0, 2**32 - 1)
+    lr = merged["lr"]
+    if isinstance(lr, bool) or not isinstance(lr, int | float) or not (0 < float(lr) <= 10):
+        raise InvalidOptionsError(f"lr: must be a number in (0, 10], not {lr!r}")
+    out["lr"] = float(lr)
+    labels = str(merged["labels"])
+    if labels not in ("15", "44"):
+        raise InvalidOptionsError(f"labels: must be 15 or 44, not {merged['labels']!r}")
+    out["labels"] = labels
+    for flag in ("finetune", "warm_start"):
+        if not isinstance(merged[flag], bool):
+            raise InvalidOptionsError(f"{flag}: must be true or false, not {merged[flag]!r}")
+        out[flag] = merged[flag]
+    weights = merged["weights"]
+    if not isinstance(weights, str) or not weights:
+        raise InvalidOptionsError(
+            f"weights: must be auto, none, imagenet or a path, not {weights!r}"
+        )
+    if weights not in ("auto", "none", "imagenet"):
+        _check_text(weights, "weights")
+        weights = str(confine(Path(weights).expanduser(), roots))
+        if not Path(weights).is_file():
+            raise InvalidOptionsError(f"weights: {weights}: no such checkpoint file")
+    out["weights"] = weights
+    out["device"] = _valid_device(merged["device"])
+    return out
+
+
+def _data_folder(data_dir: str | os.PathLike[str], roots: Sequence[Path]) -> Path:
+    text = _check_text(os.fspath(data_dir), "data")
+    folder = confine(Path(text).expanduser(), roots)
+    if not folder.is_dir():
+        raise InvalidOptionsError(f"data: {folder}: not a directory")
+    return folder
+
+
+# --------------------------------------------------------------------------------------
+# Submission
+# --------------------------------------------------------------------------------------
+
+
+def _dispatch_or_fail(
+    session_factory: SessionFactory, job_id: int, send: Callable[[], Any]
+) -> None:
+    """Send the job's tasks; if the broker refuses, fail the stored job so it never hangs
+    as "queued" without any task behind it."""
+    try:
+        send()
+    except Exception as exc:
+        with session_factory() as session, session.begin():
+            repository.finish_job(
+                session, job_id, JobStatus.FAILED, error=f"could not dispatch: {exc}"
+            )
+        raise DispatchError(f"job {job_id}: could not reach the broker: {exc}") from exc
+
+
+def submit_classify(
+    session_factory: SessionFactory,
+    dispatcher: DispatcherLike,
+    settings: Any,
+    inputs: Iterable[str],
+    *,
+    model_version_id: int | None = None,
+    submitter: str | None = None,
+    top_k: int = 3,
+) -> int:
+    """Store a classify job over ``inputs`` and dispatch its chunks; returns the job id.
+
+    Raises ``PathOutsideRootsError``/``TooManyInputsError``/``SubmissionError`` before
+    anything is stored, ``repository.NotFoundError`` for an unknown model version.
+    """
+    if isinstance(top_k, bool) or not 1 <= top_k <= 44:
+        raise InvalidOptionsError(f"top_k: must be between 1 and 44, not {top_k!r}")
+    inputs = [inputs] if isinstance(inputs, str) else inputs
+    # Resolve the model first: a missing model should not cost a folder walk.
+    with session_factory() as session:
+        if model_version_id is None:
+            production = repository.get_production_model(session)
+            if production is None:
+                raise NoProductionModelError()
+            model_version_id = int(production.id)
+        else:
+            repository.get_model_version(session, model_version_id)
+    spool, count = _spool_inputs(inputs, settings)
+    chunk_size = int(settings.chunk_size)
+    with spool, session_factory() as session, session.begin():
+        job = repository.create_job(
+            session,
+            kind=JobKind.CLASSIFY,
+            params={"top_k": top_k, "count": count},
+            submitter=submitter,
+            model_version_id=model_version_id,
+        )
+        job_id = int(job.id)
+        repository.add_job_items(session, job_id, _read_spool(spool), chunk_size=chunk_size)
+    n_chunks = math.ceil(count / chunk_size)
+    _dispatch_or_fail(
+        session_factory, job_id, lambda: dispatcher.classify_chunks(job_id, range(n_chunks))
+    )
+    return job_id
+
+
+def submit_train(
+    session_factory: SessionFactory,
+    dispatcher: DispatcherLike,
+    settings: Any,
+    data_dir: str | os.PathLike[str],
+    options: Mapping[str, Any] | None = None,
+    *,
+    submitter: str | None = None,
+) -> int:
+    """Store a train job on ``data_dir`` (a class-folder tree) and dispatch it.
+
+    ``params`` holds ``data`` plus every validated option, so the worker never guesses
+    defaults; ``warm_start`` asks the worker to start from the production model's weights.
+    """
+    roots = data_roots(settings)
+    folder = _data_folder(data_dir, roots)
+    params = validate_train_options(
+        options, roots=roots, default_device=str(getattr(settings, "default_device", "auto"))
+    )
+    with session_factory() as session, session.begin():
+        warm_from: int | None = None
+        if params["warm_start"]:
+            production = repository.get_production_model(session)
+            if production is None:
+                raise InvalidOptionsError("warm_start: there is no production model to start from")
+            warm_from = int(production.id)
+        job = repository.create_job(
+            session,
+            kind=JobKind.TRAIN,
+            params={"data": str(folder), **params},
+            submitter=submitter,
+            model_version_id=warm_from,
+        )
+        job_id = int(job.id)
+    _dispatch_or_fail(session_factory, job_id, lambda: dispatcher.train(job_id))
+    return job_id
+
+
+def submit_evaluate(
+    session_factory: SessionFactory,
+    dispatcher: DispatcherLike,
+    settings: Any,
+    *,
+    model_version_id: int,
+    data_dir: str | os.PathLike[str],
+    submitter: str | None = None,
+) -> int:
+    """Store an evaluate job (every image below ``data_dir``, no split) and dispatch it."""
+    folder = _data_folder(data_dir, data_roots(settings))
+    with session_factory() as session, session.begin():
+        repository.get_model_version(session, model_version_id)
+        job = repository.create_job(
+            session,
+            kind=JobKind.EVALUATE,
+            params={"data": str(folder)},
+            submitter=submitter,
+            model_version_id=model_version_id,
+        )
+        job_id = int(job.id)
+    _dispatch_or_fail(session_factory, job_id, lambda: dispatcher.evaluate(job_id))
+    return job_id
+
+
+def cancel_job(session_factory: SessionFactory, dispatcher: DispatcherLike, job_id: int) -> str:
+    """Request cancellation; returns the job's status afterwards.
+
+    The database flag is the source of truth (workers check it between batches/epochs);
+    revoking queued tasks is only a shortcut, so broker errors are ignored.
+    """
+    with session_factory() as session, session.begin():
+        job = repository.request_cancel(session, job_id)
+        status = job.status
+    with contextlib.suppress(Exception):  # best effort: the DB flag already stops the work
+        dispatcher.revoke(job_id)
+    return status.value if hasattr(status, "value") else str(status)
+
+
+# --------------------------------------------------------------------------------------
+# Result export (one CSV layout for the CLI and the API)
+# --------------------------------------------------------------------------------------
+
+PREDICTION_COLUMNS: tuple[str, ...] = (
+    "item_index", "path", "label", "confidence", "top_k", "error"
+)
+
+
+def prediction_csv_row(row: Any) -> list[Any]:
+    """A prediction row as CSV cells; ``top_k`` is JSON (``[[label, p], ...]``) so it
+    round-trips, and ``confidence`` uses ``repr`` so no precision is lost."""
+    return [
+        row.item_index,
+        row.path,
+        row.label or "",
+        "" if row.confidence is None else repr(float(row.confidence)),
+        json.dumps([list(pair) for pair in (row.top_k or [])]),
+        row.error or "",
+    ]

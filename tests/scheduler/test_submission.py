@@ -1,0 +1,420 @@
+"""Submission: input expansion, confinement, limits, and the stored job + dispatched tasks.
+
+Real SQLite (and PostgreSQL for the services-marked test) and a real Dispatcher on the
+embedded filesystem broker in tmp: no worker is needed, the sent task messages are counted as
+files in the broker's queue folder.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from scheduler import repository, submission
+from scheduler.database import make_engine, make_session_factory, upgrade
+from scheduler.dispatch import Dispatcher
+from scheduler.paths import PathOutsideRootsError
+from scheduler.schema import Job, JobChunk, JobItem, JobKind, JobStatus
+from scheduler.settings import Settings
+
+
+def _touch(path: Path, data: bytes = b"x") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    """The only data root; files outside it must be refused."""
+    r = tmp_path / "root"
+    r.mkdir()
+    return r
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    o = tmp_path / "outside"
+    o.mkdir()
+    _touch(o / "secret.png")
+    return o
+
+
+def _settings(tmp_path: Path, root: Path, url: str, **kw: Any) -> Settings:
+    return Settings(
+        data_dir=tmp_path / "state",
+        database_url=url,
+        data_roots=(root,),
+        **kw,
+    )
+
+
+@pytest.fixture
+def settings(tmp_path: Path, root: Path, sqlite_url: str) -> Settings:
+    return _settings(tmp_path, root, sqlite_url, chunk_size=2, max_paths_per_job=10)
+
+
+@pytest.fixture
+def sessions(settings: Settings) -> Iterator[sessionmaker[Session]]:
+    upgrade(settings.resolved_database_url)
+    engine = make_engine(settings.resolved_database_url)
+    yield make_session_factory(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def dispatcher(settings: Settings) -> Iterator[Dispatcher]:
+    d = Dispatcher(settings)
+    yield d
+    d.close()
+
+
+def _queued(settings: Settings, queue: str) -> int:
+    folder = Path(settings.data_dir) / "broker" / "queue"
+    return len(list(folder.glob(f"*.{queue}.msg"))) if folder.exists() else 0
+
+
+def _model(sessions: sessionmaker[Session], *, promote: bool = True) -> int:
+    with sessions() as s, s.begin():
+        train = repository.create_job(s, kind=JobKind.TRAIN, params={"data": "/x"})
+        version = repository.register_model_version(
+            s, training_job_id=train.id, arch="resnet18", label_mode="15",
+            classes=["Normal", "Glioblastoma"], checkpoint_path="/x/best.pt",
+            checkpoint_sha256="0" * 64, metrics={"accuracy": 0.5},
+        )
+        if promote:
+            repository.promote_model_version(s, version.id)
+        return int(version.id)
+
+
+def _counts(sessions: sessionmaker[Session]) -> tuple[int, int, int]:
+    with sessions() as s:
+        return (
+            s.scalar(select(func.count()).select_from(Job).where(Job.kind == JobKind.CLASSIFY)),
+            s.scalar(select(func.count()).select_from(JobItem)),
+            s.scalar(select(func.count()).select_from(JobChunk)),
+        )  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------- expand_inputs
+
+
+def test_expand_is_a_generator(root: Path) -> None:
+    _touch(root / "a.png")
+    assert inspect.isgenerator(submission.expand_inputs([str(root)], [root]))
+
+
+def test_expand_files_folders_recursive_and_suffix_filter(root: Path) -> None:
+    a = _touch(root / "a.png")
+    b = _touch(root / "sub" / "deep" / "b.JPG")
+    c = _touch(root / "sub" / "c.dcm")
+    _touch(root / "sub" / "notes.txt")
+    _touch(root / "sub" / "model.pt")
+    explicit_txt = _touch(root / "explicit.txt")
+    got = list(submission.expand_inputs([str(root / "sub"), str(a), str(explicit_txt)], [root]))
+    # Folders give image files only, depth first and sorted; explicit files are kept as given.
+    assert got == [str(c), str(b), str(a), str(explicit_txt)]
+
+
+def test_expand_globs(root: Path) -> None:
+    a = _touch(root / "x" / "a.png")
+    b = _touch(root / "x" / "b.png")
+    _touch(root / "x" / "c.txt")
+    d = _touch(root / "y" / "z" / "d.tif")
+    assert list(submission.expand_inputs([str(root / "x" / "*.png")], [root])) == [str(a), str(b)]
+    assert list(submission.expand_inputs([str(root / "**" / "*.tif")], [root])) == [str(d)]
+    # A glob matching folders expands their images.
+    assert list(submission.expand_inputs([str(root / "[xy]")], [root])) == [
+        str(a), str(b), str(d)
+    ]
+
+
+def test_expand_list_file_with_missing_relative_comments_and_duplicates(root: Path) -> None:
+    a = _touch(root / "imgs" / "a.png")
+    folder = root / "imgs"
+    listing = root / "lists" / "inputs.txt"
+    listing.parent.mkdir()
+    listing.write_text(
+        f"# a comment\n{a}\n\n../imgs/a.png\n{root / 'missing.png'}\n{folder}\n", "utf-8"
+    )
+    got = list(submission.expand_inputs([f"@{listing}"], [root]))
+    # Missing files are still items (they become error rows); duplicates stay separate items.
+    assert got == [str(a), str(a), str(root / "missing.png"), str(a)]
+
+
+def test_expand_keeps_missing_plain_file(root: Path) -> None:
+    assert list(submission.expand_inputs([str(root / "nope.png")], [root])) == [
+        str(root / "nope.png")
+    ]
+
+
+@pytest.mark.parametrize(
+    "make_input",
+    [
+        lambda root, out: str(out / "secret.png"),
+        lambda root, out: str(root / ".." / "outside" / "secret.png"),
+        lambda root, out: str(out / "*.png"),
+        lambda root, out: str(out),
+    ],
+    ids=["absolute", "dotdot", "glob", "folder"],
+)
+def test_expand_refuses_paths_outside_roots(root: Path, outside: Path, make_input: Any) -> None:
+    with pytest.raises(PathOutsideRootsError):
+        list(submission.expand_inputs([make_input(root, outside)], [root]))
+
+
+def test_expand_refuses_symlink_and_list_file_outside(root: Path, outside: Path) -> None:
+    (root / "link.png").symlink_to(outside / "secret.png")
+    with pytest.raises(PathOutsideRootsError):
+        list(submission.expand_inputs([str(root)], [root]))
+    listing = outside / "list.txt"
+    listing.write_text(str(root / "a.png"), "utf-8")
+    with pytest.raises(PathOutsideRootsError):
+        list(submission.expand_inputs([f"@{listing}"], [root]))
+    # A list inside the roots naming a file outside them is refused too.
+    inner = root / "list.txt"
+    inner.write_text(str(outside / "secret.png"), "utf-8")
+    with pytest.raises(PathOutsideRootsError):
+        list(submission.expand_inputs([f"@{inner}"], [root]))
+
+
+def test_expand_rejects_bad_strings_and_missing_list(root: Path) -> None:
+    with pytest.raises(ValueError, match="NUL"):
+        list(submission.expand_inputs(["a\x00b.png"], [root]))
+    with pytest.raises(submission.InvalidInputError, match="list file not found"):
+        list(submission.expand_inputs([f"@{root / 'nope.txt'}"], [root]))
+
+
+# ----------------------------------------------------------------------------- submit_classify
+
+
+def test_submit_classify_stores_items_chunks_and_dispatches(
+    root: Path, settings: Settings, sessions: sessionmaker[Session], dispatcher: Dispatcher
+) -> None:
+    model_id = _model(sessions)
+    a = _touch(root / "a.png")
+    _touch(root / "sub" / "b.png")
+    inputs = [str(a), str(root / "sub"), str(root / "missing.png"), str(a), str(root / "sub")]
+    job_id = submission.submit_classify(
+        sessions, dispatcher, settings, inputs, submitter="me", top_k=2
+    )
+    with sessions() as s:
+        job = repository.get_job(s, job_id)
+        assert job.kind == JobKind.CLASSIFY
+        assert job.status == JobStatus.QUEUED
+        assert job.model_version_id == model_id  # the production model by default
+        assert job.submitter == "me"
+        assert job.params["top_k"] == 2
+        assert job.progress_total == 5
+        items = list(repository.iter_job_items(s, job_id))
+        chunks = repository.list_chunks(s, job_id)
+    b = str(root / "sub" / "b.png")
+    # Duplicates stay separate items; the missing file is an item (it becomes an error row).
+    assert items == list(enumerate([str(a), b, str(root / "missing.png"), str(a), b]))
+    assert [(c.start_index, c.stop_index) for c in chunks] == [(0, 2), (2, 4), (4, 5)]
+    assert _queued(settings, "gpu") == len(chunks)
+
+
+def test_submit_classify_explicit_model_and_unknown_model(
+    root: Path, settings: Settings, sessions: sessionmaker[Session], dispatcher: Dispatcher
+) -> None:
+    model_id = _model(sessions, promote=False)
+    _touch(root / "a.png")
+    job_id = submission.submit_classify(
+        sessions, dispatcher, settings, [str(root / "a.png")], model_version_id=model_id
+    )
+    with sessions() as s:
+        assert repository.get_job(s, job_id).model_version_id == model_id
+    with pytest.raises(repository.NotFoundError):
+        submission.submit_classify(
+            sessions, dispatcher, settings, [str(root / "a.png")], model_version_id=999
+        )
+
+
+def test_submit_classify_without_production_model(
+    root: Path, settings: Settings, sessions: sessionmaker[Session], dispatcher: Dispatcher
+) -> None:
+    _model(sessions, promote=False)
+    with pytest.raises(submission.NoProductionModelError, match="promote"):
+        submission.submit_classify(sessions, dispatcher, settings, [str(root / "a.png")])
+    assert _counts(sessions) == (0, 0, 0)
+
+
+def test_refused_outside_roots_stores_nothing(
+    root: Path,
+    outside: Path,
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    dispatcher: Dispatcher,
+) -> None:
+    _model(sessions)
+    _touch(root / "a.png")
+    with pytest.raises(PathOutsideRootsError):
+        submission.submit_classify(
+            sessions, dispatcher, settings, [str(root / "a.png"), str(outside / "secret.png")]
+        )
+    assert _counts(sessions) == (0, 0, 0)
+    assert _queued(settings, "gpu") == 0
+
+
+def test_too_many_inputs_stores_nothing(
+    root: Path, settings: Settings, sessions: sessionmaker[Session], dispatcher: Dispatcher
+) -> None:
+    _model(sessions)
+    for i in range(11):  # max_paths_per_job is 10
+        _touch(root / "many" / f"{i:02d}.png")
+    with pytest.raises(submission.TooManyInputsError, match="at most 10"):
+        submission.submit_classify(sessions, dispatcher, settings, [str(root / "many")])
+    assert _counts(sessions) == (0, 0, 0)
+    # Exactly at the limit is fine.
+    (root / "many" / "10.png").unlink()
+    submission.submit_classify(sessions, dispatcher, settings, [str(root / "many")])
+    assert _counts(sessions) == (1, 10, 5)
+
+
+def test_no_inputs_refused(
+    root: Path, settings: Settings, sessions: sessionmaker[Session], dispatcher: Dispatcher
+) -> None:
+    _model(sessions)
+    (root / "empty").mkdir()
+    with pytest.raises(submission.NoInputsError):
+        submission.submit_classify(sessions, dispatcher, settings, [str(root / "empty")])
+    assert _counts(sessions) == (0, 0, 0)
+
+
+# ----------------------------------------------------------------------------- train / evaluate
+
+
+def test_submit_train_validates_and_stores_params(
+    root: Path, settings: Settings, sessions: sessionmaker[Session], dispatcher: Dispatcher
+) -> None:
+    data = root / "data"
+    data.mkdir()
+    job_id = submission.submit_train(
+        sessions, dispatcher, settings, data,
+        {"arch": "resnet18", "epochs": 2, "image_size": 64, "labels": 44, "seed": 3},
+        submitter="t",
+    )
+    with sessions() as s:
+        job = repository.get_job(s, job_id)
+    assert job.kind == JobKind.TRAIN
+    assert job.params["data"] == str(data)
+    assert job.params["arch"] == "resnet18"
+    assert job.params["labels"] == "44"
+    assert job.params["epochs"] == 2
+    assert job.params["device"] == settings.default_device
+    assert job.params["warm_start"] is False
+    assert _queued(settings, "gpu") == 1
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"arch": "vgg16"}, "arch"),
+        ({"epochs": 0}, "epochs"),
+        ({"epochs": True}, "epochs"),
+        ({"image_size": 8}, "image_size"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"lr": 0}, "lr"),
+        ({"labels": "12"}, "labels"),
+        ({"finetune": "yes"}, "finetune"),
+        ({"device": "tpu"}, "device"),
+        ({"weights": "/nope/w.pt"}, "outside"),
+        ({"optimizer": "sgd"}, "unknown training option"),
+        ({"warm_start": True}, "no production model"),
+    ],
+)
+def test_submit_train_refuses_bad_options(
+    root: Path,
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    dispatcher: Dispatcher,
+    options: dict[str, Any],
+    match: str,
+) -> None:
+    (root / "data").mkdir()
+    with pytest.raises(ValueError, match=match):
+        submission.submit_train(sessions, dispatcher, settings, root / "data", options)
+    with sessions() as s:
+        assert repository.list_jobs(s) == []
+
+
+def test_submit_train_refuses_bad_data_dir(
+    root: Path,
+    outside: Path,
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    dispatcher: Dispatcher,
+) -> None:
+    with pytest.raises(PathOutsideRootsError):
+        submission.submit_train(sessions, dispatcher, settings, outside, {})
+    with pytest.raises(submission.InvalidOptionsError, match="not a directory"):
+        submission.submit_train(sessions, dispatcher, settings, root / "nope", {})
+
+
+def test_submit_train_warm_start_records_production_model(
+    root: Path, settings: Settings, sessions: sessionmaker[Session], dispatcher: Dispatcher
+) -> None:
+    model_id = _model(sessions)
+    (root / "data").mkdir()
+    job_id = submission.submit_train(
+        sessions, dispatcher, settings, root / "data", {"warm_start": True}
+    )
+    with sessions() as s:
+        job = repository.get_job(s, job_id)
+    assert job.params["warm_start"] is True
+    assert job.model_version_id == model_id
+
+
+def test_submit_evaluate_and_cancel(
+    root: Path, settings: Settings, sessions: sessionmaker[Session], dispatcher: Dispatcher
+) -> None:
+    model_id = _model(sessions, promote=False)
+    (root / "held").mkdir()
+    job_id = submission.submit_evaluate(
+        sessions, dispatcher, settings, model_version_id=model_id, data_dir=root / "held"
+    )
+    with sessions() as s:
+        job = repository.get_job(s, job_id)
+    assert (job.kind, job.model_version_id, job.params) == (
+        JobKind.EVALUATE, model_id, {"data": str(root / "held")}
+    )
+    assert _queued(settings, "gpu") == 1
+    with pytest.raises(repository.NotFoundError):
+        submission.submit_evaluate(
+            sessions, dispatcher, settings, model_version_id=12345, data_dir=root / "held"
+        )
+    assert submission.cancel_job(sessions, dispatcher, job_id) == "cancelled"
+    with pytest.raises(repository.NotFoundError):
+        submission.cancel_job(sessions, dispatcher, 9999)
+
+
+@pytest.mark.services
+def test_submit_classify_on_postgresql(
+    tmp_path: Path, root: Path, postgres_url: str, outside: Path
+) -> None:
+    settings = _settings(tmp_path, root, postgres_url, chunk_size=3)
+    upgrade(postgres_url)
+    engine = make_engine(postgres_url)
+    sessions = make_session_factory(engine)
+    dispatcher = Dispatcher(settings)
+    try:
+        _model(sessions)
+        for i in range(7):
+            _touch(root / "f" / f"{i}.png")
+        job_id = submission.submit_classify(sessions, dispatcher, settings, [str(root / "f")])
+        with sessions() as s:
+            assert repository.get_job(s, job_id).progress_total == 7
+            assert len(repository.list_chunks(s, job_id)) == 3
+        with pytest.raises(PathOutsideRootsError):
+            submission.submit_classify(sessions, dispatcher, settings, [str(outside)])
+        assert _counts(sessions) == (1, 7, 3)
+    finally:
+        dispatcher.close()
+        engine.dispose()
