@@ -1,0 +1,827 @@
+"""``python -m bench.inference``: mriq's inference throughput against its baselines, one run.
+
+    python -m bench.inference --arch efficientnet_b0 --image-size 224 --n 512 [--device auto]
+                              [--e2e] [--compile] [--json-out FILE] [--smoke]
+
+Rows (same image files, same weights, same process unless said otherwise):
+
+* ``model-only ceiling``: forward passes over pre-decoded tensors already on the device,
+  batch sizes swept, channels_last + inference_mode (+ autocast on CUDA); the best is the
+  ceiling every other row is compared with.
+* ``model-only default settings``: the same forward passes the way PyTorch runs them out
+  of the box (NCHW, ``no_grad``, batch 32): what the settings are worth.
+* ``model-only ceiling, glibc default allocator``: the ceiling configuration in a child
+  process *without* the MALLOC_* tuning (glibc reads it only at start-up): what the
+  allocator is worth.
+* ``notebook way``: the reference notebook's pipeline: ``torchvision.io.read_image`` +
+  its centred profile crop + resize + the weights' ``transforms()`` preset in a DataLoader
+  at batch 32, NCHW, eval mode, ``no_grad``.
+* ``core Predictor (in-process)``: ``core.inference.Predictor`` over the files, batch 32.
+* ``python -m core.predict (whole command)``: the CLI as a subprocess, timed from spawn to
+  exit, so process start-up, checkpoint loading and CSV writing are in it.
+* ``--e2e``: ``mriq classify <folder> --wait`` through Redis, a worker and PostgreSQL,
+  measured from the job's submission to its last row being committed.
+
+The script re-execs itself once with the worker's allocator setting so every in-process row
+runs under the allocator mriq's worker uses (``--no-reexec`` keeps the environment as is).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+from bench.common import (
+    ALLOCATOR_ENV,
+    Measurement,
+    Ratio,
+    Report,
+    RssSampler,
+    Stopwatch,
+    add_common_args,
+    allocator_tuned,
+    apply_smoke,
+    child_env,
+    machine_description,
+    make_checkpoint,
+    make_images,
+    phase,
+    reexec_with_allocator,
+    resolve_device,
+    sync,
+    workspace,
+)
+from bench.services import ServiceArgs, add_service_args
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from core.checkpoint import LoadedCheckpoint
+    from core.transforms import PresetParams
+
+CEILING = "model-only ceiling"
+DEFAULT_SETTINGS = "model-only default settings (NCHW, no_grad, bs 32)"
+OTHER_ALLOCATOR = "model-only ceiling, {alloc} (child process)"
+COMPILED = "model-only torch.compile (best bs)"
+NOTEBOOK = "notebook way (read_image+crop+resize+preset)"
+PREDICTOR = "core Predictor (in-process, bs 32)"
+PREDICT_CLI = "python -m core.predict (whole command)"
+E2E = "mriq classify e2e (submit -> last row)"
+E2E_CLI = "mriq classify --wait (CLI wall time)"
+NOTEBOOK_BATCH = 32
+PREDICTOR_BATCH = 32
+#: Distinct pre-decoded images the model-only rows cycle through (content does not change
+#: the cost of a forward pass; holding n decoded 224 px images would cost n x 600 KB).
+POOL = 64
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.inference", description=__doc__.split("\n")[0]
+    )
+    add_common_args(parser, arch="efficientnet_b0", image_size=224, n=512)
+    parser.add_argument(
+        "--batch-sizes", default="16,32,64", help="model-only batch sizes to try (%(default)s)"
+    )
+    parser.add_argument(
+        "--source-size",
+        type=int,
+        default=512,
+        help="side of the generated JPEGs in pixels (%(default)s)",
+    )
+    parser.add_argument(
+        "--crop",
+        default="brain",
+        choices=("brain", "profile", "none"),
+        help="crop stored in the checkpoint's preset, i.e. mriq's (%(default)s)",
+    )
+    parser.add_argument(
+        "--notebook-workers",
+        type=int,
+        default=0,
+        help="DataLoader workers of the notebook baseline (%(default)s, like "
+        "mriq's Predictor default)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also try torch.compile in the model-only sweep (slow to compile)",
+    )
+    parser.add_argument(
+        "--e2e",
+        action="store_true",
+        help="also run mriq classify --wait through Redis, a worker and PostgreSQL",
+    )
+    parser.add_argument(
+        "--chunk-size", type=int, default=256, help="MRIQ_CHUNK_SIZE for --e2e (%(default)s)"
+    )
+    parser.add_argument(
+        "--no-reexec",
+        action="store_true",
+        help="do not re-exec with the worker's allocator setting",
+    )
+    parser.add_argument("--child-model-only", type=Path, default=None, help=argparse.SUPPRESS)
+    add_service_args(parser)
+    args = parser.parse_args(argv)
+    apply_smoke(args)
+    if args.smoke:
+        args.batch_sizes = "4,8"
+        args.source_size = min(args.source_size, 128)
+        args.e2e = False  # smoke runs never need services
+        args.compile = False
+    args.batch_sizes = [int(b) for b in str(args.batch_sizes).split(",") if b.strip()]
+    if not args.batch_sizes or min(args.batch_sizes) < 1 or args.n < 1:
+        parser.error("--n and --batch-sizes must be positive")
+    return args
+
+
+# --------------------------------------------------------------------------------------
+# model-only
+
+
+def predecode(paths: Sequence[Path], params: PresetParams) -> torch.Tensor:
+    """mriq's own preprocessing of the first files, stacked (the model-only input pool)."""
+    import torch
+
+    from core.imaging import read_image
+    from core.transforms import EvalPreset
+
+    preset = EvalPreset(params=params)
+    return torch.stack([preset(read_image(p)) for p in paths[:POOL]])
+
+
+def _batch_from_pool(pool: torch.Tensor, bs: int) -> torch.Tensor:
+    import torch
+
+    reps = math.ceil(bs / pool.shape[0])
+    return torch.cat([pool] * reps)[:bs].contiguous()
+
+
+def time_forward(
+    model: nn.Module,
+    pool: torch.Tensor,
+    *,
+    n: int,
+    bs: int,
+    device: torch.device,
+    channels_last: bool,
+    inference_mode: bool,
+    amp: bool,
+    warmup: int = 2,
+) -> float:
+    """Seconds for ceil(n / bs) forward passes of a bs batch already on the device."""
+    import torch
+
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(device).to(memory_format=fmt).eval()
+    x = _batch_from_pool(pool, bs).to(device).contiguous(memory_format=fmt)
+    grad_ctx: Callable[[], Any] = torch.inference_mode if inference_mode else torch.no_grad
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
+    steps = math.ceil(n / bs)
+    with grad_ctx(), torch.autocast("cuda", dtype=dtype) if amp and cuda else nullcontext():
+        for _ in range(warmup):
+            model(x)
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            # .argmax + the host copy on the last step only: like a real consumer, but the
+            # per-step sync of a .cpu() would understate what the device can do.
+            out = model(x)
+        out.float().argmax(dim=1).cpu()
+        sync(device)
+    return (time.perf_counter() - start) * n / (steps * bs)  # per n images exactly
+
+
+def model_only_sweep(
+    report: Report,
+    net: nn.Module,
+    pool: torch.Tensor,
+    *,
+    n: int,
+    batch_sizes: Sequence[int],
+    device: torch.device,
+    compile_too: bool,
+) -> int:
+    """Ceiling and default-settings rows; returns the best batch size."""
+    model = copy.deepcopy(net)
+    timings: dict[int, float] = {}
+    for bs in batch_sizes:
+        timings[bs] = time_forward(
+            model,
+            pool,
+            n=n,
+            bs=bs,
+            device=device,
+            channels_last=True,
+            inference_mode=True,
+            amp=True,
+        )
+    best = min(timings, key=lambda b: timings[b])
+    sweep = ", ".join(f"bs {b}: {n / s:,.1f} img/s" for b, s in timings.items())
+    report.add(
+        Measurement(
+            CEILING,
+            n,
+            timings[best],
+            note=f"bs {best}, channels_last, inference_mode"
+            + (", autocast" if device.type == "cuda" else ""),
+        )
+    )
+    report.notes.append(
+        f"model-only sweep ({'tuned' if allocator_tuned() else 'default'} allocator): {sweep}"
+    )
+    # Default settings: fewer images, it is the slow row and only shows the settings' worth.
+    n_default = min(n, 128)
+    seconds = time_forward(
+        copy.deepcopy(net),
+        pool,
+        n=n_default,
+        bs=min(32, n),
+        device=device,
+        channels_last=False,
+        inference_mode=False,
+        amp=False,
+    )
+    report.add(Measurement(DEFAULT_SETTINGS, n_default, seconds, note="fp32, NCHW"))
+    if compile_too:
+        _compiled_row(report, net, pool, n=n, bs=best, device=device)
+    return best
+
+
+def _compiled_row(
+    report: Report, net: nn.Module, pool: torch.Tensor, *, n: int, bs: int, device: torch.device
+) -> None:
+    import torch
+
+    try:
+        model = copy.deepcopy(net).to(device).to(memory_format=torch.channels_last)
+        # torch.compile returns an OptimizedModule (an nn.Module) for a module.
+        compiled = cast("nn.Module", torch.compile(model))
+        with Stopwatch() as compile_sw:
+            time_forward(
+                compiled,
+                pool,
+                n=bs,
+                bs=bs,
+                device=device,
+                channels_last=True,
+                inference_mode=True,
+                amp=True,
+                warmup=1,
+            )
+        seconds = time_forward(
+            compiled,
+            pool,
+            n=n,
+            bs=bs,
+            device=device,
+            channels_last=True,
+            inference_mode=True,
+            amp=True,
+        )
+    except Exception as exc:  # compile needs a C compiler etc.; its absence is not fatal
+        report.skip(COMPILED, f"torch.compile failed: {type(exc).__name__}: {exc}"[:200])
+        return
+    report.add(
+        Measurement(
+            COMPILED, n, seconds, note=f"bs {bs}, first call {compile_sw.seconds:.0f} s (compile)"
+        )
+    )
+
+
+def child_model_only(spec_path: Path) -> int:
+    """Child mode: time the ceiling configuration under this process's allocator."""
+    import torch
+
+    from core.checkpoint import load_checkpoint
+    from core.inference import configure_cpu_threads
+
+    spec = json.loads(spec_path.read_text())
+    configure_cpu_threads(spec.get("threads"))
+    device = torch.device(spec["device"])
+    loaded = load_checkpoint(Path(spec["checkpoint"]), device=device)
+    pool = predecode([Path(p) for p in spec["paths"]], loaded.meta.preset)
+    model = loaded.model.eval()
+    seconds = time_forward(
+        model,
+        pool,
+        n=spec["n"],
+        bs=spec["bs"],
+        device=device,
+        channels_last=True,
+        inference_mode=True,
+        amp=True,
+    )
+    print(json.dumps({"seconds": seconds, "n": spec["n"], "tuned": allocator_tuned()}))
+    return 0
+
+
+def other_allocator_row(
+    report: Report,
+    workdir: Path,
+    checkpoint: Path,
+    paths: Sequence[Path],
+    *,
+    n: int,
+    bs: int,
+    device: str,
+    threads: int | None,
+) -> None:
+    """The ceiling configuration in a child under the *other* allocator setting."""
+    tuned_here = allocator_tuned()
+    spec = workdir / "child-model-only.json"
+    spec.write_text(
+        json.dumps(
+            {
+                "checkpoint": str(checkpoint),
+                "paths": [str(p) for p in paths[:POOL]],
+                "n": n,
+                "bs": bs,
+                "device": device,
+                "threads": threads,
+            }
+        )
+    )
+    env = child_env()
+    for key, value in ALLOCATOR_ENV.items():
+        if tuned_here:
+            env.pop(key, None)  # glibc defaults in the child
+        else:
+            env[key] = value
+    alloc = "glibc default allocator" if tuned_here else "tuned allocator"
+    name = OTHER_ALLOCATOR.format(alloc=alloc)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.inference", "--child-model-only", str(spec), "--no-reexec"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    if proc.returncode != 0:
+        report.skip(name, f"child failed ({proc.returncode}): {proc.stderr.strip()[-300:]}")
+        return
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    report.add(Measurement(name, int(result["n"]), float(result["seconds"]), note=f"bs {bs}"))
+
+
+# --------------------------------------------------------------------------------------
+# notebook way
+
+
+def _profile_crop(img: torch.Tensor, *, threshold: float = 0.1, frame: int = 5) -> torch.Tensor:
+    """The notebook's crop on a uint8 CxHxW tensor (``core.cropping.crop_profile``'s rule).
+
+    Middle row/column profiles give the object's extent; the crop of that size is centred on
+    the image centre, as the notebook's CenterCrop-based crop does.
+    """
+    import torch
+
+    gray = img[0]
+    h, w = gray.shape
+    if h <= 2 * frame or w <= 2 * frame:
+        return img
+    peak = int(gray.max())
+    if peak == 0:
+        return img
+    cut = threshold * peak
+    xs = torch.nonzero(gray[h // 2, frame : w - frame] > cut).flatten()
+    ys = torch.nonzero(gray[frame : h - frame, w // 2] > cut).flatten()
+    if xs.numel() == 0 or ys.numel() == 0:
+        return img
+    crop_w = int(xs[-1] - xs[0] + 1)
+    crop_h = int(ys[-1] - ys[0] + 1)
+    top = int(round((h - crop_h) / 2.0))
+    left = int(round((w - crop_w) / 2.0))
+    return img[:, top : top + crop_h, left : left + crop_w]
+
+
+def weights_preset(arch: str, image_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The architecture's ImageNet weights' ``transforms()`` preset, scaled to image_size.
+
+    ``Weights.transforms()`` only builds the preset (resize, centre crop, to float,
+    normalise); nothing is downloaded. At the weights' own size (224 for EfficientNet-B0:
+    resize 256 bicubic, crop 224) it is exactly the notebook's; other sizes keep the
+    resize/crop proportion.
+    """
+    from torchvision.models import get_model_weights
+
+    weights: Any = get_model_weights(arch).DEFAULT
+    preset: Callable[[torch.Tensor], torch.Tensor] = weights.transforms()
+    crop = list(getattr(preset, "crop_size", [224]))[0]
+    if image_size != crop:
+        resize = list(getattr(preset, "resize_size", [256]))[0]
+        preset = weights.transforms(
+            crop_size=image_size, resize_size=round(image_size * resize / crop)
+        )
+    return preset
+
+
+def _notebook_dataset(
+    paths: Sequence[Path], image_size: int, preset: Callable[[torch.Tensor], torch.Tensor]
+) -> Any:
+    from torch.utils.data import Dataset
+    from torchvision.io import ImageReadMode, read_image
+    from torchvision.transforms.v2 import functional as tvf
+
+    class NotebookImages(Dataset[Any]):
+        def __len__(self) -> int:
+            return len(paths)
+
+        def __getitem__(self, index: int) -> Any:
+            img = read_image(str(paths[index]), mode=ImageReadMode.RGB)
+            img = _profile_crop(img)
+            img = tvf.resize(img, [image_size, image_size], antialias=True)
+            return preset(img)
+
+    return NotebookImages()
+
+
+def run_notebook(
+    report: Report,
+    net: nn.Module,
+    paths: Sequence[Path],
+    *,
+    arch: str,
+    image_size: int,
+    device: torch.device,
+    workers: int,
+) -> None:
+    import torch
+    from torch.utils.data import DataLoader
+
+    model = copy.deepcopy(net).to(device).to(memory_format=torch.contiguous_format).eval()
+    dataset = _notebook_dataset(paths, image_size, weights_preset(arch, image_size))
+    loader = DataLoader(dataset, batch_size=NOTEBOOK_BATCH, shuffle=False, num_workers=workers)
+    with torch.no_grad():
+        # Warm-up (untimed), as every in-process row gets: first-call kernel selection.
+        model(torch.stack([dataset[i] for i in range(min(len(paths), NOTEBOOK_BATCH))]).to(device))
+        sync(device)
+        done = 0
+        with Stopwatch() as sw:
+            for x in loader:
+                probs = torch.softmax(model(x.to(device)), dim=1)
+                probs.argmax(dim=1).cpu()
+                done += x.shape[0]
+    report.add(
+        Measurement(
+            NOTEBOOK,
+            done,
+            sw.seconds,
+            note=f"bs {NOTEBOOK_BATCH}, {workers} loader workers, fp32 NCHW",
+        )
+    )
+
+
+# --------------------------------------------------------------------------------------
+# mriq: Predictor and core.predict
+
+
+def run_predictor(
+    report: Report, loaded: LoadedCheckpoint, paths: Sequence[Path], *, device: torch.device
+) -> Measurement:
+    from core.inference import Predictor
+
+    # The Predictor takes ownership of the model (moves it, channels_last): give it a copy.
+    own = dataclasses.replace(loaded, model=copy.deepcopy(loaded.model))
+    predictor = Predictor(own, device=device, batch_size=PREDICTOR_BATCH)
+    for _ in predictor.predict(paths[:PREDICTOR_BATCH]):  # warm-up, untimed
+        pass
+    errors = 0
+    with Stopwatch() as sw:
+        for pred in predictor.predict(paths):
+            errors += pred.error is not None
+    return report.add(
+        Measurement(PREDICTOR, len(paths), sw.seconds, note=f"{errors} errors" if errors else "")
+    )
+
+
+def run_predict_cli(
+    report: Report, checkpoint: Path, folder: Path, workdir: Path, n: int, *, device: str
+) -> None:
+    out = workdir / "predict.csv"
+    cmd = [
+        sys.executable,
+        "-m",
+        "core.predict",
+        "--checkpoint",
+        str(checkpoint),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--device",
+        device,
+        "--batch-size",
+        str(PREDICTOR_BATCH),
+        str(folder),
+    ]
+    with Stopwatch() as sw:
+        proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0:
+        report.skip(PREDICT_CLI, f"exit {proc.returncode}: {proc.stderr.strip()[-300:]}")
+        return
+    rows = sum(1 for _ in out.open(encoding="utf-8")) - 1
+    if rows != n:
+        report.skip(PREDICT_CLI, f"wrote {rows} rows for {n} images")
+        return
+    report.add(Measurement(PREDICT_CLI, n, sw.seconds, note="spawn to exit"))
+
+
+# --------------------------------------------------------------------------------------
+# end to end
+
+
+def run_e2e(
+    report: Report,
+    args: argparse.Namespace,
+    workdir: Path,
+    folder: Path,
+    paths: Sequence[Path],
+    checkpoint: Path,
+    sha256: str,
+    device: str,
+) -> None:
+    """``mriq classify --wait`` through Redis, one worker and PostgreSQL."""
+    from bench.services import missing_modules, postgres_problem, redis_problem
+
+    svc = ServiceArgs.from_args(args)
+    reason = (
+        missing_modules(
+            "scheduler.submission",
+            "scheduler.dispatch",
+            "scheduler.cli",
+            "scheduler.repository",
+            "worker.tasks",
+            "celery",
+            "redis",
+            "psycopg",
+        )
+        or postgres_problem(svc)
+        or redis_problem(svc)
+    )
+    if reason:
+        report.skip(E2E, reason)
+        return
+    try:
+        _run_e2e(report, args, svc, workdir, folder, paths, checkpoint, sha256, device)
+    except Exception as exc:  # the job system is being built: report, do not crash the run
+        report.skip(E2E, f"{type(exc).__name__}: {str(exc)[-400:]}")
+
+
+def _classify(env: dict[str, str], inputs: Sequence[str], model_id: int) -> dict[str, Any]:
+    from bench.services import mriq_command
+
+    cmd = [*mriq_command(), "classify", *inputs, "--wait", "--model", str(model_id), "--json"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"mriq classify exit {proc.returncode}: {(proc.stdout + proc.stderr).strip()[-600:]}"
+        )
+    snap: dict[str, Any] = json.loads(proc.stdout[proc.stdout.index("{") :])
+    return snap
+
+
+def _run_e2e(
+    report: Report,
+    args: argparse.Namespace,
+    svc: ServiceArgs,
+    workdir: Path,
+    folder: Path,
+    paths: Sequence[Path],
+    checkpoint: Path,
+    sha256: str,
+    device: str,
+) -> None:
+    from sqlalchemy import func, select
+
+    from bench.services import fresh_database, mriq_env, owned_redis_db, running_worker
+    from scheduler import repository
+    from scheduler.database import make_engine, make_session_factory
+    from scheduler.schema import PredictionRow
+    from scheduler.settings import Settings
+
+    data_dir = workdir / "mriq-data"
+    with fresh_database(svc) as db_url, owned_redis_db(svc) as broker_url:
+        engine = make_engine(db_url)
+        try:
+            sessions = make_session_factory(engine)
+            with sessions() as s, s.begin():
+                version = repository.register_model_version(
+                    s,
+                    training_job_id=None,
+                    arch=args.arch,
+                    label_mode="15",
+                    classes=list(_classes()),
+                    checkpoint_path=str(checkpoint),
+                    checkpoint_sha256=sha256,
+                    metrics={},
+                )
+                model_id = int(version.id)
+            settings = Settings(
+                data_dir=data_dir,
+                database_url=db_url,
+                broker_url=broker_url,
+                data_roots=(workdir,),
+                chunk_size=args.chunk_size,
+            )
+            env = mriq_env(
+                data_dir=data_dir,
+                database_url=db_url,
+                broker_url=broker_url,
+                roots=workdir,
+                chunk_size=args.chunk_size,
+                device=device,
+            )
+            with running_worker(env, workdir / "worker.log", settings) as worker:
+                # Warm-up job: the worker loads and caches the model once per process.
+                _classify(env, [str(p) for p in paths[:PREDICTOR_BATCH]], model_id)
+                with RssSampler(worker.proc.pid) as rss, Stopwatch() as sw:
+                    snap = _classify(env, [str(folder)], model_id)
+            job_id = int(snap["id"])
+            with sessions() as s:
+                job = repository.get_job(s, job_id)
+                rows = repository.count_predictions(s, job_id)
+                last_row = s.scalar(
+                    select(func.max(PredictionRow.created_at)).where(PredictionRow.job_id == job_id)
+                )
+                created, finished = job.created_at, job.finished_at
+        finally:
+            engine.dispose()
+    n = len(paths)
+    if snap.get("status") != "succeeded" or rows != n or finished is None:
+        raise RuntimeError(f"job {job_id}: status {snap.get('status')}, {rows}/{n} rows")
+    end = max(finished, last_row) if last_row is not None else finished
+    seconds = (end - created).total_seconds()
+    report.add(
+        Measurement(E2E, n, seconds, note=f"chunk {args.chunk_size}, worker {rss.summary()}")
+    )
+    report.add(Measurement(E2E_CLI, n, sw.seconds, note="CLI start-up + 0.5 s polling"))
+
+
+def _classes() -> tuple[str, ...]:
+    from core.labels import classes_for
+
+    return tuple(classes_for("15"))
+
+
+# --------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> Report:
+    import torch
+
+    from core.checkpoint import load_checkpoint
+    from core.inference import configure_cpu_threads
+
+    device_name = resolve_device(args.device)
+    device = torch.device(device_name)
+    # Same thread count for every row (the worker and core.predict size theirs the same way).
+    configure_cpu_threads(args.threads)
+    report = Report(
+        title="mriq inference benchmark",
+        context={
+            "arch": args.arch,
+            "image_size": args.image_size,
+            "n": args.n,
+            "source": f"{args.source_size}px JPEG",
+            "smoke": args.smoke,
+        }
+        | machine_description(device_name),
+        ceiling=CEILING,
+        notebook=NOTEBOOK,
+    )
+    with workspace(args.workdir, keep=args.keep) as workdir:
+        print(
+            f"preparing {args.n} images and a {args.arch} checkpoint in {workdir}",
+            file=sys.stderr,
+            flush=True,
+        )
+        folder = workdir / "images"
+        with phase("images"):
+            paths = make_images(folder, args.n, size=args.source_size, seed=args.seed)
+        with phase("checkpoint"):
+            model = make_checkpoint(
+                workdir / "model.pt",
+                arch=args.arch,
+                image_size=args.image_size,
+                crop=args.crop,
+                seed=args.seed,
+            )
+            loaded = load_checkpoint(model.path, expected_sha256=model.sha256)
+            net = loaded.model.eval()
+        with phase("model-only"):
+            pool = predecode(paths, loaded.meta.preset)
+            best_bs = model_only_sweep(
+                report,
+                net,
+                pool,
+                n=args.n,
+                batch_sizes=args.batch_sizes,
+                device=device,
+                compile_too=args.compile,
+            )
+            del pool
+        with phase("model-only, other allocator (child)"):
+            other_allocator_row(
+                report,
+                workdir,
+                model.path,
+                paths,
+                n=args.n,
+                bs=best_bs,
+                device=device_name,
+                threads=args.threads,
+            )
+        with phase("notebook"):
+            run_notebook(
+                report,
+                net,
+                paths,
+                arch=args.arch,
+                image_size=args.image_size,
+                device=device,
+                workers=args.notebook_workers,
+            )
+        with phase("predictor"):
+            predictor = run_predictor(report, loaded, paths, device=device)
+        with phase("core.predict"):
+            run_predict_cli(report, model.path, folder, workdir, args.n, device=device_name)
+        if args.e2e:
+            with phase("e2e"):
+                run_e2e(report, args, workdir, folder, paths, model.path, model.sha256, device_name)
+        else:
+            report.skip(E2E, "not requested (pass --e2e; needs Redis, PostgreSQL, a worker)")
+
+    tuned = allocator_tuned()
+    report.ratio("predictor/model-only", PREDICTOR, CEILING, target=">= 0.8 (as e2e)")
+    report.ratio("core.predict/model-only", PREDICT_CLI, CEILING)
+    report.ratio("e2e/model-only", E2E, CEILING, target=">= 0.8")
+    report.ratio("e2e/notebook", E2E, NOTEBOOK, target=">= 3.5")
+    report.ratio("predictor/notebook", PREDICTOR, NOTEBOOK)
+    report.ratio("model-only settings (ceiling/default settings)", CEILING, DEFAULT_SETTINGS)
+    other = OTHER_ALLOCATOR.format(alloc="glibc default allocator" if tuned else "tuned allocator")
+    if tuned:
+        report.ratio("allocator (tuned/glibc default)", CEILING, other, target="2-3x on CPU")
+    else:
+        report.ratio("allocator (tuned/glibc default)", other, CEILING, target="2-3x on CPU")
+    e2e = report.row(E2E)
+    if e2e is not None:
+        # What the queue, the worker's task handling and SQL add on top of the same Predictor.
+        overhead = max(0.0, e2e.seconds - predictor.seconds) / e2e.seconds
+        report.add_ratio(
+            Ratio(
+                "queue+SQL overhead (share of e2e wall)",
+                overhead,
+                "<= 5% for a 5,000-image job",
+                percent=True,
+            )
+        )
+    else:
+        report.add_ratio(
+            Ratio(
+                "queue+SQL overhead (share of e2e wall)",
+                None,
+                "<= 5% for a 5,000-image job",
+                skipped="e2e not measured",
+            )
+        )
+    report.notes.append(
+        "in-process rows run under the "
+        + (
+            "tuned allocator (MALLOC_MMAP_MAX_=0, MALLOC_TRIM_THRESHOLD_=1 GiB), as mriq's "
+            "worker does"
+            if tuned
+            else "environment's allocator (--no-reexec)"
+        )
+        + "; the notebook row is therefore a conservative (faster) notebook"
+    )
+    if args.smoke:
+        report.notes.append("smoke run: tiny sizes, the numbers mean nothing")
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(raw)
+    if args.child_model_only is not None:
+        return child_model_only(args.child_model_only)
+    if not args.no_reexec:
+        reexec_with_allocator("bench.inference", raw)
+    report = run(args)
+    report.finish(args.json_out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

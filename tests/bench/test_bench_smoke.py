@@ -1,0 +1,97 @@
+"""Smoke runs of the benchmark scripts: they must keep working, their numbers are not checked.
+
+Each script runs once with ``--smoke`` (resnet18 at 64 px, a handful of images, one torch
+thread) as a real subprocess, exactly as a person would start it; the test checks the exit
+status, that the results table has its ratio lines and that ``--json-out`` wrote valid JSON.
+The end-to-end (Redis + worker + PostgreSQL) part of ``bench.inference`` is never run here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+#: Generous per script; all three together take well under a minute on a quiet 2-core box.
+TIMEOUT_S = 300
+
+
+def _run(module: str, tmp_path: Path, *extra: str) -> tuple[str, dict[str, object]]:
+    out = tmp_path / f"{module}.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MRIQ_")}
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            module,
+            "--smoke",
+            "--json-out",
+            str(out),
+            "--workdir",
+            str(tmp_path / "work"),
+            *extra,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert proc.returncode == 0, f"{module} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+    data = json.loads(out.read_text())
+    assert isinstance(data, dict) and data["ratios"], data
+    return proc.stdout, data
+
+
+def _ratio_lines(stdout: str) -> dict[str, str]:
+    """``ratio NAME: VALUE`` lines of the table, keyed by NAME."""
+    lines: dict[str, str] = {}
+    for line in stdout.splitlines():
+        if line.startswith("ratio ") and ": " in line:
+            name, value = line[len("ratio ") :].split(": ", 1)
+            lines[name] = value
+    return lines
+
+
+@pytest.mark.slow
+def test_inference_smoke(tmp_path: Path) -> None:
+    stdout, data = _run("bench.inference", tmp_path)
+    ratios = _ratio_lines(stdout)
+    for name in (
+        "predictor/model-only",
+        "core.predict/model-only",
+        "predictor/notebook",
+        "allocator (tuned/glibc default)",
+    ):
+        assert name in ratios and ratios[name].endswith(("x", ")")), (name, stdout)
+        assert not ratios[name].startswith("skipped"), (name, ratios[name])
+    # e2e is not part of a smoke run, but its ratios are always reported (as skipped).
+    assert ratios["e2e/model-only"].startswith("skipped")
+    assert ratios["e2e/notebook"].startswith("skipped")
+    names = {row["name"] for row in data["rows"]}  # type: ignore[attr-defined]
+    assert {"model-only ceiling", "core Predictor (in-process, bs 32)"} <= names
+
+
+@pytest.mark.slow
+@pytest.mark.services
+def test_sql_insert_smoke(tmp_path: Path) -> None:
+    stdout, _ = _run("bench.sql_insert", tmp_path)
+    ratios = _ratio_lines(stdout)
+    inserts = [v for k, v in ratios.items() if k.startswith("record_predictions/executemany")]
+    assert inserts and not any(v.startswith("skipped") for v in inserts), stdout
+    submits = [v for k, v in ratios.items() if k.startswith("submit ")]
+    assert submits and not any(v.startswith("skipped") for v in submits), stdout
+
+
+@pytest.mark.slow
+def test_training_smoke(tmp_path: Path) -> None:
+    stdout, _ = _run("bench.training", tmp_path)
+    ratios = _ratio_lines(stdout)
+    assert "mriq epoch time / plain loop epoch time" in ratios, stdout
+    assert ratios["mriq epoch time / plain loop epoch time"].endswith("(target <= 1.1)")
