@@ -1,0 +1,293 @@
+"""Producer side of the scheduler <-> worker boundary.
+
+The scheduler sends tasks **by name** through a Celery app that has no task code registered,
+so this module imports neither torch nor ``worker``/``core``. The worker builds its consuming
+app from the same :func:`make_celery`, which keeps routing, acknowledgement and broker
+options identical on both sides.
+
+Embedded broker (``broker_url`` unset or ``filesystem://``): kombu's filesystem transport
+stores each message as one file under ``<data_dir>/broker/queue`` (producers and consumers
+use the same folder for ``data_folder_in`` and ``data_folder_out``) and exchange tables under
+``<data_dir>/broker/control``. What kombu does with consumed files, and what we add:
+
+* A consumer claims a message by *moving* its file. With ``store_processed=False`` kombu moves
+  it into ``tempfile.gettempdir()`` and deletes it after reading. When ``/tmp`` is another
+  filesystem that move is copy + unlink, so two workers polling the same folder can both copy
+  the file into the same temp path and one can read the other's half-written copy. We
+  therefore set ``store_processed=True`` with ``processed_folder`` on the same filesystem
+  (``<data_dir>/broker/processed``): the claim is an atomic ``rename`` that exactly one
+  consumer wins, and :func:`clean_filesystem_broker` (run periodically by every worker)
+  deletes the claimed files once they are old enough to have been read.
+* Broadcasts (``celery inspect ping``, ``revoke``) fan out to every queue ever bound to the
+  ``celery.pidbox`` exchange, including those of workers that died, and replies can arrive
+  after the requester gave up. Those files would pile up forever; the same clean-up deletes
+  control/reply/event message files after a grace period. Task queue files (``gpu``, ``cpu``)
+  are never deleted: they are the durable job backlog.
+* The filesystem transport deletes a message when it is *received*, not when it is acked, so
+  ``task_acks_late`` only protects against a warm shutdown (unacked messages are restored
+  then). A worker killed with SIGKILL loses its in-flight task; the tasks are idempotent, so
+  re-dispatching the job's pending work (``Dispatcher.train``/``classify_chunks`` again) is
+  always safe. With Redis, unacked tasks come back after ``visibility_timeout``.
+* Message files are named ``<monotonic ms>_<uuid>.<queue>.msg`` and consumed in name order,
+  so the queue is FIFO only to the millisecond (chunks sent together run in any order).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from celery import Celery
+
+if TYPE_CHECKING:
+    from scheduler.settings import Settings
+
+log = logging.getLogger(__name__)
+
+TRAIN_TASK = "mriq.train"
+EVALUATE_TASK = "mriq.evaluate"
+CLASSIFY_CHUNK_TASK = "mriq.classify_chunk"
+RETRAIN_TASK = "mriq.retrain"
+#: Re-derives a classify job's final status from its chunks (repair after lost messages).
+FINALIZE_TASK = "mriq.finalize"
+#: Periodic clean-up of the embedded broker's folders (consumed on every worker's own queues).
+BROKER_JANITOR_TASK = "mriq.broker_janitor"
+
+GPU_QUEUE = "gpu"
+CPU_QUEUE = "cpu"
+TASK_QUEUES: tuple[str, ...] = (GPU_QUEUE, CPU_QUEUE)
+
+#: Stamp carried by every task message so ``revoke(job_id)`` can target all of a job's tasks
+#: (chunks included) without knowing their ids.
+JOB_STAMP = "mriq_job"
+
+FILESYSTEM_SCHEME = "filesystem://"
+#: The worker polls the filesystem broker this often; lower means snappier ``inspect ping`` and
+#: task pick-up at the price of a ``listdir`` per queue per poll (cheap for our queue sizes).
+FILESYSTEM_POLLING_INTERVAL_S = 0.2
+
+
+def _broker_dir(settings: Settings) -> Path:
+    return Path(settings.data_dir).expanduser().resolve() / "broker"
+
+
+def uses_filesystem_broker(settings: Settings) -> bool:
+    url = settings.broker_url
+    return url is None or str(url).startswith(FILESYSTEM_SCHEME)
+
+
+def filesystem_broker_folders(settings: Settings) -> dict[str, Path]:
+    """The embedded broker's folders (queue, processed, control), created if missing."""
+    root = _broker_dir(settings)
+    folders = {
+        "queue": root / "queue",
+        "processed": root / "processed",
+        "control": root / "control",
+    }
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
+    return folders
+
+
+def _transport_options(settings: Settings) -> dict[str, Any]:
+    if uses_filesystem_broker(settings):
+        folders = filesystem_broker_folders(settings)
+        queue = str(folders["queue"])
+        return {
+            "data_folder_in": queue,
+            "data_folder_out": queue,
+            "store_processed": True,  # see the module docstring: atomic same-FS claim
+            "processed_folder": str(folders["processed"]),
+            "control_folder": str(folders["control"]),
+            "polling_interval": FILESYSTEM_POLLING_INTERVAL_S,
+        }
+    # Redis (and SQS-like) brokers redeliver an unacked message after this many seconds; it
+    # must exceed the longest task (training) or the job runs twice concurrently.
+    return {"visibility_timeout": int(settings.visibility_timeout)}
+
+
+def make_celery(settings: Settings, *, main: str = "mriq") -> Celery:
+    """A Celery app configured for mriq's queues, with no task code registered."""
+    broker = settings.broker_url if not uses_filesystem_broker(settings) else FILESYSTEM_SCHEME
+    app = Celery(main, broker=broker, backend=None, set_as_current=False)
+    app.conf.update(
+        broker_transport_options=_transport_options(settings),
+        broker_connection_retry_on_startup=True,
+        task_routes={
+            TRAIN_TASK: {"queue": GPU_QUEUE},
+            EVALUATE_TASK: {"queue": GPU_QUEUE},
+            CLASSIFY_CHUNK_TASK: {"queue": GPU_QUEUE},
+            RETRAIN_TASK: {"queue": CPU_QUEUE},
+            FINALIZE_TASK: {"queue": CPU_QUEUE},
+            BROKER_JANITOR_TASK: {"queue": CPU_QUEUE},
+        },
+        task_default_queue=CPU_QUEUE,
+        task_create_missing_queues=True,
+        # A task is acked only after it returns, so a worker lost mid-task leaves it queued;
+        # our tasks are idempotent, so running one twice is safe, losing one is not.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # One message per worker process: tasks are long (minutes to hours) and a prefetched
+        # message would wait behind the running one instead of going to an idle worker.
+        worker_prefetch_multiplier=1,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        # Results live in SQL (scheduler.repository); Celery's result store would only leak.
+        result_backend=None,
+        task_ignore_result=True,
+        task_track_started=False,
+        enable_utc=True,
+        timezone="UTC",
+        worker_hijack_root_logger=False,
+        # Long tasks: do not let a heartbeat-less broker connection cancel them.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+    )
+    return app
+
+
+def _task_id(kind: str, job_id: int, chunk_index: int | None = None) -> str:
+    # Readable ids ("mriq-classify-12-3-<ns>") make a job's tasks easy to find in Flower. The
+    # time suffix keeps a deliberate re-dispatch from colliding with an earlier revoked id;
+    # idempotency comes from the tasks, not from the ids.
+    suffix = "" if chunk_index is None else f"-{chunk_index}"
+    return f"mriq-{kind}-{job_id}{suffix}-{time.time_ns():x}"
+
+
+class Dispatcher:
+    """Sends mriq tasks by name; one per process is enough (it pools broker connections)."""
+
+    def __init__(self, settings: Settings, *, app: Celery | None = None) -> None:
+        self.settings = settings
+        self.app = app if app is not None else make_celery(settings)
+
+    def _send(self, name: str, args: list[Any], job_id: int, task_id: str) -> str:
+        self.app.send_task(
+            name,
+            args=args,
+            task_id=task_id,
+            stamped_headers=[JOB_STAMP],
+            **{JOB_STAMP: str(job_id)},
+        )
+        return task_id
+
+    def train(self, job_id: int) -> str:
+        return self._send(TRAIN_TASK, [job_id], job_id, _task_id("train", job_id))
+
+    def evaluate(self, job_id: int) -> str:
+        return self._send(EVALUATE_TASK, [job_id], job_id, _task_id("evaluate", job_id))
+
+    def classify_chunks(self, job_id: int, chunk_indices: Iterable[int]) -> list[str]:
+        """One task per chunk; all sent over one pooled connection."""
+        ids: list[str] = []
+        with self.app.producer_or_acquire() as producer:
+            for index in chunk_indices:
+                task_id = _task_id("classify", job_id, int(index))
+                self.app.send_task(
+                    CLASSIFY_CHUNK_TASK,
+                    args=[job_id, int(index)],
+                    task_id=task_id,
+                    producer=producer,
+                    stamped_headers=[JOB_STAMP],
+                    **{JOB_STAMP: str(job_id)},
+                )
+                ids.append(task_id)
+        return ids
+
+    def finalize(self, job_id: int) -> str:
+        return self._send(FINALIZE_TASK, [job_id], job_id, _task_id("finalize", job_id))
+
+    def retrain(self) -> str:
+        """Trigger the periodic retraining task now (what beat sends on its schedule)."""
+        task_id = f"mriq-retrain-{time.time_ns():x}"
+        self.app.send_task(RETRAIN_TASK, args=[], task_id=task_id)
+        return task_id
+
+    def revoke(self, job_id: int) -> bool:
+        """Best effort: tell live workers to drop the job's queued tasks.
+
+        Cancellation proper goes through the database (``request_cancel``); tasks check it
+        between batches/epochs. This only saves workers from picking up doomed messages.
+        Returns False when the broadcast could not be sent.
+        """
+        try:
+            self.app.control.revoke_by_stamped_headers({JOB_STAMP: [str(job_id)]})
+        except Exception as exc:  # broker down: cancellation still works through SQL
+            log.warning("revoke of job %s not broadcast: %s", job_id, exc)
+            return False
+        return True
+
+    def workers_alive(self, timeout: float = 1.0) -> bool:
+        """True when at least one worker answers ``celery inspect ping`` within ``timeout``.
+
+        Returns as soon as the first reply arrives. On the filesystem broker a worker polls
+        every 0.2 s, so a 1 s timeout is enough for an idle worker; a worker busy in a task
+        under the solo pool answers only between tasks (use a longer timeout, or check the
+        jobs' progress, before concluding that no worker runs).
+        """
+        return bool(self.ping(timeout=timeout, limit=1))
+
+    def ping(self, timeout: float = 1.0, *, limit: int | None = None) -> dict[str, Any]:
+        """Replies of ``inspect ping`` keyed by worker hostname (empty when none answered);
+        ``limit`` stops waiting after that many replies."""
+        try:
+            replies = self.app.control.inspect(timeout=timeout, limit=limit).ping()
+        except Exception as exc:  # an unreachable broker means no reachable worker
+            log.debug("ping failed: %s", exc)
+            return {}
+        return dict(replies or {})
+
+    def close(self) -> None:
+        self.app.close()
+
+
+def clean_filesystem_broker(
+    settings: Settings,
+    *,
+    processed_age_s: float = 60.0,
+    stale_age_s: float = 600.0,
+    now: float | None = None,
+) -> int:
+    """Delete the embedded broker's consumed and stale message files; returns the count.
+
+    * ``processed/``: claimed messages. The age is the file's ctime, which the claiming
+      ``rename`` refreshes, so a consumer has had ``processed_age_s`` to read it.
+    * ``queue/``: messages for non-task queues (pidbox broadcasts to dead workers, late
+      replies, events for a Flower that went away) older than ``stale_age_s``.
+    Messages on the task queues are never deleted. No-op for other brokers.
+    """
+    if not uses_filesystem_broker(settings):
+        return 0
+    folders = filesystem_broker_folders(settings)
+    now = time.time() if now is None else now
+    removed = 0
+    task_suffixes = tuple(f".{q}.msg" for q in TASK_QUEUES)
+    for folder, max_age, keep in (
+        (folders["processed"], processed_age_s, ()),
+        (folders["queue"], stale_age_s, task_suffixes),
+    ):
+        try:
+            entries = list(os.scandir(folder))
+        except FileNotFoundError:
+            continue
+        for entry in entries:
+            name = entry.name
+            if not name.endswith(".msg"):
+                continue
+            # Filenames are "<ms>_<uuid>.<queue>.msg"; the queue is after the first dot.
+            if keep and ("." + name.partition(".")[2]) in keep:
+                continue
+            try:
+                if now - entry.stat().st_ctime < max_age:
+                    continue
+                os.remove(entry.path)
+                removed += 1
+            except FileNotFoundError:
+                continue  # another worker's janitor got there first
+    return removed

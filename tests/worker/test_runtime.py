@@ -1,0 +1,100 @@
+"""worker.runtime (model cache, DB retries, threads), worker.beat and the CLI arguments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from celery.schedules import crontab
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
+
+from scheduler.dispatch import CPU_QUEUE, RETRAIN_TASK
+from tests.worker.conftest import TinyModel, make_settings, migrated_factory
+from worker import runtime
+from worker.__main__ import parse_args
+from worker.beat import InvalidCronError, beat_schedule, parse_cron
+
+
+def test_model_cache_loads_once_and_verifies(tiny_model: TinyModel) -> None:
+    from core.checkpoint import ChecksumMismatchError
+
+    first = runtime.load_model(str(tiny_model.path), tiny_model.sha256, device="cpu")
+    second = runtime.load_model(str(tiny_model.path), tiny_model.sha256, device="cpu")
+    assert first is second
+    assert first.checkpoint.sha256 == tiny_model.sha256
+    assert not first.checkpoint.model.training
+    with pytest.raises(ChecksumMismatchError):
+        runtime.load_model(str(tiny_model.path), "f" * 64, device="cpu")
+
+
+def test_model_cache_is_bounded(tiny_model: TinyModel, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from core.checkpoint import load_checkpoint, save_checkpoint
+
+    base = load_checkpoint(tiny_model.path)
+    for i in range(runtime.MODEL_CACHE_SIZE + 1):
+        # Different metadata -> different bytes -> a different sha256 (the cache key).
+        path = tmp_path / f"m{i}.pt"
+        sha = save_checkpoint(path, model=base.model, meta=replace(base.meta, metrics={"i": i}))
+        runtime.load_model(str(path), sha, device="cpu")
+    assert runtime.cached_model_count() == runtime.MODEL_CACHE_SIZE
+
+
+def test_with_session_retries_connection_errors(tmp_path: Path, sqlite_url: str) -> None:
+    settings = make_settings(tmp_path, database_url=sqlite_url, broker_url=None)
+    migrated_factory(sqlite_url).kw["bind"].dispose()
+    calls: list[int] = []
+    sleeps: list[float] = []
+
+    def flaky(session: Session) -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            # What psycopg raises (wrapped) while PostgreSQL restarts.
+            raise OperationalError("SELECT 1", {}, Exception("server closed the connection"))
+        return "ok"
+
+    assert runtime.with_session(settings, flaky, sleep=sleeps.append) == "ok"
+    assert len(calls) == 3 and len(sleeps) == 2 and sleeps[1] > sleeps[0]
+
+    def broken(session: Session) -> None:
+        raise ValueError("not a connection problem")
+
+    with pytest.raises(ValueError):
+        runtime.with_session(settings, broken, sleep=sleeps.append)
+    assert len(sleeps) == 2  # no retry for other errors
+
+
+def test_threads_per_task() -> None:
+    cores = runtime.available_cores()
+    assert runtime.threads_per_task(1) == cores
+    assert runtime.threads_per_task(cores * 4) == 1
+
+
+def test_beat_schedule(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, database_url="sqlite://", broker_url=None)
+    assert beat_schedule(settings) == {}
+    on = settings.model_copy(update={"retrain_cron": "30 3 * * 0", "retrain_data_dir": tmp_path})
+    schedule = beat_schedule(on)
+    (entry,) = schedule.values()
+    assert entry["task"] == RETRAIN_TASK
+    assert entry["options"]["queue"] == CPU_QUEUE
+    assert entry["schedule"] == crontab(minute="30", hour="3", day_of_week="0")
+
+
+@pytest.mark.parametrize("expr", ["* * *", "61 * * * *", "x y z w v"])
+def test_parse_cron_rejects(expr: str) -> None:
+    with pytest.raises(InvalidCronError):
+        parse_cron(expr)
+
+
+def test_worker_arguments() -> None:
+    args = parse_args([])
+    assert (args.queues, args.pool, args.concurrency) == ("gpu,cpu", "threads", 1)
+    args = parse_args(["--queues", " cpu ,", "--pool", "prefork", "--concurrency", "2"])
+    assert (args.queues, args.pool, args.concurrency) == ("cpu", "prefork", 2)
+    with pytest.raises(SystemExit):
+        parse_args(["--pool", "solo", "--concurrency", "2"])
+    with pytest.raises(SystemExit):
+        parse_args(["--queues", ","])

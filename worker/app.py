@@ -1,0 +1,64 @@
+"""The consuming Celery app: :func:`scheduler.dispatch.make_celery` plus mriq's task code.
+
+``celery -A worker.app worker|flower|inspect ...`` needs a module-level ``app``; it is built on
+first attribute access (PEP 562 ``__getattr__``) from ``load_settings()``, so importing this
+module reads no environment. Tasks get their settings from ``app.conf.mriq_settings``, never
+from the environment, which lets tests and ``python -m worker`` pass explicit settings.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any
+
+from celery import Celery
+
+from scheduler.dispatch import make_celery
+
+if TYPE_CHECKING:
+    from scheduler.settings import Settings
+
+_lock = threading.Lock()
+_app: Celery | None = None
+
+
+def create_celery_app(settings: Settings) -> Celery:
+    """A worker-side app: routes/acks identical to the producer's, tasks registered."""
+    app = make_celery(settings, main="mriq")
+    app.conf.mriq_settings = settings
+    app.conf.include = ["worker.tasks"]
+    # The periodic retraining schedule (off unless settings.retrain_cron is set); only used
+    # when beat runs (``python -m worker --beat`` or ``celery -A worker.app beat``).
+    from worker.beat import beat_schedule
+
+    app.conf.beat_schedule = dict(beat_schedule(settings))
+    # Tasks are registered on *this* app (no shared_task), so several apps with different
+    # settings can coexist in one process (tests); the bootsteps set up threads/allocator
+    # state and, on the embedded broker, the janitor that deletes consumed message files.
+    from worker import runtime, tasks
+
+    tasks.register(app)
+    runtime.install_bootsteps(app)
+    return app
+
+
+def settings_of(app: Celery) -> Settings:
+    """The settings a worker app was built with."""
+    settings = getattr(app.conf, "mriq_settings", None)
+    if settings is None:
+        raise RuntimeError("Celery app has no mriq_settings; build it with create_celery_app()")
+    return settings  # type: ignore[no-any-return]
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: ``worker.app.app`` (what ``celery -A worker.app`` looks up) is created here
+    # on first use; reading settings at import time would break "no env reads at import".
+    global _app
+    if name in ("app", "celery"):
+        with _lock:
+            if _app is None:
+                from scheduler.settings import load_settings
+
+                _app = create_celery_app(load_settings())
+            return _app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,315 @@
+"""Per-process worker state: database sessions, the model cache, CPU threads, the janitor.
+
+Everything here is created lazily *per process id*: a prefork child must never reuse the
+parent's database connections (two processes on one socket corrupt the protocol) nor a torch
+thread pool created before the fork (OpenMP/MKL pools do not survive ``fork``; the child
+deadlocks or runs single-threaded). So the parent never runs a torch op: ``worker.tasks``
+imports ``core`` (and therefore torch) inside the task bodies only, and threads are set up in
+``worker_process_init`` (prefork children) or the worker's own start-up (solo/threads).
+
+Allocator: glibc returns freed memory above ``M_MMAP_THRESHOLD`` to the kernel with
+``munmap``/``madvise`` after every batch, and faulting it back in on the next batch costs 2-3x
+inference/training throughput on CPU. ``mallopt`` reads ``MALLOC_MMAP_MAX_`` and
+``MALLOC_TRIM_THRESHOLD_`` only when the process starts, so they cannot be set from here;
+``python -m worker`` therefore re-execs itself with them set when they are missing (see
+``worker/__main__.py``). A worker started some other way (``celery -A worker.app worker``)
+runs correctly, just slower on CPU; :func:`allocator_tuned` reports which case applies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from celery import Celery, bootsteps
+from celery.signals import worker_process_init
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from core.checkpoint import LoadedCheckpoint
+    from scheduler.settings import Settings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Environment ``python -m worker`` sets before re-exec'ing (see the module docstring).
+ALLOCATOR_ENV: dict[str, str] = {
+    # Never serve big allocations with mmap: they would be unmapped on free.
+    "MALLOC_MMAP_MAX_": "0",
+    # Keep up to 1 GiB of freed heap instead of trimming it back to the kernel per batch.
+    "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
+}
+
+#: DB writes are retried on connection errors (a PostgreSQL restart takes seconds): this many
+#: attempts with exponential backoff capped at DB_RETRY_MAX_DELAY_S (about a minute in all).
+DB_RETRY_ATTEMPTS = 8
+DB_RETRY_BASE_DELAY_S = 0.5
+DB_RETRY_MAX_DELAY_S = 15.0
+
+#: Checkpoints kept loaded per process; two lets a classify job on the new production model
+#: overlap with stragglers on the previous one without reloading on every chunk.
+MODEL_CACHE_SIZE = 2
+
+
+def allocator_tuned() -> bool:
+    return all(os.environ.get(k) == v for k, v in ALLOCATOR_ENV.items())
+
+
+# --------------------------------------------------------------------------------------
+# CPU threads
+# --------------------------------------------------------------------------------------
+
+_threads_pid: int | None = None
+_concurrency = 1
+
+
+def available_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def threads_per_task(concurrency: int) -> int:
+    """Cores split evenly between the tasks that can run at once (at least one each)."""
+    return max(1, available_cores() // max(1, concurrency))
+
+
+def configure_threads(concurrency: int | None = None) -> int:
+    """Set torch's intra-op threads for this process once; returns the count.
+
+    Called in the process that runs tasks (after any fork). Imports torch, so never call it
+    in a prefork parent.
+    """
+    global _threads_pid, _concurrency
+    if concurrency is not None:
+        _concurrency = max(1, concurrency)
+    n = threads_per_task(_concurrency)
+    if _threads_pid == os.getpid():
+        return n
+    import torch
+
+    torch.set_num_threads(n)
+    # Inter-op parallelism only helps graphs with independent branches; one thread avoids
+    # oversubscribing the cores the intra-op pool already uses. It can only be set before
+    # the first parallel op; later it raises, which is harmless.
+    with contextlib.suppress(RuntimeError):
+        torch.set_num_interop_threads(1)
+    _threads_pid = os.getpid()
+    log.info(
+        "torch threads: %d (cores %d, concurrency %d, allocator tuned: %s)",
+        n,
+        available_cores(),
+        _concurrency,
+        allocator_tuned(),
+    )
+    return n
+
+
+@worker_process_init.connect
+def _on_worker_process_init(**_: Any) -> None:
+    # A prefork child: forget anything inherited from the parent before the first task.
+    _reset_after_fork()
+    configure_threads()
+
+
+def _reset_after_fork() -> None:
+    global _threads_pid
+    _threads_pid = None
+    with _models_lock:
+        _models.clear()
+    # Engines are keyed by pid (see session_factory) so the parent's pool is simply not used;
+    # it is not disposed here because closing inherited sockets would close the parent's too.
+
+
+# --------------------------------------------------------------------------------------
+# Database sessions
+# --------------------------------------------------------------------------------------
+
+_db_lock = threading.Lock()
+_factories: dict[tuple[int, str], sessionmaker[Session]] = {}
+
+
+def database_url(settings: Settings) -> str:
+    """``settings.database_url``, or the SQLite default under data_dir when unset."""
+    resolved = getattr(settings, "resolved_database_url", None)
+    if resolved:
+        return str(resolved)
+    if settings.database_url:
+        return str(settings.database_url)
+    from pathlib import Path
+
+    return f"sqlite:///{Path(settings.data_dir).expanduser().resolve() / 'mriq.db'}"
+
+
+def session_factory(settings: Settings) -> sessionmaker[Session]:
+    """This process's session factory for ``settings.database_url`` (created on first use)."""
+    url = database_url(settings)
+    key = (os.getpid(), url)
+    factory = _factories.get(key)
+    if factory is not None:
+        return factory
+    with _db_lock:
+        factory = _factories.get(key)
+        if factory is None:
+            from scheduler.database import make_engine, make_session_factory
+
+            factory = make_session_factory(make_engine(url))
+            _factories[key] = factory
+    return factory
+
+
+def with_session(
+    settings: Settings,
+    fn: Callable[[Session], T],
+    *,
+    attempts: int = DB_RETRY_ATTEMPTS,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """Run ``fn`` in one transaction, re-running it on connection errors with backoff.
+
+    A PostgreSQL restart mid-job must not fail the job, so the whole transaction is retried
+    (``scheduler.database.retrying``: lost/refused connections, locked SQLite). ``fn`` must be
+    safe to run again: repository writes are idempotent by contract, and a commit whose
+    acknowledgement was lost may have happened. Return plain values (ids, tuples) where you
+    can; ORM objects come back detached.
+    """
+    from scheduler.database import retrying
+
+    factory = session_factory(settings)
+
+    def once() -> T:
+        with factory.begin() as session:
+            return fn(session)
+
+    return retrying(
+        once,
+        attempts=attempts,
+        base_delay=DB_RETRY_BASE_DELAY_S,
+        max_delay=DB_RETRY_MAX_DELAY_S,
+        sleep=sleep,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Model cache
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CachedModel:
+    sha256: str
+    checkpoint: LoadedCheckpoint
+    device: str
+
+
+_models_lock = threading.Lock()
+_models: OrderedDict[tuple[str, str], CachedModel] = OrderedDict()
+
+
+def load_model(path: str, sha256: str, *, device: str = "cpu") -> CachedModel:
+    """The checkpoint at ``path``, verified against ``sha256``, loaded once per process.
+
+    Keyed by sha256 (not path): a checkpoint overwritten in place is a different model and
+    fails verification instead of silently serving stale weights.
+    """
+    from core.inference import select_device
+
+    # "auto" -> the concrete device, so the cache key and load_checkpoint agree.
+    device = str(select_device(device))
+    key = (sha256, device)
+    with _models_lock:
+        cached = _models.get(key)
+        if cached is not None:
+            _models.move_to_end(key)
+            return cached
+    from pathlib import Path
+
+    from core.checkpoint import load_checkpoint
+
+    # Loaded outside the lock (seconds for big models); a rare double load under the threads
+    # pool only costs time.
+    ckpt = load_checkpoint(Path(path), expected_sha256=sha256, device=device)
+    ckpt.model.eval()
+    entry = CachedModel(sha256=sha256, checkpoint=ckpt, device=device)
+    with _models_lock:
+        _models[key] = entry
+        _models.move_to_end(key)
+        while len(_models) > MODEL_CACHE_SIZE:
+            _models.popitem(last=False)
+    return entry
+
+
+def cached_model_count() -> int:
+    with _models_lock:
+        return len(_models)
+
+
+# --------------------------------------------------------------------------------------
+# Worker bootsteps
+# --------------------------------------------------------------------------------------
+
+#: How often (seconds) a worker deletes consumed/stale files of the filesystem broker.
+JANITOR_INTERVAL_S = 30.0
+
+
+class _RuntimeStep(bootsteps.StartStopStep):
+    """Threads for solo/threads pools (tasks run in this process) and the broker janitor."""
+
+    requires = ("celery.worker.components:Pool",)
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        global _concurrency
+        super().__init__(worker, **kwargs)
+        # Set before the Pool step starts: prefork children inherit it at fork time and size
+        # their torch threads from it in worker_process_init.
+        _concurrency = max(1, int(getattr(worker, "concurrency", 1) or 1))
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, worker: Any) -> None:
+        pool_cls = getattr(worker, "pool_cls", None)
+        pool_name = getattr(pool_cls, "__module__", "") + "." + getattr(pool_cls, "__name__", "")
+        if "prefork" not in pool_name:
+            # Tasks run in this very process: configure threads now, before the first task.
+            configure_threads(_concurrency)
+        from scheduler.dispatch import uses_filesystem_broker
+
+        settings = worker.app.conf.mriq_settings
+        if uses_filesystem_broker(settings):
+            self._thread = threading.Thread(
+                target=self._janitor, args=(settings,), name="mriq-broker-janitor", daemon=True
+            )
+            self._thread.start()
+
+    def stop(self, worker: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _janitor(self, settings: Settings) -> None:
+        # kombu never deletes claimed (processed) files nor messages for dead pidbox/event
+        # queues; see scheduler.dispatch.clean_filesystem_broker.
+        from scheduler.dispatch import clean_filesystem_broker
+
+        while not self._stop.is_set():
+            try:
+                removed = clean_filesystem_broker(settings)
+                if removed:
+                    log.debug("broker janitor removed %d message files", removed)
+            except Exception:  # never let housekeeping kill the worker
+                log.exception("broker janitor failed")
+            self._stop.wait(JANITOR_INTERVAL_S)
+
+
+def install_bootsteps(app: Celery) -> None:
+    app.steps["worker"].add(_RuntimeStep)
