@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 # Spellings follow the public data set (Astrocitoma, Ependimoma, ... are Portuguese/Spanish
 # spellings); they are the names users see in their folders, so we keep them.
@@ -44,7 +44,7 @@ CLASSES_44: tuple[str, ...] = tuple(
 )
 
 
-class LabelMode(str, Enum):
+class LabelMode(StrEnum):
     """Which label space a model predicts."""
 
     CLASSES_15 = "15"
