@@ -7,8 +7,10 @@ Security and robustness rules:
 - When ``settings.api_token`` is set every route except ``/health`` and the docs needs
   ``Authorization: Bearer <token>`` (401 with ``WWW-Authenticate`` otherwise; compared in
   constant time).
-- Input paths are confined to ``settings.data_roots`` (403, nothing read or stored);
-  artifact downloads are confined to ``settings.data_dir``.
+- Input paths are confined to ``settings.data_roots`` (403, nothing read or stored; the
+  message names the submitted path, never what a symlink or glob resolved to outside);
+  artifact downloads are confined to the job and model folders under ``settings.data_dir``
+  (never the database or the broker's files).
 - Request bodies are bounded before they are parsed (413), as are classify inputs
   (``settings.max_paths_per_job``) and every string; ids are bounded to the column range.
   Bad input gives 4xx (404 unknown id, 422 malformed), never 500.
@@ -26,6 +28,7 @@ from pathlib import Path as FsPath
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -39,7 +42,7 @@ from scheduler.database import (
     make_engine,
     make_session_factory,
 )
-from scheduler.paths import PathOutsideRootsError, confine
+from scheduler.paths import InvalidPathError, PathOutsideRootsError, confine
 from scheduler.schema import JobKind, JobStatus, ModelStage
 
 if TYPE_CHECKING:
@@ -55,6 +58,13 @@ BODY_BYTES_PER_PATH = 1024
 BODY_BYTES_BASE = 64 * 1024
 MAX_PAGE = 1000
 CSV_FLUSH_BYTES = 64 * 1024
+
+
+def _printable(value: Any) -> Any:
+    """``value`` safe to put in a JSON response: ints stay, text loses lone surrogates."""
+    if isinstance(value, int):
+        return value
+    return str(value).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _clean_text(value: str) -> str:
@@ -250,8 +260,12 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 # --------------------------------------------------------------------------------------
 
 
-class _BodyTooLarge(Exception):
-    pass
+class _BodyTooLarge(HTTPException):
+    # An HTTPException, because FastAPI turns any other error raised while it reads the
+    # body into "400 error parsing the body"; this way a streamed (chunked) body over the
+    # limit gets its 413 from the app's own handler.
+    def __init__(self, limit: int) -> None:
+        super().__init__(status_code=413, detail=f"request body larger than {limit} bytes")
 
 
 ASGIApp = Callable[[MutableMapping[str, Any], Any, Any], Awaitable[None]]
@@ -290,7 +304,7 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
-                    raise _BodyTooLarge
+                    raise _BodyTooLarge(self.limit)
             return message
 
         async def tracking_send(message: Any) -> None:
@@ -378,13 +392,34 @@ def create_app(settings: Settings) -> FastAPI:
     def _json_error(status: int, exc: BaseException) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=status)
 
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(_r: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's default echoes each bad ``input`` back, and rendering that fails (a 500)
+        # for the very inputs being refused: NaN/Infinity (not JSON) and lone surrogates
+        # (not UTF-8). Location, message and type say what is wrong without the echo.
+        detail = [
+            {
+                "loc": [_printable(part) for part in error.get("loc", ())],
+                "msg": _printable(error.get("msg", "")),
+                "type": _printable(error.get("type", "")),
+            }
+            for error in exc.errors()
+        ]
+        return JSONResponse({"detail": detail}, status_code=422)
+
     @app.exception_handler(repository.NotFoundError)
     async def _not_found(_r: Request, exc: repository.NotFoundError) -> JSONResponse:
         return _json_error(404, exc)
 
     @app.exception_handler(PathOutsideRootsError)
     async def _outside(_r: Request, exc: PathOutsideRootsError) -> JSONResponse:
-        return _json_error(403, exc)
+        # Rebuilt without ``resolved``: where a symlink points outside the roots is itself
+        # information about the host the client must not get.
+        return _json_error(403, PathOutsideRootsError(exc.path, exc.roots))
+
+    @app.exception_handler(InvalidPathError)
+    async def _invalid_path(_r: Request, exc: InvalidPathError) -> JSONResponse:
+        return _json_error(422, exc)
 
     @app.exception_handler(submission.SubmissionError)
     async def _refused(_r: Request, exc: submission.SubmissionError) -> JSONResponse:
@@ -564,8 +599,18 @@ def create_app(settings: Settings) -> FastAPI:
         with sessions() as session:
             artifact = repository.get_artifact(session, artifact_id)
             raw_path = artifact.path
-        # A tampered or migrated row must not turn the API into a file server for the host.
-        path = confine(FsPath(raw_path), [FsPath(settings.data_dir)])
+        # A tampered or migrated row must not turn the API into a file server for the host,
+        # nor serve the SQLite database or broker messages that live in data_dir too.
+        try:
+            path = confine(FsPath(raw_path), [settings.jobs_dir, settings.models_dir])
+        except PathOutsideRootsError:
+            raise HTTPException(
+                status_code=403, detail=f"artifact {artifact_id}: outside the data folder"
+            ) from None
+        except InvalidPathError:
+            raise HTTPException(
+                status_code=404, detail=f"artifact {artifact_id}: not a valid file path"
+            ) from None
         if not path.is_file():
             raise HTTPException(status_code=404, detail=f"artifact {artifact_id}: file missing")
         return FileResponse(path, filename=path.name)

@@ -16,6 +16,7 @@ import contextlib
 import csv
 import getpass
 import json
+import logging
 import os
 import shutil
 import signal
@@ -205,9 +206,21 @@ def _root(ctx: typer.Context) -> None:
         settings = load_settings()
     except ValidationError as exc:
         raise CliError(f"invalid MRIQ_* settings: {exc}", code=2) from None
+    _configure_logging(settings.log_level)
     rt = Runtime(settings)
     ctx.obj = rt
     ctx.call_on_close(rt.close)
+
+
+def _configure_logging(level: str) -> None:
+    """Library logs (SQLAlchemy, Celery, ...) to stderr at MRIQ_LOG_LEVEL; stdout stays for
+    tables and JSON. Settings are never logged (secrets are SecretStr, URLs masked in repr)."""
+    root = logging.getLogger()
+    if not root.handlers:  # an embedding process (tests, uvicorn) configured its own
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    root.setLevel(level)
 
 
 # --------------------------------------------------------------------------------------
@@ -313,6 +326,16 @@ def embedded_worker(
     requeues an unfinished task) and killed if it does not exit in time.
     """
     if rt.dispatcher.workers_alive(timeout=1.0):
+        yield None
+        return
+    if not rt.settings.is_embedded_broker:
+        # A shared broker has workers of its own (a busy one may not answer a ping in
+        # time); a client must not start one that would consume the deployment's queues.
+        if not quiet:
+            _stderr().print(
+                "[yellow]note:[/] no worker answered a ping; the job runs when one is free",
+                highlight=False,
+            )
         yield None
         return
     log_dir = Path(rt.settings.data_dir).expanduser() / "logs"
@@ -895,7 +918,8 @@ def worker(
     queues: str = typer.Option("gpu,cpu", help="Comma-separated queues to consume."),
     concurrency: int = typer.Option(1, min=1, max=64, help="Tasks run at once."),
     pool: str | None = typer.Option(
-        None, help="solo, threads or prefork (default: solo, threads when concurrency > 1)."
+        None, help="solo, threads or prefork (default: threads, which keeps answering "
+        "ping, revoke and Flower while a long task runs)."
     ),
     hostname: str | None = typer.Option(
         None, help="Worker node name, e.g. gpu@%h (default: mriq-<pid>@<host>)."
@@ -908,8 +932,10 @@ def worker(
     if not names:
         raise CliError("--queues: give at least one queue (gpu, cpu)", code=2)
     if pool is None:
-        # solo runs one task at a time; threads share one model cache between tasks.
-        pool = "solo" if concurrency == 1 else "threads"
+        # threads, as `python -m worker` defaults to: with solo the task runs on the
+        # consumer's thread, so a busy worker misses pings (and `--wait` clients, Flower and
+        # revokes see no worker) until the task returns.
+        pool = "threads"
     if pool not in ("solo", "threads", "prefork"):
         raise CliError(f"--pool: {pool!r} is not one of solo, threads, prefork", code=2)
     if pool == "solo" and concurrency != 1:

@@ -42,6 +42,9 @@ class Settings(BaseSettings):
         env_file=None,
         extra="ignore",
         validate_default=True,
+        # Validation errors would otherwise echo the raw inputs, the API token and the
+        # Flower password included, into CLI output and logs.
+        hide_input_in_errors=True,
     )
 
     data_dir: Path = Field(

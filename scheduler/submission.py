@@ -13,6 +13,7 @@ import glob
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import IO, Any, Protocol
 from sqlalchemy.orm import Session
 
 from scheduler import repository
-from scheduler.paths import PathOutsideRootsError, confine
+from scheduler.paths import InvalidPathError, PathOutsideRootsError, confine, is_inside
 from scheduler.schema import JobKind, JobStatus
 
 __all__ = [
@@ -39,7 +40,10 @@ __all__ = [
     "cancel_job",
     "data_roots",
     "expand_inputs",
+    "filesystem_path",
     "prediction_csv_row",
+    "storable_path",
+    "storable_text",
     "submit_classify",
     "submit_evaluate",
     "submit_train",
@@ -135,7 +139,9 @@ def data_roots(settings: Any) -> list[Path]:
 
 
 def _check_text(value: str, what: str) -> str:
-    # NUL bytes crash os calls and PostgreSQL text; lone surrogates cannot be stored as UTF-8.
+    # NUL bytes crash os calls and PostgreSQL text. Surrogates U+DC80..U+DCFF are how Python
+    # spells the bytes of a non-UTF-8 file name (surrogateescape): they name a real file and
+    # are stored escaped (storable_path); any other lone surrogate is not a path.
     if not value or not value.strip():
         raise InvalidInputError(f"{what}: empty path")
     if "\x00" in value:
@@ -143,10 +149,65 @@ def _check_text(value: str, what: str) -> str:
     if len(value) > MAX_PATH_CHARS:
         raise InvalidInputError(f"{value[:80]}...: path longer than {MAX_PATH_CHARS} characters")
     try:
-        value.encode("utf-8")
+        value.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:
         raise InvalidInputError(f"{value!r}: path is not valid UTF-8") from None
     return value
+
+
+# --------------------------------------------------------------------------------------
+# Non-UTF-8 file names
+# --------------------------------------------------------------------------------------
+
+# An escape is a backslash, "x" and two hex digits; storable_path writes lower-case ones.
+_ESCAPE = re.compile(r"\\x([0-9a-f]{2})")
+
+
+def storable_path(path: str) -> str:
+    """``path`` as valid UTF-8 text for the database, reversible with :func:`filesystem_path`.
+
+    File names are bytes on POSIX; Python hands non-UTF-8 ones over with surrogates, which
+    neither PostgreSQL nor SQLite accept. Undecodable bytes become ``\\xNN`` (what
+    ``bytes.decode("utf-8", "backslashreplace")`` shows), and a literal backslash followed by
+    ``x`` becomes ``\\x5cx`` so the mapping stays one-to-one. UTF-8 paths without that
+    sequence (all normal ones) are returned unchanged.
+    """
+    if "\\x" not in path:
+        try:
+            path.encode("utf-8")
+            return path
+        except UnicodeEncodeError:
+            pass
+    raw = os.fsencode(path).replace(b"\\x", b"\\x5cx")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def filesystem_path(stored: str) -> str:
+    """The file-system path (surrogate-escaped str) that :func:`storable_path` stored."""
+    if "\\x" not in stored:
+        return stored
+    # Byte n >= 0x80 is surrogate U+DC00+n under surrogateescape; 0x5c is the backslash.
+    text = _ESCAPE.sub(lambda m: chr(_escaped_code(int(m.group(1), 16))), stored)
+    return os.fsdecode(text.encode("utf-8", "surrogateescape"))
+
+
+def _escaped_code(byte: int) -> int:
+    return 0xDC00 + byte if byte >= 0x80 else byte
+
+
+def storable_text(text: str) -> str:
+    """Free text (an error message naming a non-UTF-8 file) made valid UTF-8 for storage:
+    undecodable bytes shown as ``\\xNN``, like the paths next to it."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate outside the surrogateescape range
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def _is_image(name: str) -> bool:
@@ -164,7 +225,24 @@ def _walk_images(folder: Path, roots: Sequence[Path]) -> Iterator[Path]:
         dirnames.sort()
         for name in sorted(filenames):
             if _is_image(name):
-                yield confine(Path(dirpath) / name, roots)
+                yield _confine_item(Path(dirpath) / name, roots)
+
+
+def _confine_item(path: Path, roots: Sequence[Path]) -> Path:
+    """``confine`` for one input file, except that a symlink loop inside the roots is kept
+    (as its absolute path): opening it can only fail with ELOOP, so the job answers it with
+    an error row instead of refusing every other input."""
+    try:
+        return confine(path, roots)
+    except PathOutsideRootsError:
+        raise
+    except InvalidPathError as exc:
+        if not isinstance(exc.__cause__, RuntimeError):
+            raise
+        lexical = Path(os.path.abspath(path))
+        if is_inside(lexical, roots) and is_inside(Path(os.path.realpath(lexical)), roots):
+            return lexical
+        raise PathOutsideRootsError(path, roots) from None
 
 
 def _glob_base(pattern: str) -> str:
@@ -183,18 +261,24 @@ def _expand_one(raw: str, roots: Sequence[Path], *, base: Path | None) -> Iterat
     if base is not None and not candidate.is_absolute():
         candidate = base / candidate
     if _GLOB_CHARS & set(text):
-        # Confine the literal prefix before listing anything: nothing outside the roots is
-        # ever enumerated, so a refused request learns nothing about the file system.
-        confine(Path(_glob_base(str(candidate))), roots)
-        matches = sorted(glob.iglob(str(candidate), recursive=True))
-        for match in matches:
-            path = Path(match)
-            if path.is_dir():
-                yield from _walk_images(confine(path, roots), roots)
-            elif _is_image(match):
-                yield confine(path, roots)
+        # Confine the literal prefix before listing anything, after folding ".." segments
+        # (``root/**/../../etc/*`` would otherwise list /etc from a prefix inside the root).
+        # A match outside the roots (through a symlinked folder) refuses the job naming the
+        # pattern only, so a refusal reveals no file name from outside.
+        pattern = os.path.normpath(str(candidate))
+        confine(Path(_glob_base(pattern)), roots)
+        matches = sorted(glob.iglob(pattern, recursive=True))
+        try:
+            for match in matches:
+                path = Path(match)
+                if path.is_dir():
+                    yield from _walk_images(confine(path, roots), roots)
+                elif _is_image(match):
+                    yield _confine_item(path, roots)
+        except PathOutsideRootsError:
+            raise PathOutsideRootsError(text, roots) from None
         return
-    path = confine(candidate, roots)
+    path = _confine_item(candidate, roots)
     if path.is_dir():
         yield from _walk_images(path, roots)
     else:
@@ -205,7 +289,9 @@ def _expand_one(raw: str, roots: Sequence[Path], *, base: Path | None) -> Iterat
 
 def _read_list(list_path: Path) -> Iterator[str]:
     try:
-        with list_path.open(encoding="utf-8") as fh:
+        # surrogateescape, like core.inference: a line naming a non-UTF-8 file (Latin-1
+        # exports) is that file, not a reason to refuse the whole list.
+        with list_path.open(encoding="utf-8", errors="surrogateescape") as fh:
             for line in fh:
                 stripped = line.strip()
                 if stripped and not stripped.startswith("#"):
@@ -214,8 +300,6 @@ def _read_list(list_path: Path) -> Iterator[str]:
         raise InvalidInputError(f"{list_path}: list file not found") from None
     except IsADirectoryError:
         raise InvalidInputError(f"{list_path}: list file is a directory") from None
-    except UnicodeDecodeError:
-        raise InvalidInputError(f"{list_path}: list file is not UTF-8 text") from None
     except OSError as exc:
         raise InvalidInputError(f"{list_path}: cannot read list file ({exc.strerror})") from None
 
@@ -262,8 +346,8 @@ def _spool_inputs(inputs: Iterable[str], settings: Any) -> tuple[IO[str], int]:
             count += 1
             if count > limit:
                 raise TooManyInputsError(limit)
-            # JSON per line survives newlines inside file names.
-            spool.write(json.dumps(path))
+            # JSON per line survives newlines inside file names; the stored form is UTF-8.
+            spool.write(json.dumps(storable_path(path)))
             spool.write("\n")
         if count == 0:
             raise NoInputsError("no input files: the inputs matched no image file")
