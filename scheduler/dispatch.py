@@ -34,6 +34,7 @@ use the same folder for ``data_folder_in`` and ``data_folder_out``) and exchange
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -242,6 +243,27 @@ class Dispatcher:
             log.debug("ping failed: %s", exc)
             return {}
         return dict(replies or {})
+
+    def queue_size(self, queue: str) -> int | None:
+        """Messages waiting in ``queue`` (not counting ones a worker holds unacked); 0 for a
+        queue that does not exist yet; None when the broker cannot be asked. The worker's
+        recovery sweep re-sends pending work only into an empty queue (worker/recovery.py)."""
+        from kombu.exceptions import ChannelError
+
+        try:
+            with self.app.connection_for_write() as conn:
+                channel = conn.channel()
+                try:
+                    _, count, _ = channel.queue_declare(queue=queue, passive=True)
+                except ChannelError:  # never declared (or Redis dropped the empty list)
+                    return 0
+                finally:
+                    with contextlib.suppress(Exception):
+                        channel.close()
+                return int(count)
+        except Exception as exc:
+            log.debug("queue size of %s unknown: %s", queue, exc)
+            return None
 
     def close(self) -> None:
         self.app.close()

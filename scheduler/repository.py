@@ -78,6 +78,7 @@ __all__ = [
     "list_epoch_metrics",
     "list_jobs",
     "list_model_versions",
+    "list_open_jobs",
     "list_predictions",
     "mark_job_running",
     "pending_chunk_indices",
@@ -87,9 +88,12 @@ __all__ = [
     "record_evaluation",
     "record_predictions",
     "register_model_version",
+    "release_chunk",
     "request_cancel",
     "rollback_production",
     "set_progress",
+    "take_stale_chunks",
+    "touch_chunk",
 ]
 
 #: Rows per INSERT batch for job items; bounds memory however many paths a job has.
@@ -441,6 +445,81 @@ def chunk_status_counts(session: Session, job_id: int) -> dict[ChunkStatus, int]
     for status, n in rows:
         counts[ChunkStatus(status)] = int(n)
     return counts
+
+
+def list_open_jobs(session: Session) -> list[Job]:
+    """Jobs that are queued or running, oldest first (what the worker recovery sweeps)."""
+    return list(
+        session.scalars(
+            select(Job)
+            .where(Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
+            .order_by(Job.id)
+        )
+    )
+
+
+# Liveness of chunks (see worker/recovery.py): ``updated_at`` of a running chunk is its
+# heartbeat, that of a pending chunk the time it was (re)sent or may next be retried.
+
+
+def touch_chunk(session: Session, job_id: int, chunk_index: int) -> bool:
+    """Heartbeat of a running chunk: refresh ``updated_at``; False if it is not running."""
+    result = session.execute(
+        update(JobChunk)
+        .where(
+            JobChunk.job_id == job_id,
+            JobChunk.chunk_index == chunk_index,
+            JobChunk.status == ChunkStatus.RUNNING,
+        )
+        .values(updated_at=utcnow()),
+        execution_options={"synchronize_session": False},
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def take_stale_chunks(
+    session: Session, job_id: int, *, statuses: Sequence[ChunkStatus], before: datetime
+) -> list[int]:
+    """Indices of the job's chunks in ``statuses`` whose ``updated_at`` is older than
+    ``before``; in the same statement they become ``pending`` stamped with the current time
+    (the caller is about to send them again: a stale running chunk has no live claimant, it
+    is waiting for a message like any pending one, and must not be re-sent again while that
+    message waits behind a backlog).
+
+    A compare-and-set: of several callers racing for a stale chunk exactly one gets it
+    (PostgreSQL re-checks the WHERE clause after a concurrent update commits; SQLite has one
+    writer), so a recovery sweep re-sends each chunk once per stale period.
+    """
+    if not statuses:
+        return []
+    rows = session.execute(
+        update(JobChunk)
+        .where(
+            JobChunk.job_id == job_id,
+            JobChunk.status.in_(list(statuses)),
+            JobChunk.updated_at < before,
+        )
+        .values(status=ChunkStatus.PENDING, updated_at=utcnow())
+        .returning(JobChunk.chunk_index),
+        execution_options={"synchronize_session": False},
+    )
+    return sorted(int(index) for (index,) in rows)
+
+
+def release_chunk(session: Session, job_id: int, chunk_index: int, *, not_before: datetime) -> None:
+    """A running chunk goes back to ``pending`` because a retry was scheduled for
+    ``not_before`` (its ``updated_at``), so no recovery sweep re-sends it during the backoff.
+    Chunks in any other status are left alone."""
+    session.execute(
+        update(JobChunk)
+        .where(
+            JobChunk.job_id == job_id,
+            JobChunk.chunk_index == chunk_index,
+            JobChunk.status == ChunkStatus.RUNNING,
+        )
+        .values(status=ChunkStatus.PENDING, updated_at=not_before),
+        execution_options={"synchronize_session": False},
+    )
 
 
 def _unrecorded_items(session: Session, chunk: JobChunk) -> list[tuple[int, str]]:

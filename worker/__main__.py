@@ -3,6 +3,7 @@
     python -m worker [--queues gpu,cpu] [--concurrency N] [--pool threads|solo|prefork]
                      [--loglevel INFO] [--hostname NAME] [--beat]
                      [--data-dir DIR] [--database-url URL] [--broker-url URL]
+                     [--heartbeat-interval S] [--stale-after S] [--recovery-interval S]
 
 Settings come from ``scheduler.settings.load_settings()`` (``MRIQ_*`` environment), with the
 ``--data-dir/--database-url/--broker-url`` flags as overrides, so ``mriq worker`` can spawn
@@ -13,6 +14,10 @@ thread keeps consuming control messages, so ``inspect ping`` (``Dispatcher.worke
 revokes and Flower keep working during an hours-long training; with ``solo`` the task runs
 on the consumer's thread and the worker is deaf until it returns. Prefetch is 1 per
 concurrency slot either way, so an idle worker is never starved by a busy one.
+
+Recovery: every worker sweeps for chunks/jobs whose worker died (heartbeat older than
+``--stale-after``) at start-up and every ``--recovery-interval`` seconds and re-sends them;
+see ``worker/recovery.py``.
 
 Before anything else the process re-execs itself once with glibc's allocator tuned
 (``MALLOC_MMAP_MAX_``/``MALLOC_TRIM_THRESHOLD_``, read only at process start; see
@@ -66,7 +71,32 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--no-reexec", action="store_true", help="do not re-exec with the allocator tuned"
     )
+    from worker.recovery import DEFAULT_RECOVERY
+
+    parser.add_argument(
+        "--heartbeat-interval",
+        type=float,
+        default=DEFAULT_RECOVERY.heartbeat_s,
+        help="seconds between liveness stamps of a running task (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--stale-after",
+        type=float,
+        default=DEFAULT_RECOVERY.stale_after_s,
+        help="a running chunk/job without a heartbeat for this long is re-sent "
+        "(default: %(default)s; see worker/recovery.py)",
+    )
+    parser.add_argument(
+        "--recovery-interval",
+        type=float,
+        default=DEFAULT_RECOVERY.interval_s,
+        help="seconds between recovery sweeps, 0 to disable (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
+    try:
+        args.recovery = _recovery_config(args)
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.concurrency < 1:
         parser.error("--concurrency must be >= 1")
     if args.pool == "solo" and args.concurrency != 1:
@@ -76,6 +106,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--queues needs at least one queue")
     args.queues = ",".join(queues)
     return args
+
+
+def _recovery_config(args: argparse.Namespace) -> Any:
+    from worker.recovery import RecoveryConfig
+
+    return RecoveryConfig(
+        heartbeat_s=float(args.heartbeat_interval),
+        stale_after_s=float(args.stale_after),
+        interval_s=float(args.recovery_interval),
+    )
 
 
 def _maybe_reexec(argv: Sequence[str]) -> None:
@@ -116,6 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     settings = load_settings(**_overrides(args))
     app = create_celery_app(settings)
+    app.conf.mriq_recovery = args.recovery
     hostname = args.hostname or f"mriq-{os.getpid()}@{socket.gethostname()}"
     worker_argv = [
         "worker",

@@ -18,6 +18,9 @@ from scheduler.dispatch import make_celery
 if TYPE_CHECKING:
     from scheduler.settings import Settings
 
+#: Seconds a freshly forked prefork child may take to start (Celery's default is 4).
+PROC_ALIVE_TIMEOUT_S = 120.0
+
 _lock = threading.Lock()
 _app: Celery | None = None
 
@@ -26,6 +29,10 @@ def create_celery_app(settings: Settings) -> Celery:
     """A worker-side app: routes/acks identical to the producer's, tasks registered."""
     app = make_celery(settings, main="mriq")
     app.conf.mriq_settings = settings
+    # A prefork child imports torch and the inference stack in worker_process_init (see
+    # worker/runtime.py); on a busy host that takes longer than Celery's default 4 s, after
+    # which the parent kills the child and forks another one, forever.
+    app.conf.worker_proc_alive_timeout = PROC_ALIVE_TIMEOUT_S
     app.conf.include = ["worker.tasks"]
     # The periodic retraining schedule (off unless settings.retrain_cron is set); only used
     # when beat runs (``python -m worker --beat`` or ``celery -A worker.app beat``).

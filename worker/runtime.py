@@ -1,4 +1,5 @@
-"""Per-process worker state: database sessions, the model cache, CPU threads, the janitor.
+"""Per-process worker state: database sessions, the model cache, CPU threads, the janitor
+and the recovery sweep (``worker/recovery.py``).
 
 Everything here is created lazily *per process id*: a prefork child must never reuse the
 parent's database connections (two processes on one socket corrupt the protocol) nor a torch
@@ -120,6 +121,11 @@ def _on_worker_process_init(**_: Any) -> None:
     # A prefork child: forget anything inherited from the parent before the first task.
     _reset_after_fork()
     configure_threads()
+    # Import the inference stack now, while the child starts, rather than in its first
+    # task: that import takes seconds on a busy host and would count against the first
+    # chunk's hard time limit (chunk_time_limit).
+    import core.checkpoint  # noqa: F401
+    import core.inference  # noqa: F401
 
 
 def _reset_after_fork() -> None:
@@ -275,6 +281,7 @@ class _RuntimeStep(bootsteps.StartStopStep):
         _concurrency = max(1, int(getattr(worker, "concurrency", 1) or 1))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._sweeper: Any = None
 
     def start(self, worker: Any) -> None:
         pool_cls = getattr(worker, "pool_cls", None)
@@ -285,6 +292,12 @@ class _RuntimeStep(bootsteps.StartStopStep):
         from scheduler.dispatch import uses_filesystem_broker
 
         settings = worker.app.conf.mriq_settings
+        # Recovery of work whose worker died (heartbeats go stale): one sweep now, at
+        # start-up, then periodically; see worker/recovery.py.
+        from worker.recovery import Sweeper, recovery_of
+
+        self._sweeper = Sweeper(settings, recovery_of(worker.app))
+        self._sweeper.start()
         if uses_filesystem_broker(settings):
             self._thread = threading.Thread(
                 target=self._janitor, args=(settings,), name="mriq-broker-janitor", daemon=True
@@ -293,6 +306,8 @@ class _RuntimeStep(bootsteps.StartStopStep):
 
     def stop(self, worker: Any) -> None:
         self._stop.set()
+        if self._sweeper is not None:
+            self._sweeper.stop()
         if self._thread is not None:
             self._thread.join(timeout=5)
 

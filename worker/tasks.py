@@ -19,10 +19,12 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,8 +41,9 @@ from scheduler.dispatch import (
     TRAIN_TASK,
     clean_filesystem_broker,
 )
-from scheduler.schema import ChunkStatus, JobKind, JobStatus
-from worker import runtime
+from scheduler.schema import ChunkStatus, JobKind, JobStatus, utcnow
+from scheduler.submission import filesystem_path, storable_text
+from worker import recovery, runtime
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -67,14 +70,25 @@ def _settings(task: Task) -> Settings:
 
 
 def _error_text(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}"
+    # storable_text: a message naming a non-UTF-8 file would make the database write fail
+    # (PostgreSQL and SQLite reject surrogates) and leave the job running forever.
+    text = storable_text(f"{type(exc).__name__}: {exc}")
     return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
 
 
 def file_sha256(path: str) -> str | None:
     """sha256 of the file's bytes, or None when it cannot be read (the row gets the error)."""
+    # O_NONBLOCK and the S_ISREG check: open() on a FIFO named x.jpg blocks until a writer
+    # appears (the chunk would hang forever) and a device file never ends; only regular
+    # files are hashed.
     try:
-        with open(path, "rb") as fh:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        with os.fdopen(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                return None
             return hashlib.file_digest(fh, "sha256").hexdigest()
     except OSError:
         return None
@@ -180,20 +194,29 @@ def classify_chunk(task: Task, job_id: int, chunk_index: int) -> str:
         if not work.items:
             status = _complete(settings, job_id, chunk_index, ChunkStatus.SUCCEEDED)
             return f"nothing left to do ({status or 'job running'})"
-        return _run_chunk(settings, job_id, chunk_index, work)
+        # The chunk's updated_at is its heartbeat: if this process dies, it goes stale and
+        # a worker's recovery sweep re-sends the chunk (worker/recovery.py).
+        beat = recovery.chunk_heartbeat(settings, job_id, chunk_index)
+        with recovery.heartbeat(beat, _recovery(task).heartbeat_s, f"{job_id}-{chunk_index}"):
+            return _run_chunk(settings, job_id, chunk_index, work)
     except Retry:
         raise
     except _PermanentError as exc:
         return _fail_chunk(settings, job_id, chunk_index, str(exc))
     except Exception as exc:
-        from core.checkpoint import CheckpointError
-
-        permanent = isinstance(exc, CheckpointError | repository.NotFoundError)
         retries = int(task.request.retries or 0)
-        if permanent or retries >= max_retries:
+        if _is_permanent(exc) or retries >= max_retries:
             log.exception("chunk %s/%s failed for good", job_id, chunk_index)
             return _fail_chunk(settings, job_id, chunk_index, _error_text(exc))
         countdown = _retry_countdown(retries)
+        # Back to pending until the retry is due, so no recovery sweep re-sends it meanwhile.
+        not_before = utcnow() + timedelta(seconds=countdown)
+        with contextlib.suppress(Exception):  # best effort; the retry message is what counts
+            runtime.with_session(
+                settings,
+                lambda s: repository.release_chunk(s, job_id, chunk_index, not_before=not_before),
+                attempts=2,
+            )
         log.warning(
             "chunk %s/%s failed (retry %d/%d in %.0fs): %s",
             job_id,
@@ -204,6 +227,23 @@ def classify_chunk(task: Task, job_id: int, chunk_index: int) -> str:
             _error_text(exc),
         )
         raise task.retry(exc=exc, countdown=countdown, max_retries=max_retries) from exc
+
+
+def _is_permanent(exc: Exception) -> bool:
+    """Errors a retry cannot fix: the model version row is gone, or the checkpoint file is
+    there but wrong (checksum mismatch, not a checkpoint). A *missing* or unreadable
+    checkpoint is retried with backoff: shared storage that is briefly away comes back."""
+    from core.checkpoint import CheckpointError
+
+    if isinstance(exc, repository.NotFoundError):
+        return True
+    if isinstance(exc, CheckpointError):
+        return Path(exc.path).is_file()
+    return False
+
+
+def _recovery(task: Task) -> recovery.RecoveryConfig:
+    return recovery.recovery_of(task.app)
 
 
 def _fail_chunk(settings: Settings, job_id: int, chunk_index: int, reason: str) -> str:
@@ -235,25 +275,31 @@ def _run_chunk(settings: Settings, job_id: int, chunk_index: int, work: _ChunkWo
         top_k=max(1, work.top_k),
     )
     cancel = CancelCheck(settings, job_id)
-    paths = [path for _, path in work.items]
+    # Items hold storable_path() text (non-UTF-8 bytes as \\xNN); open the real file names.
+    paths = [filesystem_path(path) for _, path in work.items]
     predictions = predictor.predict(paths, should_stop=cancel)
     done = 0
     # predict() yields exactly one Prediction per input, in input order, so zip pairs each
     # with its item; per-file read errors come back as error predictions, not exceptions.
-    for batch in _batches(zip(work.items, predictions, strict=False), predictor.batch_size):
+    pairs = zip(work.items, paths, predictions, strict=False)
+    for batch in _batches(pairs, predictor.batch_size):
         records = [
             repository.PredictionRecord(
                 item_index=index,
-                path=path,
+                path=stored,
                 file_sha256=file_sha256(path),
                 label=pred.label,
                 confidence=pred.confidence,
                 top_k=pred.top_k,
-                error=pred.error,
+                error=None if pred.error is None else storable_text(pred.error),
             )
-            for (index, path), pred in batch
+            for (index, stored), path, pred in batch
         ]
-        runtime.with_session(settings, _recorder(job_id, records))
+        # The batch's write transaction also reads the cancel flag (one PK lookup in a
+        # transaction we run anyway), so a cancelled chunk stops at the next batch rather
+        # than up to CANCEL_CHECK_INTERVAL_S later.
+        if runtime.with_session(settings, _recorder(job_id, records)):
+            cancel.cancelled = True
         done += len(records)
         if cancel():
             break
@@ -268,9 +314,12 @@ def _run_chunk(settings: Settings, job_id: int, chunk_index: int, work: _ChunkWo
     return f"classified {done} items (job {status or 'still running'})"
 
 
-def _recorder(job_id: int, records: list[repository.PredictionRecord]) -> Callable[[Session], int]:
-    def fn(session: Session) -> int:
-        return repository.record_predictions(session, job_id, records)
+def _recorder(job_id: int, records: list[repository.PredictionRecord]) -> Callable[[Session], bool]:
+    """Record a batch; returns whether cancellation of the job has been requested."""
+
+    def fn(session: Session) -> bool:
+        repository.record_predictions(session, job_id, records)
+        return repository.is_cancel_requested(session, job_id)
 
     return fn
 
@@ -399,11 +448,23 @@ def train_job(task: Task, job_id: int) -> str:
         if not locked:
             return "skipped: another worker is training this job"
         try:
-            return _run_training(settings, job_id, job)
+            with _job_heartbeat(task, settings, job_id):
+                return _run_training(settings, job_id, job)
         except Exception as exc:
             log.exception("train job %s failed", job_id)
             _finish(settings, job_id, JobStatus.FAILED, _error_text(exc))
             return f"failed: {_error_text(exc)}"
+
+
+@contextlib.contextmanager
+def _job_heartbeat(task: Task, settings: Settings, job_id: int) -> Iterator[None]:
+    """Keep ``<job dir>/.heartbeat`` fresh while a train/evaluate job runs here; a stale one
+    tells the recovery sweep this job's worker is gone (worker/recovery.py)."""
+    with contextlib.suppress(OSError):
+        recovery.touch_job_heartbeat(settings, job_id)
+    beat = lambda: recovery.touch_job_heartbeat(settings, job_id)  # noqa: E731
+    with recovery.heartbeat(beat, _recovery(task).heartbeat_s, f"job-{job_id}"):
+        yield
 
 
 def _finish(settings: Settings, job_id: int, status: JobStatus, error: str | None = None) -> None:
@@ -580,7 +641,8 @@ def evaluate_job(task: Task, job_id: int) -> str:
     if job.status != JobStatus.RUNNING:
         return f"skipped: job is {job.status}"
     try:
-        return _run_evaluation(settings, job_id, job)
+        with _job_heartbeat(task, settings, job_id):
+            return _run_evaluation(settings, job_id, job)
     except Exception as exc:
         log.exception("evaluate job %s failed", job_id)
         _finish(settings, job_id, JobStatus.FAILED, _error_text(exc))
@@ -745,6 +807,44 @@ def _wrap(fn: Callable[..., str]) -> Callable[..., str]:
     return run
 
 
+def _on_chunk_failure(
+    self: Task, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
+) -> None:
+    """Hard time limit of a chunk: record it as that chunk's failure at once.
+
+    Runs in the prefork *parent* (Celery calls ``on_failure`` there after killing the child
+    that overran ``chunk_time_limit``; the pool forks a replacement). Without this the chunk
+    would stay ``running`` until the recovery sweep noticed its heartbeat stopped. The
+    message is acked by Celery (``acks_on_failure_or_timeout``), so nothing re-runs it: a
+    chunk that overran its limit once would overrun it again. A worker killed by the kernel
+    (OOM) instead is a ``WorkerLostError``: Celery requeues the message and the attempts cap
+    in :func:`classify_chunk` fails the chunk if it keeps killing workers.
+    """
+    from celery.exceptions import TimeLimitExceeded
+
+    if not isinstance(exc, TimeLimitExceeded):
+        return
+    try:
+        job_id, chunk_index = int(args[0]), int(args[1])
+    except (IndexError, TypeError, ValueError):
+        return
+    limit = getattr(exc, "args", [None])[0] if getattr(exc, "args", None) else None
+    reason = (
+        f"TimeLimitExceeded: chunk ran longer than its time limit ({limit}s); "
+        "the worker process was killed and replaced"
+    )
+    try:
+        # Few attempts: this runs on the worker's event loop. If the database is away, the
+        # chunk's heartbeat has stopped and the recovery sweep takes it from here.
+        runtime.with_session(
+            _settings(self),
+            lambda s: repository.fail_chunk(s, job_id, chunk_index, reason),
+            attempts=2,
+        )
+    except Exception:
+        log.exception("could not record the time limit of chunk %s/%s", job_id, chunk_index)
+
+
 def register(app: Celery) -> None:
     """Register mriq's tasks on ``app`` under the names the scheduler sends."""
     settings = getattr(app.conf, "mriq_settings", None)
@@ -767,6 +867,7 @@ def register(app: Celery) -> None:
         name=CLASSIFY_CHUNK_TASK,
         max_retries=None,
         time_limit=limit("chunk_time_limit"),
+        on_failure=_on_chunk_failure,
         **common,
     )(_wrap(classify_chunk))
     app.task(name=TRAIN_TASK, max_retries=0, time_limit=limit("train_time_limit"), **common)(

@@ -1,0 +1,276 @@
+"""Recovery of work whose worker died: heartbeats while tasks run, and a periodic sweep.
+
+Why this exists: tasks are acked late, so a worker lost mid-task (SIGKILL, OOM kill, host
+gone) leaves its message unacknowledged. Redis hands such a message out again only after
+``settings.visibility_timeout`` (12 h by default: it must exceed the longest training), and
+the embedded filesystem broker has already deleted it. A broker restarted without
+persistence loses every queued message. Without help, such a job would sit in ``running``
+for hours or forever.
+
+Mechanism (all tasks are idempotent, so sending one twice is always safe, never lossy):
+
+* **Heartbeats.** While a task runs, a daemon thread in the process that runs it refreshes
+  a liveness stamp every ``RecoveryConfig.heartbeat_s``: a classify chunk's
+  ``job_chunks.updated_at`` (:func:`scheduler.repository.touch_chunk`), a train/evaluate
+  job's ``<data_dir>/jobs/<id>/.heartbeat`` file mtime (the jobs table has no timestamp of
+  its own; the job folder is on the storage every worker shares anyway, it holds the
+  checkpoints). A process that dies stops heartbeating with it.
+* **Sweep.** Every worker runs :func:`sweep` at start-up and then every ``interval_s``
+  (a thread in the worker's main process, see ``worker/runtime.py``). A chunk or job is
+  *stale* when its stamp is older than ``stale_after_s``:
+
+  - a ``running`` chunk / train / evaluate job with a stale stamp has no live claimant:
+    it is sent again (the chunk goes back to ``pending``, so the rule below applies to it
+    from then on: no second copy while its message waits behind a backlog);
+  - a ``pending`` chunk (or ``queued`` train/evaluate job) with a stale stamp is sent again
+    only when its broker queue is **empty**: then no message for it can be waiting (lost
+    with a restarted broker, or held unacked by a dead worker). While a backlog is queued
+    nothing is re-sent, so the queue never fills with copies.
+
+  Chunks are taken with a compare-and-set on ``updated_at``
+  (:func:`scheduler.repository.take_stale_chunks`) inside the transaction that sends them,
+  so several workers sweeping at once send each chunk once per stale period. A re-sent
+  chunk is claimed again (``attempts += 1``; only items without a prediction are redone);
+  a chunk that keeps killing its worker is failed by the attempts cap in
+  ``worker.tasks.classify_chunk``. A training re-sent while the first run is in fact alive
+  is skipped by the per-job lock in ``worker.tasks.train_job``; a re-run of a killed one
+  resumes from ``last.pt``.
+
+Knobs (``python -m worker --heartbeat-interval/--stale-after/--recovery-interval``):
+``stale_after_s`` must be several heartbeats, and longer than a database outage you want to
+ride out without a (harmless) duplicate run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from scheduler import repository
+from scheduler.dispatch import GPU_QUEUE, Dispatcher
+from scheduler.schema import ChunkStatus, JobKind, JobStatus, utcnow
+
+if TYPE_CHECKING:
+    from celery import Celery
+    from sqlalchemy.orm import Session
+
+    from scheduler.settings import Settings
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_FILE = ".heartbeat"
+
+
+@dataclass(frozen=True)
+class RecoveryConfig:
+    """Heartbeat period, staleness threshold and sweep period, in seconds."""
+
+    heartbeat_s: float = 30.0
+    stale_after_s: float = 300.0
+    #: 0 disables the sweep (heartbeats still run, so other workers can recover our work).
+    interval_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.heartbeat_s <= 0:
+            raise ValueError(f"heartbeat_s must be > 0, got {self.heartbeat_s}")
+        if self.stale_after_s < 2 * self.heartbeat_s:
+            raise ValueError(
+                f"stale_after_s ({self.stale_after_s}) must be at least two heartbeats "
+                f"({2 * self.heartbeat_s}), or live tasks would look dead"
+            )
+        if self.interval_s < 0:
+            raise ValueError(f"interval_s must be >= 0, got {self.interval_s}")
+
+
+DEFAULT_RECOVERY = RecoveryConfig()
+
+
+def recovery_of(app: Celery) -> RecoveryConfig:
+    config = getattr(app.conf, "mriq_recovery", None)
+    return config if isinstance(config, RecoveryConfig) else DEFAULT_RECOVERY
+
+
+# --------------------------------------------------------------------------------------
+# Heartbeats
+# --------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def heartbeat(beat: Callable[[], object], interval_s: float, name: str) -> Iterator[None]:
+    """Call ``beat()`` every ``interval_s`` in a daemon thread while the block runs.
+
+    Failures (database or storage briefly away) are logged and retried at the next beat;
+    they must never fail the task itself.
+    """
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.wait(interval_s):
+            try:
+                beat()
+            except Exception as exc:
+                log.warning("heartbeat %s failed: %s: %s", name, type(exc).__name__, exc)
+
+    thread = threading.Thread(target=run, name=f"mriq-heartbeat-{name}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+def job_heartbeat_path(settings: Settings, job_id: int) -> Path:
+    return Path(settings.data_dir).expanduser().resolve() / "jobs" / str(job_id) / HEARTBEAT_FILE
+
+
+def touch_job_heartbeat(settings: Settings, job_id: int) -> None:
+    path = job_heartbeat_path(settings, job_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch()
+    # touch() on an existing file does not always refresh mtime on every filesystem.
+    os.utime(path)
+
+
+def chunk_heartbeat(settings: Settings, job_id: int, chunk_index: int) -> Callable[[], object]:
+    from worker import runtime
+
+    def beat() -> bool:
+        # One attempt: a failed beat is simply retried at the next interval.
+        return runtime.with_session(
+            settings, lambda s: repository.touch_chunk(s, job_id, chunk_index), attempts=1
+        )
+
+    return beat
+
+
+# --------------------------------------------------------------------------------------
+# Sweep
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    chunks: tuple[tuple[int, int], ...] = ()
+    jobs: tuple[int, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.chunks or self.jobs)
+
+
+def _open_jobs(settings: Settings) -> list[tuple[int, JobKind, JobStatus, float]]:
+    from worker import runtime
+
+    def fn(session: Session) -> list[tuple[int, JobKind, JobStatus, float]]:
+        return [
+            (
+                int(job.id),
+                JobKind(job.kind),
+                JobStatus(job.status),
+                (job.started_at or job.created_at).timestamp(),
+            )
+            # Jobs being cancelled too: a re-sent chunk of one is marked cancelled by
+            # claim_chunk, which lets the job reach ``cancelled`` after all.
+            for job in repository.list_open_jobs(session)
+        ]
+
+    return runtime.with_session(settings, fn, attempts=1)
+
+
+def sweep(settings: Settings, config: RecoveryConfig, dispatcher: Dispatcher) -> SweepResult:
+    """Re-send stale work once (see the module docstring); returns what was re-sent."""
+    from worker import runtime
+
+    now = time.time()
+    before = utcnow() - timedelta(seconds=config.stale_after_s)
+    # None (broker unreachable) counts as "not empty": never re-send pending work blind.
+    queue_empty = dispatcher.queue_size(GPU_QUEUE) == 0
+    chunks: list[tuple[int, int]] = []
+    jobs: list[int] = []
+    statuses = [ChunkStatus.RUNNING] + ([ChunkStatus.PENDING] if queue_empty else [])
+    for job_id, kind, status, started in _open_jobs(settings):
+        if kind == JobKind.CLASSIFY:
+
+            def take(session: Session, job_id: int = job_id) -> list[int]:
+                indices = repository.take_stale_chunks(
+                    session, job_id, statuses=statuses, before=before
+                )
+                # Sent inside the transaction: if the broker is down the stamps roll back
+                # and the next sweep tries again. A commit lost after the send only means
+                # a duplicate message, which the tasks absorb.
+                if indices:
+                    dispatcher.classify_chunks(job_id, indices)
+                return indices
+
+            taken = runtime.with_session(settings, take, attempts=1)
+            chunks.extend((job_id, i) for i in taken)
+            continue
+        # train / evaluate: the heartbeat file is the stamp (started_at before the first beat).
+        path = job_heartbeat_path(settings, job_id)
+        try:
+            stamp = path.stat().st_mtime
+        except FileNotFoundError:
+            stamp = started
+        if stamp >= now - config.stale_after_s:
+            continue
+        if status == JobStatus.QUEUED and not queue_empty:
+            continue
+        # Touch first so that this sweep's peers (and our next sweep) wait another period.
+        touch_job_heartbeat(settings, job_id)
+        if kind == JobKind.TRAIN:
+            dispatcher.train(job_id)
+        else:
+            dispatcher.evaluate(job_id)
+        jobs.append(job_id)
+    result = SweepResult(tuple(chunks), tuple(jobs))
+    if result:
+        log.warning(
+            "recovery: re-sent stale chunks %s and jobs %s (no heartbeat for %.0fs)",
+            list(result.chunks),
+            list(result.jobs),
+            config.stale_after_s,
+        )
+    return result
+
+
+class Sweeper:
+    """The worker's recovery thread: :func:`sweep` at start-up, then every ``interval_s``."""
+
+    def __init__(self, settings: Settings, config: RecoveryConfig) -> None:
+        self.settings = settings
+        self.config = config
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self.config.interval_s <= 0:
+            return
+        self._thread = threading.Thread(target=self._run, name="mriq-recovery", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        dispatcher = Dispatcher(self.settings)
+        try:
+            while True:
+                try:
+                    sweep(self.settings, self.config, dispatcher)
+                except Exception as exc:  # database or broker away: try again next time
+                    log.warning("recovery sweep failed: %s: %s", type(exc).__name__, exc)
+                if self._stop.wait(self.config.interval_s):
+                    return
+        finally:
+            with contextlib.suppress(Exception):
+                dispatcher.close()
