@@ -221,6 +221,12 @@ def _configure_logging(level: str) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(handler)
     root.setLevel(level)
+    if logging.getLevelName(level.upper()) != logging.DEBUG:
+        # Alembic narrates every plugin and migration step at INFO, and kombu warns that the
+        # filesystem transport has no hostname (it needs none): noise around the CLI's own
+        # output unless someone asked for DEBUG.
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+        logging.getLogger("kombu.connection").setLevel(logging.ERROR)
 
 
 # --------------------------------------------------------------------------------------
@@ -1074,10 +1080,11 @@ def demo(
     out: Path | None = typer.Option(
         None, "--out", help="Folder for the synthetic data and the CSV (default <data_dir>/demo)."
     ),
-    per_folder: int = typer.Option(6, "--per-folder", min=2, max=200,
+    per_folder: int = typer.Option(16, "--per-folder", min=2, max=200,
                                    help="Training images per class folder (44 folders)."),
-    epochs: int = typer.Option(4, min=1, max=100),
-    image_size: int = typer.Option(64, "--image-size", min=32, max=512),
+    epochs: int = typer.Option(10, min=1, max=100, help="Training epochs."),
+    image_size: int = typer.Option(64, "--image-size", min=32, max=512,
+                                   help="Input size of the model (pixels)."),
     arch: str = typer.Option("resnet18"),
     seed: int = typer.Option(0, min=0),
     as_json: bool = JsonOpt,
