@@ -145,6 +145,21 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _database_ready(url: str) -> bool:
+    """A worker on an unmigrated database would fail on its first task; stop now and say why."""
+    from scheduler.database import DatabaseNotMigratedError, ensure_migrated, make_engine
+
+    engine = make_engine(url)
+    try:
+        ensure_migrated(engine)
+    except DatabaseNotMigratedError as exc:
+        print(f"mriq worker: {exc}", file=sys.stderr)
+        return False
+    finally:
+        engine.dispose()
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(raw)
@@ -155,6 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from worker.app import create_celery_app
 
     settings = load_settings(**_overrides(args))
+    if not _database_ready(settings.resolved_database_url):
+        return 2
     app = create_celery_app(settings)
     app.conf.mriq_recovery = args.recovery
     hostname = args.hostname or f"mriq-{os.getpid()}@{socket.gethostname()}"

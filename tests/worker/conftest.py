@@ -168,6 +168,8 @@ def start_worker(tmp_path: Path) -> Iterator[StartWorker]:
     started: list[WorkerProcess] = []
 
     def start(settings: Settings, *extra: str, wait: bool = True) -> WorkerProcess:
+        # Workers refuse an unmigrated database; migrating is idempotent.
+        upgrade(str(settings.resolved_database_url))
         hostname = f"test-{uuid.uuid4().hex[:8]}@localhost"
         log_path = tmp_path / f"worker-{len(started)}.log"
         with log_path.open("wb") as log:
