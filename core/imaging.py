@@ -182,7 +182,14 @@ def _finish(p: Path, img: np.ndarray, *, min_side: int) -> np.ndarray:
         raise ImageTooSmallError(
             p, f"image is {w}x{h}; each side must be at least {min_side} pixels"
         )
-    out = np.nan_to_num(img.astype(np.float32, copy=False), nan=0.0, posinf=1.0, neginf=0.0)
+    out = img.astype(np.float32, copy=False)
+    # One sum tells whether any pixel is NaN/inf (it then is non-finite too), so the common
+    # all-finite image skips nan_to_num's copy and four masks. A huge but finite image whose
+    # sum overflows merely takes the slow path, which leaves it unchanged.
+    if not np.isfinite(out.sum(dtype=np.float64)):
+        out = np.nan_to_num(out, nan=0.0, posinf=1.0, neginf=0.0)
+    elif out is img and not out.flags.writeable:
+        out = out.copy()
     np.clip(out, 0.0, 1.0, out=out)
     return np.ascontiguousarray(out, dtype=np.float32)
 
@@ -274,7 +281,8 @@ def _pil_to_gray(p: Path, im: Image.Image) -> np.ndarray:
     if mode == "1":
         return np.asarray(im, dtype=bool).astype(np.float32)
     if mode == "L":
-        return np.asarray(im, dtype=np.uint8).astype(np.float32) / 255.0
+        gray = np.asarray(im, dtype=np.uint8).astype(np.float32)
+        return np.divide(gray, 255.0, out=gray)  # in place: one pass fewer
     if mode == "LA":
         la = np.asarray(im, dtype=np.uint8).astype(np.float32) / 255.0
         return la[..., 0] * la[..., 1]

@@ -12,6 +12,12 @@ Design notes (why it looks like this):
   process through the loader's index queues and the loader re-orders finished batches
   (``in_order=True``), so output order equals input order without any worker having to
   re-iterate the input (a generator over a DB cursor cannot be shared across processes).
+* **Decoding overlaps the forward pass.** With ``num_workers=0`` (the default, and what the
+  worker uses) a background thread reads and preprocesses the next batches while the model
+  runs on the current one. Pillow's decoder, numpy and torch's resize release the GIL, so on
+  a small CPU the thread costs far less than a worker process (no fork, no tensor IPC) and
+  never forks a process whose torch thread pool is already running. The read-ahead is
+  bounded (``prefetch_batches``), so memory stays flat.
 * **One result per input.** Unreadable files do not raise: the worker returns the error's
   reason and the file becomes an error row; the rest of its batch is still classified.
 * **Evaluation preset only.** Images go through ``EvalPreset(params=ckpt.meta.preset)``:
@@ -22,6 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -279,6 +287,79 @@ def _collate(batch: list[_Item]) -> _Batch:
     )
 
 
+class _Failure:
+    """An exception raised in the decode thread, re-raised in the consumer."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+_END = object()
+#: How long the consumer waits for the decode thread to finish its current file on close.
+_JOIN_TIMEOUT_S = 30.0
+
+
+def _background_batches(
+    paths: Iterable[Path | str],
+    dataset: _ImageFiles,
+    batch_size: int,
+    depth: int,
+    *,
+    pin_memory: bool = False,
+) -> Iterator[_Batch]:
+    """Batches of ``dataset[path]`` in input order, built by one background thread.
+
+    The thread pulls ``paths`` lazily (so the caller's iterable is only ever iterated by
+    that thread) and keeps at most ``depth`` finished batches queued. Errors raised while
+    iterating ``paths`` (a missing ``@list`` file, ...) are re-raised here; per-file
+    errors never raise (``_ImageFiles`` turns them into error items).
+    """
+    q: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        if pin_memory and isinstance(item, _Batch):
+            item.pin_memory()
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            items: list[_Item] = []
+            for p in paths:
+                if stop.is_set():
+                    return
+                items.append(dataset[str(p)])
+                if len(items) >= batch_size:
+                    if not put(_collate(items)):
+                        return
+                    items = []
+            if items and not put(_collate(items)):
+                return
+            put(_END)
+        except BaseException as exc:  # handed to the consumer, which raises it
+            put(_Failure(exc))
+
+    thread = threading.Thread(target=produce, name="mriq-decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _END:
+                return
+            if isinstance(item, _Failure):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=_JOIN_TIMEOUT_S)
+
+
 # --------------------------------------------------------------------------------------
 # predictor
 
@@ -299,6 +380,8 @@ class Predictor:
         batch_size: int = 32,
         num_workers: int = 0,
         top_k: int = 3,
+        decode_thread: bool = True,
+        prefetch_batches: int = 2,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, not {batch_size}")
@@ -306,11 +389,16 @@ class Predictor:
             raise ValueError(f"num_workers must be >= 0, not {num_workers}")
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, not {top_k}")
+        if prefetch_batches < 1:
+            raise ValueError(f"prefetch_batches must be >= 1, not {prefetch_batches}")
         self.meta = ckpt.meta
         self.classes: tuple[str, ...] = tuple(ckpt.meta.classes)
         self.device = select_device(device)
         self.batch_size = batch_size
         self.num_workers = num_workers
+        # Only without loader processes: with them, decoding already runs elsewhere.
+        self.decode_thread = bool(decode_thread) and num_workers == 0
+        self.prefetch_batches = prefetch_batches
         self.top_k = min(top_k, len(self.classes))
         self._transform = EvalPreset(params=ckpt.meta.preset)
         model = ckpt.model
@@ -364,7 +452,17 @@ class Predictor:
         results stay valid). ``on_batch(n)`` is called once per batch with its size, after
         the forward pass and before that batch's results are yielded.
         """
-        batches = iter(self._loader(paths))
+        batches: Iterator[_Batch] = (
+            _background_batches(
+                paths,
+                _ImageFiles(self._transform),
+                self.batch_size,
+                self.prefetch_batches,
+                pin_memory=self._cuda,
+            )
+            if self.decode_thread
+            else iter(self._loader(paths))
+        )
         try:
             while True:
                 if should_stop is not None and should_stop():
@@ -387,7 +485,11 @@ class Predictor:
                     else:
                         yield path, None, error
         finally:
-            # Stop worker processes now, also when the consumer abandons the generator.
+            # Stop worker processes (or the decode thread) now, also when the consumer
+            # abandons the generator.
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
             del batches
 
     def predict(

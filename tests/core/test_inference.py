@@ -171,11 +171,13 @@ def test_streams_lazily_from_a_generator(predictor: Predictor, images: list[Path
     stream = predictor.predict(paths())
     first = next(stream)
     assert first.path == str(images[0])
-    # only about one batch (batch_size=3) was read before the first result came out
-    assert pulled <= 2 * predictor.batch_size
+    # only the bounded read-ahead was read before the first result came out: the batch
+    # being classified, the decode thread's queue and the batch it is building
+    ahead = (predictor.prefetch_batches + 2) * predictor.batch_size
+    assert pulled <= ahead
     for _ in range(10):
         next(stream)
-    assert pulled <= 13 + 2 * predictor.batch_size
+    assert pulled <= 13 + ahead
     assert isinstance(stream, types.GeneratorType)
     stream.close()
     assert pulled < 100
