@@ -40,12 +40,10 @@ from core.errors import (
     UnreadableFileError,
     UnsupportedFormatError,
 )
+from core.formats import IMAGE_SUFFIXES
 
 __all__ = ["IMAGE_SUFFIXES", "is_image_path", "read_image"]
 
-IMAGE_SUFFIXES: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".dcm"}
-)
 
 # Only formats we mean to accept; anything else Pillow could parse (EPS, PSD, ...) would
 # widen the attack surface for no gain.

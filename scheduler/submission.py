@@ -23,6 +23,8 @@ from typing import IO, Any, Protocol
 
 from sqlalchemy.orm import Session
 
+from core.config import ARCHITECTURES  # torch-free: the registry without the models
+from core.formats import IMAGE_SUFFIXES
 from scheduler import repository
 from scheduler.paths import (
     MAX_PATH_LENGTH,
@@ -58,21 +60,6 @@ __all__ = [
     "validate_train_options",
 ]
 
-# Mirrors core.imaging.IMAGE_SUFFIXES; duplicated because importing core.imaging pulls in
-# numpy/pydicom and the control plane must stay light (and torch-free).
-IMAGE_SUFFIXES: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".dcm"}
-)
-# Mirrors core.models.ARCHITECTURES (that module imports torch); the first is the default.
-ARCHITECTURES: tuple[str, ...] = (
-    "efficientnet_b0",
-    "efficientnet_b3",
-    "resnet18",
-    "resnet50",
-    "densenet121",
-    "mobilenet_v3_large",
-    "convnext_tiny",
-)
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda", "mps")
 _GLOB_CHARS = frozenset("*?[")
 # Longest path string we store; far above PATH_MAX on Linux, so it only stops abuse.
