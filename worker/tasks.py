@@ -57,7 +57,11 @@ CANCEL_CHECK_INTERVAL_S = 2.0
 #: Predictions are recorded per batch of this many images (one INSERT per batch).
 DEFAULT_BATCH_SIZE = 32
 #: Prediction rows per write transaction (see _run_chunk), and the longest a row waits.
-WRITE_BATCH_ROWS = 128
+#: One model batch per transaction: rows become visible (progress, results) and the cancel
+#: flag is read after every batch, which the cancellation and crash-recovery guarantees
+#: ("running chunks stop at the next batch", "a killed chunk loses at most one batch") rely
+#: on. Grouping 128 rows per write saved little CPU and broke those guarantees.
+WRITE_BATCH_ROWS = 1
 WRITE_INTERVAL_S = 2.0
 #: Retry backoff: countdown = BASE * 2**retries, capped.
 RETRY_BASE_S = 2.0

@@ -174,7 +174,7 @@ def test_chunk_over_time_limit_is_failed_and_process_replaced(
 
 
 CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
-OOM_LIMIT = 1200 * 1024 * 1024
+OOM_LIMIT = 1000 * 1024 * 1024
 
 
 def _memory_cgroup(tmp_path: Path) -> Path:
@@ -199,7 +199,7 @@ def test_chunk_oom_killed_is_failed_and_process_replaced(
     tiny_model: TinyModel,
 ) -> None:
     """Fault 8 (out of memory): the prefork worker runs in a memory cgroup limited to
-    1.2 GB; decoding the chunk's 62 MP image needs more, so the kernel OOM-kills the pool
+    1 GB (1000 MiB); decoding the chunk's 62 MP image needs more, so the kernel OOM-kills the pool
     child. Celery requeues the message (WorkerLostError, reject_on_worker_lost), the pool
     forks a new child, and after task_max_retries+1 claims the attempts cap fails the
     chunk. The other chunks succeed: the job ends partial."""
