@@ -193,10 +193,13 @@ def start_worker(tmp_path: Path) -> Iterator[StartWorker]:
             _stop(worker)
 
 
-def wait_for_ping(settings: Settings, worker: WorkerProcess) -> None:
+def wait_for_ping(
+    settings: Settings, worker: WorkerProcess, *, timeout: float = WORKER_START_TIMEOUT_S
+) -> None:
+    """Wait until ``worker`` (anything with ``proc``, ``hostname`` and ``log()``) answers ping."""
     dispatcher = Dispatcher(settings)
     try:
-        deadline = time.monotonic() + WORKER_START_TIMEOUT_S
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if worker.proc.poll() is not None:
                 raise AssertionError(
