@@ -20,6 +20,11 @@ Design notes (why it looks like this):
   bounded (``prefetch_batches``), so memory stays flat.
 * **One result per input.** Unreadable files do not raise: the worker returns the error's
   reason and the file becomes an error row; the rest of its batch is still classified.
+* **The model is prepared once.** :func:`prepare_inference_model` folds every BatchNorm
+  into the convolution before it (in eval mode BN is a fixed per-channel affine map, so the
+  folded convolution computes the same function up to float rounding; ~1.2x on
+  EfficientNet-B0 on CPU), then moves it to the device in channels-last layout. The result
+  is cached per (model, device), so the worker's per-chunk predictors share one copy.
 * **Evaluation preset only.** Images go through ``EvalPreset(params=ckpt.meta.preset)``:
   deterministic, no augmentation, identical to what validation saw during training.
 """
@@ -27,9 +32,12 @@ Design notes (why it looks like this):
 from __future__ import annotations
 
 import contextlib
+import copy
+import logging
 import os
 import queue
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from core.errors import ImageReadError
@@ -52,8 +61,11 @@ __all__ = [
     "Predictor",
     "configure_cpu_threads",
     "expand_inputs",
+    "prepare_inference_model",
     "select_device",
 ]
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -361,14 +373,74 @@ def _background_batches(
 
 
 # --------------------------------------------------------------------------------------
+# model preparation
+
+_prepared_lock = threading.Lock()
+# original model -> {device: prepared model}; weak keys: a checkpoint evicted from the
+# worker's cache takes its prepared copies with it.
+_prepared: weakref.WeakKeyDictionary[nn.Module, dict[str, nn.Module]] = weakref.WeakKeyDictionary()
+
+
+def _fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` (eval mode) with each BatchNorm folded into the conv before it.
+
+    torch.fx traces the model; an architecture it cannot trace (data-dependent control
+    flow in a custom model) is used unfolded: slower, never wrong.
+    """
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        return fuse(model, inplace=False)
+    except Exception as exc:  # noqa: BLE001 - any tracing failure means "keep the model"
+        _log.warning(
+            "BatchNorm folding skipped for %s (%s: %s); running the model unfolded",
+            type(model).__name__,
+            type(exc).__name__,
+            exc,
+        )
+        return copy.deepcopy(model)
+
+
+def prepare_inference_model(
+    model: nn.Module, device: torch.device, *, fold_batchnorm: bool = True
+) -> nn.Module:
+    """``model`` ready for inference on ``device``: eval mode, BatchNorm folded, channels-last.
+
+    The input model is left as it is (a copy is prepared), so a checkpoint can still be
+    trained or saved afterwards. Prepared copies are cached per (model, device,
+    fold_batchnorm): building predictors for many chunks of a job costs one preparation.
+    """
+    key = f"{device}|{'fold' if fold_batchnorm else 'plain'}"
+    with _prepared_lock:
+        cached = _prepared.get(model, {}).get(key)
+        if cached is not None:
+            return cached
+    was_training = model.training
+    model.eval()
+    try:
+        prepared = _fold_batchnorm(model) if fold_batchnorm else copy.deepcopy(model)
+    finally:
+        model.train(was_training)
+    prepared.eval()
+    for p in prepared.parameters():
+        p.requires_grad_(False)
+    # channels_last is the fast layout for cuDNN tensor cores and oneDNN on CPU alike.
+    prepared = prepared.to(device).to(memory_format=torch.channels_last)
+    with _prepared_lock:
+        _prepared.setdefault(model, {})[key] = prepared
+    return prepared
+
+
+# --------------------------------------------------------------------------------------
 # predictor
 
 
 class Predictor:
     """Classifies image files with a loaded checkpoint; create once, call :meth:`predict` often.
 
-    The checkpoint's model is moved to ``device`` (in place: the predictor owns it from now
-    on), put in eval mode and channels-last layout once. ``device`` accepts ``"auto"``,
+    The checkpoint's model is prepared once by :func:`prepare_inference_model` (a cached
+    copy on ``device``: eval mode, BatchNorm folded unless ``fold_batchnorm=False``,
+    channels-last); ``ckpt.model`` itself is not changed. ``device`` accepts ``"auto"``,
     ``"cpu"``, ``"cuda[:N]"`` or a ``torch.device``.
     """
 
@@ -382,6 +454,7 @@ class Predictor:
         top_k: int = 3,
         decode_thread: bool = True,
         prefetch_batches: int = 2,
+        fold_batchnorm: bool = True,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, not {batch_size}")
@@ -401,10 +474,7 @@ class Predictor:
         self.prefetch_batches = prefetch_batches
         self.top_k = min(top_k, len(self.classes))
         self._transform = EvalPreset(params=ckpt.meta.preset)
-        model = ckpt.model
-        model.eval()
-        # channels_last is the fast layout for cuDNN tensor cores and oneDNN on CPU alike.
-        self.model = model.to(self.device).to(memory_format=torch.channels_last)
+        self.model = prepare_inference_model(ckpt.model, self.device, fold_batchnorm=fold_batchnorm)
         self._cuda = self.device.type == "cuda"
         self._amp_dtype = (
             torch.bfloat16 if self._cuda and torch.cuda.is_bf16_supported() else torch.float16

@@ -68,6 +68,7 @@ def test_inference_smoke(tmp_path: Path) -> None:
         "core.predict/model-only",
         "predictor/notebook",
         "allocator (tuned/glibc default)",
+        "BatchNorm folding (ceiling/unfolded)",
     ):
         assert name in ratios and ratios[name].endswith(("x", ")")), (name, stdout)
         assert not ratios[name].startswith("skipped"), (name, ratios[name])
@@ -76,6 +77,9 @@ def test_inference_smoke(tmp_path: Path) -> None:
     assert ratios["e2e/notebook"].startswith("skipped")
     names = {row["name"] for row in data["rows"]}  # type: ignore[attr-defined]
     assert {"model-only ceiling", "core Predictor (in-process, bs 32)"} <= names
+    # the notebook runs twice: as a notebook runs (glibc allocator, child) and tuned
+    notebooks = {n for n in names if n.startswith("notebook way")}
+    assert len(notebooks) == 2, names
 
 
 @pytest.mark.slow

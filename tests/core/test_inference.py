@@ -102,8 +102,15 @@ def test_order_one_row_per_input_and_error_rows(
 ) -> None:
     bad = broken_files(tmp_path)
     inputs: list[Path] = [
-        images[0], bad["empty"], images[1], bad["text"], bad["missing"],
-        images[2], images[3], bad["dir"], images[4],
+        images[0],
+        bad["empty"],
+        images[1],
+        bad["text"],
+        bad["missing"],
+        images[2],
+        images[3],
+        bad["dir"],
+        images[4],
     ]
     preds = list(predictor.predict(inputs))
     assert [p.path for p in preds] == [str(p) for p in inputs]
@@ -139,7 +146,9 @@ def test_probabilities_sum_to_one(predictor: Predictor, images: list[Path]) -> N
         assert np.all(probs >= 0)
 
 
-def test_deterministic_and_uses_eval_preset(predictor: Predictor, images: list[Path]) -> None:
+def test_deterministic_and_uses_eval_preset(
+    predictor: Predictor, images: list[Path], ckpt_dir: Path
+) -> None:
     from core.imaging import read_image
     from core.transforms import EvalPreset
 
@@ -147,15 +156,19 @@ def test_deterministic_and_uses_eval_preset(predictor: Predictor, images: list[P
     assert list(predictor.predict(images)) == first
     # the same file twice, in separate calls, gives bit-identical probabilities: no random
     # augmentation anywhere on the inference path
-    (_, a, _), = predictor.predict_proba([images[0]])
-    (_, b, _), = predictor.predict_proba([images[0]])
+    ((_, a, _),) = predictor.predict_proba([images[0]])
+    ((_, b, _),) = predictor.predict_proba([images[0]])
     assert a is not None and b is not None
     np.testing.assert_array_equal(a, b)
-    # and they equal a manual forward pass through the checkpoint's eval preset
+    # and they equal a manual forward pass of the checkpoint's own (unfolded) model through
+    # its eval preset
+    from core.checkpoint import load_checkpoint
+
+    original = load_checkpoint(ckpt_dir / "tiny.pt").model.eval()
     preset = EvalPreset(params=predictor.meta.preset)
     x = preset(read_image(images[0]))[None]
     with torch.inference_mode():
-        ref = torch.softmax(predictor.model(x.to(memory_format=torch.channels_last)), 1)
+        ref = torch.softmax(original(x), 1)
     np.testing.assert_allclose(a, ref[0].numpy(), rtol=1e-5, atol=1e-6)
 
 
@@ -241,8 +254,16 @@ def test_prediction_is_frozen() -> None:
 
 def test_expand_files_folders_and_missing(tmp_path: Path) -> None:
     root = tmp_path / "data"
-    for rel in ["b/2.png", "b/1.jpg", "a/z.PNG", "a/sub/y.dcm", "top.png", "notes.txt",
-                ".hidden/x.png", "a/._resource.jpg"]:
+    for rel in [
+        "b/2.png",
+        "b/1.jpg",
+        "a/z.PNG",
+        "a/sub/y.dcm",
+        "top.png",
+        "notes.txt",
+        ".hidden/x.png",
+        "a/._resource.jpg",
+    ]:
         f = root / rel
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_bytes(b"x")
