@@ -33,12 +33,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import logging
 import os
 import queue
+import stat
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,6 +63,7 @@ __all__ = [
     "Predictor",
     "configure_cpu_threads",
     "expand_inputs",
+    "input_sha256",
     "prepare_inference_model",
     "select_device",
 ]
@@ -77,6 +80,9 @@ class Prediction:
     confidence: float | None
     top_k: tuple[tuple[str, float], ...]
     error: str | None
+    #: sha256 of the file's bytes when the predictor hashes inputs (``hash_inputs=True``);
+    #: None otherwise, or when the file could not be read.
+    sha256: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -253,27 +259,55 @@ class _PathStream(Sampler[str]):
             yield str(p)
 
 
-# (path, tensor 3xSxS | None, error reason | None)
-_Item = tuple[str, torch.Tensor | None, str | None]
+def input_sha256(path: Path | str) -> str | None:
+    """sha256 of an input file's bytes, or None when it cannot be read (the error row says why).
+
+    ``O_NONBLOCK`` and the ``S_ISREG`` check: ``open()`` on a FIFO named x.jpg blocks until a
+    writer appears (a job would hang forever) and a device file never ends; only regular
+    files are hashed.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        with os.fdopen(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                return None
+            return hashlib.file_digest(fh, "sha256").hexdigest()
+    except OSError:
+        return None
+
+
+# (path, tensor 3xSxS | None, error reason | None, sha256 | None)
+_Item = tuple[str, torch.Tensor | None, str | None, str | None]
 
 
 class _ImageFiles(Dataset[_Item]):
-    """Map-style dataset keyed by path: reads and preprocesses one file, never raises for it."""
+    """Map-style dataset keyed by path: reads and preprocesses one file, never raises for it.
 
-    def __init__(self, transform: Callable[[np.ndarray], torch.Tensor]) -> None:
+    With ``hash_inputs`` the file's sha256 is taken here too, so it is computed where the
+    decoding happens (a loader process or the decode thread), off the forward pass's thread.
+    """
+
+    def __init__(
+        self, transform: Callable[[np.ndarray], torch.Tensor], *, hash_inputs: bool = False
+    ) -> None:
         self._transform = transform
+        self._hash_inputs = hash_inputs
 
     def __getitem__(self, key: str) -> _Item:  # type: ignore[override]
+        digest = input_sha256(key) if self._hash_inputs else None
         try:
             img = read_image(Path(key))
         except ImageReadError as exc:
-            return key, None, exc.reason
+            return key, None, exc.reason, digest
         try:
-            return key, self._transform(img), None
+            return key, self._transform(img), None, digest
         except (ValueError, RuntimeError, TypeError, OSError) as exc:
             # A decodable but pathological image (e.g. degenerate after cropping) must cost
             # one error row, not the batch.
-            return key, None, f"preprocessing failed: {type(exc).__name__}: {exc}"
+            return key, None, f"preprocessing failed: {type(exc).__name__}: {exc}", digest
 
 
 @dataclass
@@ -281,6 +315,7 @@ class _Batch:
     paths: list[str]
     images: torch.Tensor | None  # the readable items only, stacked
     errors: list[str | None]  # one per path; None where the image is in ``images``
+    sha256s: list[str | None]  # one per path
 
     def pin_memory(self) -> _Batch:
         # DataLoader's pin_memory thread calls this on custom batch types.
@@ -291,11 +326,12 @@ class _Batch:
 
 def _collate(batch: list[_Item]) -> _Batch:
     """Stacks the readable items of a batch (module-level so worker processes can pickle it)."""
-    tensors = [t for _, t, _ in batch if t is not None]
+    tensors = [t for _, t, _, _ in batch if t is not None]
     return _Batch(
-        paths=[p for p, _, _ in batch],
+        paths=[p for p, _, _, _ in batch],
         images=torch.stack(tensors) if tensors else None,
-        errors=[e if t is None else None for _, t, e in batch],
+        errors=[e if t is None else None for _, t, e, _ in batch],
+        sha256s=[h for _, _, _, h in batch],
     )
 
 
@@ -455,6 +491,7 @@ class Predictor:
         decode_thread: bool = True,
         prefetch_batches: int = 2,
         fold_batchnorm: bool = True,
+        hash_inputs: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, not {batch_size}")
@@ -474,6 +511,8 @@ class Predictor:
         self.prefetch_batches = prefetch_batches
         self.top_k = min(top_k, len(self.classes))
         self._transform = EvalPreset(params=ckpt.meta.preset)
+        # Each Prediction then carries its file's sha256, taken where the file is decoded.
+        self.hash_inputs = bool(hash_inputs)
         self.model = prepare_inference_model(ckpt.model, self.device, fold_batchnorm=fold_batchnorm)
         self._cuda = self.device.type == "cuda"
         self._amp_dtype = (
@@ -485,7 +524,7 @@ class Predictor:
     def _loader(self, paths: Iterable[Path | str]) -> DataLoader[Any]:
         workers = self.num_workers
         return DataLoader(
-            _ImageFiles(self._transform),
+            _ImageFiles(self._transform, hash_inputs=self.hash_inputs),
             batch_size=self.batch_size,
             sampler=_PathStream(paths),
             num_workers=workers,
@@ -508,24 +547,17 @@ class Predictor:
         # Softmax in float32 even under autocast, so probabilities sum to 1 within 1e-6.
         return torch.softmax(logits.float(), dim=1).cpu().numpy()
 
-    def predict_proba(
+    def _stream(
         self,
         paths: Iterable[Path | str],
-        *,
-        should_stop: Callable[[], bool] | None = None,
-        on_batch: Callable[[int], None] | None = None,
-    ) -> Iterator[ProbResult]:
-        """Yield ``(path, probs | None, error | None)`` per input, in input order.
-
-        ``probs`` is a float32 vector over ``self.classes``. ``should_stop()`` is checked
-        before each batch; when it returns True the stream ends early (already yielded
-        results stay valid). ``on_batch(n)`` is called once per batch with its size, after
-        the forward pass and before that batch's results are yielded.
-        """
+        should_stop: Callable[[], bool] | None,
+        on_batch: Callable[[int], None] | None,
+    ) -> Generator[tuple[str, np.ndarray | None, str | None, str | None], None, None]:
+        """(path, probs | None, error | None, sha256 | None) per input, in input order."""
         batches: Iterator[_Batch] = (
             _background_batches(
                 paths,
-                _ImageFiles(self._transform),
+                _ImageFiles(self._transform, hash_inputs=self.hash_inputs),
                 self.batch_size,
                 self.prefetch_batches,
                 pin_memory=self._cuda,
@@ -547,13 +579,15 @@ class Predictor:
                 if on_batch is not None:
                     on_batch(len(batch.paths))
                 row = 0
-                for path, error in zip(batch.paths, batch.errors, strict=True):
+                for path, error, digest in zip(
+                    batch.paths, batch.errors, batch.sha256s, strict=True
+                ):
                     if error is None:
                         assert probs is not None
-                        yield path, probs[row], None
+                        yield path, probs[row], None, digest
                         row += 1
                     else:
-                        yield path, None, error
+                        yield path, None, error, digest
         finally:
             # Stop worker processes (or the decode thread) now, also when the consumer
             # abandons the generator.
@@ -561,6 +595,27 @@ class Predictor:
             if close is not None:
                 close()
             del batches
+
+    def predict_proba(
+        self,
+        paths: Iterable[Path | str],
+        *,
+        should_stop: Callable[[], bool] | None = None,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> Iterator[ProbResult]:
+        """Yield ``(path, probs | None, error | None)`` per input, in input order.
+
+        ``probs`` is a float32 vector over ``self.classes``. ``should_stop()`` is checked
+        before each batch; when it returns True the stream ends early (already yielded
+        results stay valid). ``on_batch(n)`` is called once per batch with its size, after
+        the forward pass and before that batch's results are yielded.
+        """
+        stream = self._stream(paths, should_stop, on_batch)
+        try:
+            for path, probs, error, _ in stream:
+                yield path, probs, error
+        finally:
+            stream.close()
 
     def predict(
         self,
@@ -571,13 +626,15 @@ class Predictor:
     ) -> Iterator[Prediction]:
         """Stream one :class:`Prediction` per input, in input order (see module notes)."""
         k = self.top_k
-        for path, probs, error in self.predict_proba(
-            paths, should_stop=should_stop, on_batch=on_batch
-        ):
-            if probs is None:
-                yield Prediction(path, None, None, (), error or "unknown error")
-                continue
-            # Stable sort: equal probabilities rank by class index, as argmax does.
-            order = np.argsort(-probs, kind="stable")[:k]
-            top = tuple((self.classes[int(i)], float(probs[i])) for i in order)
-            yield Prediction(path, top[0][0], top[0][1], top, None)
+        stream = self._stream(paths, should_stop, on_batch)
+        try:
+            for path, probs, error, digest in stream:
+                if probs is None:
+                    yield Prediction(path, None, None, (), error or "unknown error", digest)
+                    continue
+                # Stable sort: equal probabilities rank by class index, as argmax does.
+                order = np.argsort(-probs, kind="stable")[:k]
+                top = tuple((self.classes[int(i)], float(probs[i])) for i in order)
+                yield Prediction(path, top[0][0], top[0][1], top, None, digest)
+        finally:
+            stream.close()

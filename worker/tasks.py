@@ -15,11 +15,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
 import logging
 import os
-import stat
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -81,24 +79,6 @@ def _error_text(exc: BaseException) -> str:
     # (PostgreSQL and SQLite reject surrogates) and leave the job running forever.
     text = storable_text(f"{type(exc).__name__}: {exc}")
     return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
-
-
-def file_sha256(path: str) -> str | None:
-    """sha256 of the file's bytes, or None when it cannot be read (the row gets the error)."""
-    # O_NONBLOCK and the S_ISREG check: open() on a FIFO named x.jpg blocks until a writer
-    # appears (the chunk would hang forever) and a device file never ends; only regular
-    # files are hashed.
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except OSError:
-        return None
-    try:
-        with os.fdopen(fd, "rb") as fh:
-            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-                return None
-            return hashlib.file_digest(fh, "sha256").hexdigest()
-    except OSError:
-        return None
 
 
 class CancelCheck:
@@ -280,6 +260,9 @@ def _run_chunk(settings: Settings, job_id: int, chunk_index: int, work: _ChunkWo
         device=model.device,
         batch_size=max(1, work.batch_size),
         top_k=max(1, work.top_k),
+        # Hashed in the decode thread, where the file is read anyway: not on this thread,
+        # which runs the forward passes.
+        hash_inputs=True,
     )
     cancel = CancelCheck(settings, job_id)
     # Items hold storable_path() text (non-UTF-8 bytes as \\xNN); open the real file names.
@@ -288,7 +271,7 @@ def _run_chunk(settings: Settings, job_id: int, chunk_index: int, work: _ChunkWo
     done = 0
     # predict() yields exactly one Prediction per input, in input order, so zip pairs each
     # with its item; per-file read errors come back as error predictions, not exceptions.
-    pairs = zip(work.items, paths, predictions, strict=False)
+    pairs = zip(work.items, predictions, strict=False)
     pending: list[repository.PredictionRecord] = []
     last_write = time.monotonic()
     batches = _batches(pairs, predictor.batch_size)
@@ -299,13 +282,13 @@ def _run_chunk(settings: Settings, job_id: int, chunk_index: int, work: _ChunkWo
                 repository.PredictionRecord(
                     item_index=index,
                     path=stored,
-                    file_sha256=file_sha256(path),
+                    file_sha256=pred.sha256,
                     label=pred.label,
                     confidence=pred.confidence,
                     top_k=pred.top_k,
                     error=None if pred.error is None else storable_text(pred.error),
                 )
-                for (index, stored), path, pred in batch
+                for (index, stored), pred in batch
             )
         # Rows are written in groups of WRITE_BATCH_ROWS (or every WRITE_INTERVAL_S): one
         # transaction per model batch cost more CPU than the rows themselves on a small

@@ -330,3 +330,29 @@ def test_configure_cpu_threads() -> None:
             configure_cpu_threads(0)
     finally:
         torch.set_num_threads(before)
+
+
+def test_hash_inputs_gives_each_files_sha256(ckpt_dir: Path, tmp_path: Path) -> None:
+    import hashlib
+    import os
+
+    from core.checkpoint import load_checkpoint
+
+    good = [write_gray_png(tmp_path / f"h{i}.png", seed=10 + i) for i in range(4)]
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not an image at all")
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    inputs = [good[0], junk, tmp_path / "missing.png", fifo, *good[1:]]
+    hashed = Predictor(load_checkpoint(ckpt_dir / "tiny.pt"), batch_size=3, hash_inputs=True)
+    preds = list(hashed.predict(inputs))
+    assert [p.path for p in preds] == [str(p) for p in inputs]
+    for path, pred in zip(inputs, preds, strict=True):
+        if path in good or path == junk:
+            # unreadable-as-image files are still hashed: the row says what the bytes were
+            assert pred.sha256 == hashlib.sha256(path.read_bytes()).hexdigest(), path
+        else:  # missing, or a FIFO (never opened blocking, never hashed)
+            assert pred.sha256 is None and pred.error is not None, path
+    assert preds[1].error is not None and preds[0].ok
+    plain = Predictor(load_checkpoint(ckpt_dir / "tiny.pt"), batch_size=3)
+    assert all(p.sha256 is None for p in plain.predict(good))
