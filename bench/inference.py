@@ -85,6 +85,9 @@ E2E = "mriq classify e2e (submit -> last row)"
 E2E_CLI = "mriq classify --wait (CLI wall time)"
 NOTEBOOK_BATCH = 32
 PREDICTOR_BATCH = 32
+#: Row groups ``--skip`` can leave out (the ceiling and the Predictor always run: every
+#: ratio needs them).
+SKIPPABLE = ("allocator", "notebook", "core.predict")
 #: Distinct pre-decoded images the model-only rows cycle through (content does not change
 #: the cost of a forward pass; holding n decoded 224 px images would cost n x 600 KB).
 POOL = 64
@@ -131,6 +134,20 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--chunk-size", type=int, default=256, help="MRIQ_CHUNK_SIZE for --e2e (%(default)s)"
     )
     parser.add_argument(
+        "--model-only-n",
+        type=int,
+        default=1024,
+        help="images per model-only measurement, at most --n (%(default)s): a forward "
+        "pass costs the same whatever the image, so rates settle long before 5,000",
+    )
+    parser.add_argument(
+        "--skip",
+        default="",
+        help="comma-separated row groups to leave out, from: "
+        + ", ".join(SKIPPABLE)
+        + " (e.g. a 5,000-image overhead run: --skip allocator,notebook,core.predict)",
+    )
+    parser.add_argument(
         "--no-reexec",
         action="store_true",
         help="do not re-exec with the worker's allocator setting",
@@ -146,6 +163,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         args.e2e = False  # smoke runs never need services
         args.compile = False
     args.batch_sizes = [int(b) for b in str(args.batch_sizes).split(",") if b.strip()]
+    args.skip = {part.strip() for part in str(args.skip).split(",") if part.strip()}
+    unknown = sorted(args.skip - set(SKIPPABLE))
+    if unknown:
+        parser.error(f"--skip: unknown row groups {unknown}; choose from {', '.join(SKIPPABLE)}")
     if not args.batch_sizes or min(args.batch_sizes) < 1 or args.n < 1:
         parser.error("--n and --batch-sizes must be positive")
     return args
@@ -822,40 +843,49 @@ def run(args: argparse.Namespace) -> Report:
                 report,
                 net,
                 pool,
-                n=args.n,
+                n=min(args.n, max(1, args.model_only_n)),
                 batch_sizes=args.batch_sizes,
                 device=device,
                 compile_too=args.compile,
             )
             del pool
-        with phase("model-only, other allocator (child)"):
-            other_allocator_row(
-                report,
-                workdir,
-                model.path,
-                paths,
-                n=args.n,
-                bs=best_bs,
-                device=device_name,
-                threads=args.threads,
-            )
-        with phase("notebook"):
-            run_notebook(
-                report,
-                net,
-                paths,
-                workdir=workdir,
-                checkpoint=model.path,
-                threads=args.threads,
-                arch=args.arch,
-                image_size=args.image_size,
-                device=device,
-                workers=args.notebook_workers,
-            )
+        if "allocator" in args.skip:
+            report.skip(OTHER_ALLOCATOR.format(alloc="other allocator"), "--skip allocator")
+        else:
+            with phase("model-only, other allocator (child)"):
+                other_allocator_row(
+                    report,
+                    workdir,
+                    model.path,
+                    paths,
+                    n=min(args.n, max(1, args.model_only_n)),
+                    bs=best_bs,
+                    device=device_name,
+                    threads=args.threads,
+                )
+        if "notebook" in args.skip:
+            report.skip(NOTEBOOK, "--skip notebook")
+        else:
+            with phase("notebook"):
+                run_notebook(
+                    report,
+                    net,
+                    paths,
+                    workdir=workdir,
+                    checkpoint=model.path,
+                    threads=args.threads,
+                    arch=args.arch,
+                    image_size=args.image_size,
+                    device=device,
+                    workers=args.notebook_workers,
+                )
         with phase("predictor"):
             predictor = run_predictor(report, loaded, paths, device=device)
-        with phase("core.predict"):
-            run_predict_cli(report, model.path, folder, workdir, args.n, device=device_name)
+        if "core.predict" in args.skip:
+            report.skip(PREDICT_CLI, "--skip core.predict")
+        else:
+            with phase("core.predict"):
+                run_predict_cli(report, model.path, folder, workdir, args.n, device=device_name)
         if args.e2e:
             with phase("e2e"):
                 run_e2e(report, args, workdir, folder, paths, model.path, model.sha256, device_name)
