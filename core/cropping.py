@@ -160,18 +160,143 @@ def _downsample(img: np.ndarray) -> tuple[np.ndarray, float, float]:
         return src, 1.0, 1.0
     f = _WORK_SIDE / side
     nh, nw = max(1, round(h * f)), max(1, round(w * f))
+    if h == 2 * nh and w == 2 * nw:
+        halved = _halve(src)
+        if halved is not None:
+            return halved, 2.0, 2.0
+    return _box_resize(src, nh, nw), h / nh, w / nw
+
+
+def _box_resize(src: np.ndarray, nh: int, nw: int) -> np.ndarray:
     # BOX (area) filtering keeps thin bright structures from vanishing between samples.
     small = Image.fromarray(np.ascontiguousarray(src), mode="F").resize(
         (nw, nh), Image.Resampling.BOX
     )
-    return np.asarray(small, dtype=np.float32), h / nh, w / nw
+    return np.asarray(small, dtype=np.float32)
 
 
-def _gaussian5(img: np.ndarray) -> np.ndarray:
+_HALF = np.float32(0.5)
+_ZERO = np.float32(0.0)
+# Pass order Pillow uses to halve a mode "F" image of a given shape: 1 = columns first,
+# 2 = rows first, 0 = neither reproduces it (keep calling Pillow). See _halve.
+_HALVE_ORDER: dict[tuple[int, int], int] = {}
+
+
+def _halve(src: np.ndarray) -> np.ndarray | None:
+    """Pillow's BOX resize of a mode "F" image to exactly half its size, in numpy.
+
+    For a factor of exactly 2 Pillow's BOX weights are 0.5 and 0.5, and each of its two
+    passes (stored as float32 in between) computes ``float32(0.0 + a*0.5 + b*0.5)`` in
+    double. For float32 ``a`` and ``b`` that equals ``float32(a + b) * 0.5`` in float32
+    arithmetic: the products are exact in double, the double sum of two float32 values
+    rounds to float32 as the exact sum does, and halving a float32 is exact unless the
+    result is below the normal range, where ``a + b`` is itself exact. What differs is
+    handled: a float32 sum can overflow where Pillow's halved terms do not (``None`` is
+    returned when the result is not all finite, and the caller uses Pillow), and Pillow's
+    double sum starts at +0.0, so a zero sum is +0.0 there, never -0.0 (adding +0.0 to the
+    float32 sum maps -0.0 to +0.0 and leaves every other value alone; it is needed in the
+    second pass only, as the first pass's zeros differ at most in sign, which a sum of two
+    values carries into its result only when that result is zero). Halving a tiny negative
+    sum rounds to -0.0 in both.
+
+    Which pass Pillow runs first is its implementation detail (it depends on the shape), so
+    it is found once per shape by comparing both orders with Pillow on a fixed random image.
+    """
+    h, w = src.shape
+    order = _HALVE_ORDER.get((h, w))
+    if order is None:
+        probe = np.random.default_rng(h * 4099 + w).random((h, w), dtype=np.float32)
+        expected = _box_resize(probe, h // 2, w // 2)
+        order = next((o for o in (1, 2) if np.array_equal(_halve_passes(probe, o), expected)), 0)
+        _HALVE_ORDER[(h, w)] = order
+    if order == 0:
+        return None
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = _halve_passes(src, order)
+        # A float64 sum of finite float32 values cannot overflow; inf and NaN propagate.
+        finite = math.isfinite(float(out.sum(dtype=np.float64)))
+    return out if finite else None
+
+
+def _halve_passes(src: np.ndarray, order: int) -> np.ndarray:
+    if order == 1:
+        part = np.add(src[:, 0::2], src[:, 1::2])
+        part *= _HALF
+        out = np.add(part[0::2], part[1::2])
+    else:
+        part = np.add(src[0::2], src[1::2])
+        part *= _HALF
+        out = np.add(part[:, 0::2], part[:, 1::2])
+    out += _ZERO  # before halving: a tiny negative sum still halves to -0.0, as in Pillow
+    out *= _HALF
+    return out
+
+
+def _gaussian_kernel() -> np.ndarray:
     # sigma 1.1 is what OpenCV derives for a 5x5 kernel with sigma=0, as in the recipe.
     x = np.arange(-2, 3, dtype=np.float32)
     k = np.exp(-(x**2) / (2 * 1.1**2))
     k /= k.sum()
+    return k
+
+
+_K5 = _gaussian_kernel()
+# The kernel is symmetric bit for bit, so each product k[i] * pixel is computed once and
+# used for both taps i and 4 - i.
+_K5_SYMMETRIC = bool(_K5[0] == _K5[4] and _K5[1] == _K5[3])
+
+
+def _gaussian5(img: np.ndarray) -> np.ndarray:
+    """5x5 Gaussian blur with reflected borders (rows first, then columns).
+
+    Every output is ``(((0 + k0*p0) + k1*p1) + k2*p2) + k3*p3) + k4*p4`` in float32, in
+    that order, for the rows and then for the columns, as the straightforward
+    pad-multiply-sum version computes it; float32 data takes a path that computes each
+    distinct product once and reuses buffers.
+    """
+    h, w = img.shape
+    if img.dtype != np.float32 or min(h, w) <= 2 or not _K5_SYMMETRIC:
+        return _gaussian5_reference(img)
+    k0, k1, k2 = _K5[0], _K5[1], _K5[2]
+    # Products of the column-padded image: q[:, j + 2] = k * img[:, j], reflected borders.
+    qs = []
+    for k in (k0, k1, k2):
+        q = np.empty((h, w + 4), dtype=np.float32)
+        np.multiply(img, k, out=q[:, 2 : w + 2])
+        q[:, 0] = q[:, 4]
+        q[:, 1] = q[:, 3]
+        q[:, w + 2] = q[:, w]
+        q[:, w + 3] = q[:, w - 1]
+        qs.append(q)
+    q0, q1, q2 = qs
+    # Horizontal pass into a row-padded buffer; the filter works on each row alone, so
+    # reflecting the filtered rows equals filtering the reflected rows.
+    rows = np.empty((h + 4, w), dtype=np.float32)
+    body = rows[2 : h + 2]
+    np.add(q0[:, 0:w], q1[:, 1 : w + 1], out=body)
+    body += q2[:, 2 : w + 2]
+    body += q1[:, 3 : w + 3]
+    body += q0[:, 4 : w + 4]
+    rows[0] = rows[4]
+    rows[1] = rows[3]
+    rows[h + 2] = rows[h]
+    rows[h + 3] = rows[h - 1]
+    # Vertical pass.
+    v0 = np.multiply(rows, k0)
+    v1 = np.multiply(rows, k1)
+    v2 = np.multiply(rows, k2)
+    out = np.add(v0[0:h], v1[1 : h + 1])
+    out += v2[2 : h + 2]
+    out += v1[3 : h + 3]
+    out += v0[4 : h + 4]
+    # The sums above start from the first product rather than from 0, which only differs
+    # in giving -0.0 where the reference gives +0.0; adding +0.0 changes nothing else.
+    out += np.float32(0.0)
+    return out
+
+
+def _gaussian5_reference(img: np.ndarray) -> np.ndarray:
+    k = _K5
     p = np.pad(img, 2, mode="reflect") if min(img.shape) > 2 else np.pad(img, 2, mode="edge")
     rows = sum(k[i] * p[:, i : i + img.shape[1]] for i in range(5))
     return np.asarray(sum(k[i] * rows[i : i + img.shape[0], :] for i in range(5)))
@@ -179,32 +304,35 @@ def _gaussian5(img: np.ndarray) -> np.ndarray:
 
 # np.histogram(bins=256, range=(0, 1))'s edges for float32 data.
 _EDGES_256 = np.linspace(0.0, 1.0, 257, dtype=np.float32)
+_CENTRES_256 = (_EDGES_256[:-1] + _EDGES_256[1:]) / 2
 
 
 def _histogram256(img: np.ndarray) -> np.ndarray:
-    """``np.histogram(img, bins=256, range=(0, 1))[0]`` for float32 data in [0, 1], in one pass.
+    """``np.histogram(np.clip(img, 0, 1), bins=256, range=(0, 1))[0]`` for float32 data.
 
     np.histogram works in 64k blocks with masks and edge corrections; here ``v * 256`` is
     exact in float32 (a power of two) and the edges ``i / 256`` are exact too, so flooring
-    gives np.histogram's bin without corrections (1.0 goes to the last bin, as there).
+    gives np.histogram's bin without corrections (1.0 goes to the last bin, as there). The
+    clipped copy is scaled in place: one scratch buffer.
     """
-    scaled = np.asarray(img, dtype=np.float32).ravel() * np.float32(256.0)
+    scaled = np.clip(img, 0.0, 1.0).ravel()
+    scaled *= np.float32(256.0)
     idx = scaled.astype(np.intp)
     np.minimum(idx, 255, out=idx)
     return np.bincount(idx, minlength=256)
 
 
 def _otsu(img: np.ndarray) -> float:
-    clipped = np.clip(img, 0.0, 1.0)
-    if clipped.dtype == np.float32:
-        hist, edges = _histogram256(clipped), _EDGES_256
+    if img.dtype == np.float32:
+        hist, edges, centres = _histogram256(img), _EDGES_256, _CENTRES_256
     else:
+        clipped = np.clip(img, 0.0, 1.0)
         hist, edges = np.histogram(clipped, bins=256, range=(0.0, 1.0))
+        centres = (edges[:-1] + edges[1:]) / 2
     hist = hist.astype(np.float64)
     total = hist.sum()
     if total == 0:
         return _RECIPE_THRESHOLD
-    centres = (edges[:-1] + edges[1:]) / 2
     w0 = np.cumsum(hist)
     w1 = total - w0
     s0 = np.cumsum(hist * centres)
@@ -216,46 +344,64 @@ def _otsu(img: np.ndarray) -> float:
 
 def _erode(mask: np.ndarray, iterations: int) -> np.ndarray:
     # Edge padding: the image border must not eat into objects touching it (as OpenCV).
-    # A 3x3 square is separable (rows, then columns): 4 shifted ANDs instead of 9, same
-    # result, since edge padding is a clamp of each coordinate on its own.
-    for _ in range(iterations):
-        p = np.pad(mask, ((0, 0), (1, 1)), mode="edge")
-        rows = p[:, :-2] & p[:, 1:-1] & p[:, 2:]
-        p = np.pad(rows, ((1, 1), (0, 0)), mode="edge")
-        mask = p[:-2] & p[1:-1] & p[2:]
-    return mask
+    # A 3x3 square is separable (rows, then columns), and n erosions by it are one erosion
+    # by a (2n+1)-square: with edge padding each pass is a minimum over a window clamped
+    # to the image, and clamped windows compose. Shifted in-place ANDs, no padding copies.
+    if iterations <= 0:
+        return mask
+    return _shift_reduce(mask, iterations, np.bitwise_and)
 
 
 def _dilate(mask: np.ndarray, iterations: int) -> np.ndarray:
-    # Separable like _erode; the constant False padding is per axis just the same.
-    for _ in range(iterations):
-        p = np.pad(mask, ((0, 0), (1, 1)), mode="constant", constant_values=False)
-        rows = p[:, :-2] | p[:, 1:-1] | p[:, 2:]
-        p = np.pad(rows, ((1, 1), (0, 0)), mode="constant", constant_values=False)
-        mask = p[:-2] | p[1:-1] | p[2:]
-    return mask
+    # As _erode; constant False padding simply leaves out-of-image neighbours out of the OR.
+    if iterations <= 0:
+        return mask
+    return _shift_reduce(mask, iterations, np.bitwise_or)
+
+
+def _shift_reduce(mask: np.ndarray, radius: int, op: np.ufunc) -> np.ndarray:
+    """``op`` over each pixel's (2*radius+1)-square window, clipped to the image."""
+    rows = mask.copy()
+    for s in range(1, radius + 1):
+        op(rows[:, s:], mask[:, :-s], out=rows[:, s:])
+        op(rows[:, :-s], mask[:, s:], out=rows[:, :-s])
+    out = rows.copy()
+    for s in range(1, radius + 1):
+        op(out[s:], rows[:-s], out=out[s:])
+        op(out[:-s], rows[s:], out=out[:-s])
+    return out
 
 
 def _components(mask: np.ndarray) -> np.ndarray:
     """8-connected components as rows of (area, top, bottom, left, right), inclusive."""
     h, w = mask.shape
-    padded = np.zeros((h, w + 2), dtype=np.int8)
+    stride = w + 2
+    # One False column either side keeps runs inside their row, so the transitions of the
+    # flattened array alternate start, end, start, ... (ends exclusive).
+    padded = np.zeros((h, stride), dtype=bool)
     padded[:, 1:-1] = mask
-    d = np.diff(padded, axis=1)
-    run_rows, run_starts = np.nonzero(d == 1)
-    _, run_ends = np.nonzero(d == -1)  # exclusive; same row-major order as the starts
-    n = run_rows.size
-    if n == 0:
+    flat = padded.ravel()
+    edges = np.flatnonzero(flat[1:] != flat[:-1])
+    if edges.size == 0:
         return np.zeros((0, 5), dtype=np.int64)
-    roots = _run_roots(run_rows, run_starts, run_ends, w + 2)
-    uniq, inverse = np.unique(roots, return_inverse=True)
+    key_starts, key_ends = edges[0::2], edges[1::2]
+    run_rows = key_starts // stride
+    row_base = run_rows * stride
+    run_starts = key_starts - row_base
+    run_ends = key_ends - row_base
+    roots = _run_roots(run_rows, run_starts, run_ends, stride)
+    # Every root is its own parent and is the smallest run index of its component, which
+    # is what np.unique(roots, return_inverse=True) would give, without sorting.
+    is_root = roots == np.arange(roots.size)
+    uniq = np.flatnonzero(is_root)
+    inverse = (np.cumsum(is_root) - 1)[roots]
     k = uniq.size
     area = np.bincount(inverse, weights=run_ends - run_starts, minlength=k).astype(np.int64)
-    top = np.full(k, h, dtype=np.int64)
+    # Runs are in row-major order, so a component's first run (its root) is in its top row.
+    top = run_rows[uniq].astype(np.int64)
     bottom = np.full(k, -1, dtype=np.int64)
     left = np.full(k, w, dtype=np.int64)
     right = np.full(k, -1, dtype=np.int64)
-    np.minimum.at(top, inverse, run_rows)
     np.maximum.at(bottom, inverse, run_rows)
     np.minimum.at(left, inverse, run_starts)
     np.maximum.at(right, inverse, run_ends - 1)

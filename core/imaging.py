@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from core.errors import (
     CorruptImageError,
@@ -66,6 +66,14 @@ _KNOWN_MAGIC: tuple[tuple[bytes, str], ...] = (
 )
 
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+# What a decoder path guarantees about the array it returns, so _finish can skip the
+# passes that cannot change it: nothing (float/16-bit/DICOM data), all values finite
+# (anything computed from 8-bit samples), or finite and within [0, 1] as well.
+_UNCHECKED, _FINITE, _IN_UNIT = 0, 1, 2
+
+# EXIF orientations that ImageOps.exif_transpose acts on (1 and the rest are no-ops).
+_EXIF_TRANSPOSED = (2, 3, 4, 5, 6, 7, 8)
 
 
 def is_image_path(path: Path | str) -> bool:
@@ -116,8 +124,9 @@ def _read_checked(p: Path, *, max_pixels: int, min_side: int) -> np.ndarray:
             raise UnsupportedFormatError(p, _NIFTI_MESSAGE)
         if _looks_like_dicom(p, head):
             img = _read_dicom(p, fh, head, max_pixels=max_pixels, min_side=min_side)
+            known = _UNCHECKED
         else:
-            img = _read_pil(p, fh, head, max_pixels=max_pixels, min_side=min_side)
+            img, known = _read_pil(p, fh, head, max_pixels=max_pixels, min_side=min_side)
     except OSError as exc:
         # I/O failure while reading an opened file (network share gone, EIO, ...).
         if isinstance(exc, PermissionError) or exc.errno in (errno.EACCES, errno.EIO):
@@ -125,7 +134,7 @@ def _read_checked(p: Path, *, max_pixels: int, min_side: int) -> np.ndarray:
         raise CorruptImageError(p, f"read failed: {exc}") from exc
     finally:
         fh.close()
-    return _finish(p, img, min_side=min_side)
+    return _finish(p, img, min_side=min_side, known=known)
 
 
 def _check_file(p: Path) -> None:
@@ -172,7 +181,7 @@ def _check_size(p: Path, width: int, height: int, *, max_pixels: int, min_side: 
         )
 
 
-def _finish(p: Path, img: np.ndarray, *, min_side: int) -> np.ndarray:
+def _finish(p: Path, img: np.ndarray, *, min_side: int, known: int = _UNCHECKED) -> np.ndarray:
     if img.ndim != 2:
         raise CorruptImageError(p, f"decoded to an unexpected shape {img.shape}")
     h, w = img.shape
@@ -183,12 +192,15 @@ def _finish(p: Path, img: np.ndarray, *, min_side: int) -> np.ndarray:
     out = img.astype(np.float32, copy=False)
     # One sum tells whether any pixel is NaN/inf (it then is non-finite too), so the common
     # all-finite image skips nan_to_num's copy and four masks. A huge but finite image whose
-    # sum overflows merely takes the slow path, which leaves it unchanged.
-    if not np.isfinite(out.sum(dtype=np.float64)):
+    # sum overflows merely takes the slow path, which leaves it unchanged. Decoder paths
+    # that guarantee finite (or finite and [0, 1]) values skip the passes that would find
+    # nothing to change (``known``).
+    if known < _FINITE and not np.isfinite(out.sum(dtype=np.float64)):
         out = np.nan_to_num(out, nan=0.0, posinf=1.0, neginf=0.0)
     elif out is img and not out.flags.writeable:
         out = out.copy()
-    np.clip(out, 0.0, 1.0, out=out)
+    if known < _IN_UNIT:
+        np.clip(out, 0.0, 1.0, out=out)
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
@@ -236,7 +248,9 @@ def _describe_unknown(head: bytes) -> str:
     return "not a recognised image format (expected JPEG, PNG, BMP, TIFF, GIF or DICOM)"
 
 
-def _read_pil(p: Path, fh: IO[bytes], head: bytes, *, max_pixels: int, min_side: int) -> np.ndarray:
+def _read_pil(
+    p: Path, fh: IO[bytes], head: bytes, *, max_pixels: int, min_side: int
+) -> tuple[np.ndarray, int]:
     # Image.open(formats=...) looks the names up in the plugin registry, which holds only
     # the five commonest formats until init() has run (it returns at once after the first).
     Image.init()
@@ -267,28 +281,37 @@ def _read_pil(p: Path, fh: IO[bytes], head: bytes, *, max_pixels: int, min_side:
         except (OSError, ValueError, SyntaxError, EOFError, IndexError) as exc:
             raise CorruptImageError(p, f"truncated or corrupt {fmt} data: {exc}") from exc
         try:
-            oriented = ImageOps.exif_transpose(im)
+            # exif_transpose returns a copy of the image when there is nothing to do; the
+            # orientation test first spares that copy (getexif() is parsed once, cached).
+            orientation = im.getexif().get(ExifTags.Base.Orientation, 1)
+            oriented = ImageOps.exif_transpose(im) if orientation in _EXIF_TRANSPOSED else im
         except Exception:
             # A damaged EXIF block should not cost us an otherwise good image.
             oriented = im
         return _pil_to_gray(p, oriented)
 
 
-def _pil_to_gray(p: Path, im: Image.Image) -> np.ndarray:
+def _pil_to_gray(p: Path, im: Image.Image) -> tuple[np.ndarray, int]:
+    """The gray array and what it is known to satisfy (``_UNCHECKED`` ... ``_IN_UNIT``).
+
+    Values from 8-bit and 1-bit samples are finite by construction; ``v / 255`` with
+    ``v`` in 0..255, and the product of two such values, lie in [0, 1] exactly. The luma
+    weights sum to slightly more than 1 in float32, so colour results keep the clip.
+    """
     mode = im.mode
     if mode == "1":
-        return np.asarray(im, dtype=bool).astype(np.float32)
+        return np.asarray(im, dtype=bool).astype(np.float32), _IN_UNIT
     if mode == "L":
         gray = np.asarray(im, dtype=np.uint8).astype(np.float32)
-        return np.divide(gray, 255.0, out=gray)  # in place: one pass fewer
+        return np.divide(gray, 255.0, out=gray), _IN_UNIT  # in place: one pass fewer
     if mode == "LA":
         la = np.asarray(im, dtype=np.uint8).astype(np.float32) / 255.0
-        return la[..., 0] * la[..., 1]
+        return la[..., 0] * la[..., 1], _IN_UNIT
     if mode.startswith("I;16") or mode in ("I", "F"):
         arr = np.asarray(im)
         if arr.ndim != 2:
             raise CorruptImageError(p, f"unexpected {mode} pixel layout {arr.shape}")
-        return _min_max(arr)
+        return _min_max(arr), _UNCHECKED
     if mode in ("P", "PA"):
         has_alpha = mode == "PA" or "transparency" in im.info
         im = im.convert("RGBA" if has_alpha else "RGB")
@@ -296,12 +319,12 @@ def _pil_to_gray(p: Path, im: Image.Image) -> np.ndarray:
     if mode in ("RGBA", "La", "RGBa", "PA"):
         im = im.convert("RGBA")
         rgba = np.asarray(im, dtype=np.uint8).astype(np.float32) / 255.0
-        return _luma(rgba) * rgba[..., 3]
+        return _luma(rgba) * rgba[..., 3], _FINITE
     if mode != "RGB":
         # CMYK, YCbCr, LAB, HSV, RGBX, ...: Pillow knows the colour maths, we do not redo it.
         im = im.convert("RGB")
     rgb = np.asarray(im, dtype=np.uint8)
-    return _luma(rgb) / 255.0
+    return _luma(rgb) / 255.0, _FINITE
 
 
 # ---------------------------------------------------------------------------------- DICOM

@@ -127,7 +127,8 @@ class _Preset:
         return _letterbox(t, self.params.image_size)
 
     def _normalise(self, gray: torch.Tensor) -> torch.Tensor:
-        return (gray.expand(3, -1, -1) - self._mean) / self._std
+        # (x - mean) / std, dividing in place into the difference's fresh 3xSxS tensor.
+        return torch.sub(gray.expand(3, -1, -1), self._mean).div_(self._std)
 
 
 class EvalPreset(_Preset):

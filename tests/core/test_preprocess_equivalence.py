@@ -1,0 +1,256 @@
+"""The fast paths of decoding, brain cropping and normalising give bit-identical results.
+
+Each optimised internal is compared with a plain reference written here (the way the code
+computed it before it was optimised), on random and adversarial inputs: equality is
+checked bit for bit (``_bits``), so even the sign of a zero counts.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from core import cropping
+from core.imaging import read_image
+from core.transforms import EvalPreset, PresetParams
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    a = np.ascontiguousarray(a)
+    return a.view(f"u{a.itemsize}") if a.dtype.kind == "f" else a
+
+
+def _assert_identical(got: np.ndarray, want: np.ndarray) -> None:
+    assert got.dtype == want.dtype
+    assert got.shape == want.shape
+    np.testing.assert_array_equal(_bits(got), _bits(want))
+
+
+def _odd_floats(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+    """Mostly [0, 1) with negatives, zeros of both signs and subnormals sprinkled in."""
+    a = rng.random(shape, dtype=np.float32)
+    specials = np.array([0.0, -0.0, 1e-45, -1e-45, 3e-45, -1e-40, 1.0, -0.5], np.float32)
+    pick = rng.random(shape) < 0.2
+    a[pick] = rng.choice(specials, size=int(pick.sum()))
+    return a
+
+
+# ------------------------------------------------------------------------------ decoding
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".bmp", ".tif"])
+def test_8bit_gray_is_value_over_255(tmp_path: Path, suffix: str) -> None:
+    rng = np.random.default_rng(0)
+    values = rng.integers(0, 256, (61, 47), dtype=np.uint8)
+    values[0, :3] = (0, 255, 128)
+    path = tmp_path / f"g{suffix}"
+    Image.fromarray(values, "L").save(path)
+    with Image.open(path) as im:
+        decoded = np.asarray(im.convert("L"), dtype=np.uint8)
+    got = read_image(path)
+    _assert_identical(got, decoded.astype(np.float32) / np.float32(255))
+    assert got.flags.c_contiguous and got.flags.writeable
+    assert got.min() >= 0.0 and got.max() <= 1.0
+
+
+def test_la_and_1bit_values(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    gray = rng.integers(0, 256, (40, 33), dtype=np.uint8)
+    alpha = rng.integers(0, 256, (40, 33), dtype=np.uint8)
+    alpha[0, 0], gray[0, 0] = 255, 255
+    Image.fromarray(np.stack([gray, alpha], -1), "LA").save(tmp_path / "la.png")
+    la = np.stack([gray, alpha], -1).astype(np.float32) / np.float32(255)
+    got = read_image(tmp_path / "la.png")
+    _assert_identical(got, la[..., 0] * la[..., 1])
+    assert got.max() == 1.0 and got.min() >= 0.0
+
+    bits = rng.random((40, 33)) < 0.5
+    Image.fromarray(bits).convert("1").save(tmp_path / "one.png")
+    _assert_identical(read_image(tmp_path / "one.png"), bits.astype(np.float32))
+
+
+def test_exif_orientation_still_applied(tmp_path: Path) -> None:
+    values = np.zeros((20, 30), dtype=np.uint8)
+    values[:5, :5] = 255  # a bright top-left corner
+    exif = Image.Exif()
+    exif[0x0112] = 3  # rotate 180
+    Image.fromarray(values, "L").save(tmp_path / "r.png", exif=exif.tobytes())
+    got = read_image(tmp_path / "r.png")
+    _assert_identical(got, values[::-1, ::-1].astype(np.float32) / np.float32(255))
+
+
+# ------------------------------------------------------------------------------ cropping
+
+
+def _pil_box(img: np.ndarray, nh: int, nw: int) -> np.ndarray:
+    small = Image.fromarray(np.ascontiguousarray(img), mode="F").resize(
+        (nw, nh), Image.Resampling.BOX
+    )
+    return np.asarray(small, dtype=np.float32)
+
+
+@pytest.mark.parametrize(
+    "shape", [(512, 512), (512, 384), (384, 512), (512, 254), (512, 256), (512, 2), (6, 512)]
+)
+def test_halving_matches_pillow_box(shape: tuple[int, int]) -> None:
+    rng = np.random.default_rng(sum(shape))
+    for img in (rng.random(shape, dtype=np.float32), _odd_floats(rng, shape)):
+        work, sy, sx = cropping._downsample(img)
+        assert (sy, sx) == (2.0, 2.0)
+        _assert_identical(work, _pil_box(img, shape[0] // 2, shape[1] // 2))
+
+
+def test_halving_special_value_blocks_match_pillow() -> None:
+    vals = np.array(
+        [
+            0.0,
+            -0.0,
+            1e-45,
+            -1e-45,
+            2e-45,
+            -3e-45,
+            1.1754942e-38,
+            -1.1754944e-38,
+            1e38,
+            -1.0,
+            0.99999994,
+        ],
+        dtype=np.float32,
+    )
+    combos = np.array(list(itertools.product(range(vals.size), repeat=4)))  # 2x2 blocks
+    blocks = vals[combos[: 64 * 128]].reshape(64, 128, 2, 2).transpose(0, 2, 1, 3)
+    wide = np.ascontiguousarray(np.tile(blocks.reshape(128, 256), (1, 2)))  # 128 x 512
+    tall = np.ascontiguousarray(wide.T)  # 512 x 128: Pillow runs its passes the other way
+    for img in (wide, tall):
+        _assert_identical(cropping._downsample(img)[0], _pil_box(img, *(s // 2 for s in img.shape)))
+
+
+def test_halving_overflow_falls_back_to_pillow() -> None:
+    img = np.full((512, 300), 3e38, dtype=np.float32)  # a + b overflows float32
+    img[::2] = -3e38
+    assert cropping._halve(img) is None
+    _assert_identical(cropping._downsample(img)[0], _pil_box(img, 256, 150))
+
+
+def _gaussian_reference(img: np.ndarray) -> np.ndarray:
+    x = np.arange(-2, 3, dtype=np.float32)
+    k = np.exp(-(x**2) / (2 * 1.1**2))
+    k /= k.sum()
+    p = np.pad(img, 2, mode="reflect") if min(img.shape) > 2 else np.pad(img, 2, mode="edge")
+    rows = sum(k[i] * p[:, i : i + img.shape[1]] for i in range(5))
+    return np.asarray(sum(k[i] * rows[i : i + img.shape[0], :] for i in range(5)))
+
+
+@pytest.mark.parametrize("shape", [(3, 3), (3, 17), (29, 3), (64, 64), (256, 201), (2, 9), (1, 1)])
+def test_gaussian_matches_reference(shape: tuple[int, int]) -> None:
+    rng = np.random.default_rng(shape[0] * 1000 + shape[1])
+    for img in (rng.random(shape, dtype=np.float32), _odd_floats(rng, shape)):
+        _assert_identical(cropping._gaussian5(img), _gaussian_reference(img))
+    img64 = rng.random(shape)
+    _assert_identical(cropping._gaussian5(img64), _gaussian_reference(img64))
+
+
+def _morph_reference(mask: np.ndarray, iterations: int, erode: bool) -> np.ndarray:
+    for _ in range(iterations):
+        if erode:
+            p = np.pad(mask, 1, mode="edge")
+        else:
+            p = np.pad(mask, 1, mode="constant", constant_values=False)
+        h, w = mask.shape
+        windows = [p[dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3)]
+        mask = np.logical_and.reduce(windows) if erode else np.logical_or.reduce(windows)
+    return mask
+
+
+def test_erode_dilate_match_reference() -> None:
+    rng = np.random.default_rng(7)
+    for h, w in [(1, 1), (1, 9), (7, 1), (2, 2), (5, 8), (33, 40), (96, 71)]:
+        for density in (0.3, 0.7, 0.95):
+            mask = rng.random((h, w)) < density
+            for it in range(4):
+                got_e, got_d = cropping._erode(mask, it), cropping._dilate(mask, it)
+                np.testing.assert_array_equal(got_e, _morph_reference(mask, it, True))
+                np.testing.assert_array_equal(got_d, _morph_reference(mask, it, False))
+                assert got_e.dtype == got_d.dtype == np.bool_
+
+
+def _components_reference(mask: np.ndarray) -> np.ndarray:
+    """8-connected flood fill, components in the row-major order of their first pixel."""
+    h, w = mask.shape
+    seen = np.zeros_like(mask, dtype=bool)
+    rows = []
+    for y, x in zip(*np.nonzero(mask), strict=True):
+        if seen[y, x]:
+            continue
+        seen[y, x] = True
+        queue, pixels = deque([(y, x)]), []
+        while queue:
+            cy, cx = queue.popleft()
+            pixels.append((cy, cx))
+            for ny in range(max(cy - 1, 0), min(cy + 2, h)):
+                for nx in range(max(cx - 1, 0), min(cx + 2, w)):
+                    if mask[ny, nx] and not seen[ny, nx]:
+                        seen[ny, nx] = True
+                        queue.append((ny, nx))
+        ys = [p[0] for p in pixels]
+        xs = [p[1] for p in pixels]
+        rows.append((len(pixels), min(ys), max(ys), min(xs), max(xs)))
+    return np.array(rows, dtype=np.int64).reshape(-1, 5)
+
+
+def test_components_match_flood_fill() -> None:
+    rng = np.random.default_rng(11)
+    for h, w in [(1, 1), (1, 12), (9, 1), (6, 6), (20, 31), (48, 40)]:
+        for density in (0.0, 0.2, 0.45, 0.6, 1.0):
+            mask = rng.random((h, w)) < density
+            got = cropping._components(mask)
+            assert got.dtype == np.int64
+            np.testing.assert_array_equal(got, _components_reference(mask))
+
+
+def _otsu_reference(img: np.ndarray) -> float:
+    clipped = np.clip(img, 0.0, 1.0)
+    hist, edges = np.histogram(clipped, bins=256, range=(0.0, 1.0))
+    hist = hist.astype(np.float64)
+    total = hist.sum()
+    if total == 0:
+        return 45.0 / 255.0
+    centres = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist)
+    w1 = total - w0
+    s0 = np.cumsum(hist * centres)
+    m0 = np.divide(s0, w0, out=np.zeros_like(s0), where=w0 > 0)
+    m1 = np.divide(s0[-1] - s0, w1, out=np.zeros_like(s0), where=w1 > 0)
+    return float(edges[int(np.argmax(w0 * w1 * (m0 - m1) ** 2)) + 1])
+
+
+def test_otsu_matches_histogram_reference() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        img = (rng.random((50, 70)) ** rng.uniform(0.3, 3)).astype(np.float32)
+        img[rng.random(img.shape) < 0.05] = rng.choice([0.0, 1.0, 1.5, -0.2])
+        assert cropping._otsu(img) == _otsu_reference(img)
+    # bin edges: exact multiples of 1/256 land in the bin they start
+    edges = (np.arange(257, dtype=np.float32) / np.float32(256)).reshape(1, -1)
+    assert cropping._otsu(edges) == _otsu_reference(edges)
+
+
+# ---------------------------------------------------------------------------- transforms
+
+
+def test_normalise_is_subtract_then_divide() -> None:
+    params = PresetParams(image_size=32, crop="none")
+    preset = EvalPreset(params=params)
+    gray = torch.rand(1, 32, 32, generator=torch.Generator().manual_seed(0))
+    mean = torch.tensor(params.mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(params.std, dtype=torch.float32).view(3, 1, 1)
+    got = preset._normalise(gray)
+    want = (gray.expand(3, -1, -1) - mean) / std
+    assert got.shape == (3, 32, 32) and got.is_contiguous()
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
