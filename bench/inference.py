@@ -231,6 +231,30 @@ def time_forward(
     return (time.perf_counter() - start) * n / (steps * bs)  # per n images exactly
 
 
+def time_best_settings(
+    model: nn.Module,
+    pool: torch.Tensor,
+    *,
+    n: int,
+    bs: int,
+    device: torch.device,
+    warmup: int = 2,
+) -> float:
+    """:func:`time_forward` with the ceiling's settings: channels_last, inference_mode and
+    (on CUDA) autocast."""
+    return time_forward(
+        model,
+        pool,
+        n=n,
+        bs=bs,
+        device=device,
+        channels_last=True,
+        inference_mode=True,
+        amp=True,
+        warmup=warmup,
+    )
+
+
 def model_only_sweep(
     report: Report,
     net: nn.Module,
@@ -249,16 +273,7 @@ def model_only_sweep(
     model = prepare_inference_model(net, device)
     timings: dict[int, float] = {}
     for bs in batch_sizes:
-        timings[bs] = time_forward(
-            model,
-            pool,
-            n=n,
-            bs=bs,
-            device=device,
-            channels_last=True,
-            inference_mode=True,
-            amp=True,
-        )
+        timings[bs] = time_best_settings(model, pool, n=n, bs=bs, device=device)
     best = min(timings, key=lambda b: timings[b])
     sweep = ", ".join(f"bs {b}: {n / s:,.1f} img/s" for b, s in timings.items())
     report.add(
@@ -270,16 +285,7 @@ def model_only_sweep(
             + (", autocast" if device.type == "cuda" else ""),
         )
     )
-    seconds_unfolded = time_forward(
-        copy.deepcopy(net),
-        pool,
-        n=n,
-        bs=best,
-        device=device,
-        channels_last=True,
-        inference_mode=True,
-        amp=True,
-    )
+    seconds_unfolded = time_best_settings(copy.deepcopy(net), pool, n=n, bs=best, device=device)
     report.add(Measurement(UNFOLDED, n, seconds_unfolded, note=f"bs {best}, channels_last"))
     report.notes.append(
         f"model-only sweep ({'tuned' if allocator_tuned() else 'default'} allocator): {sweep}"
@@ -315,15 +321,8 @@ def recheck_ceiling(
     first = report.row(CEILING)
     if first is None:
         return
-    seconds = time_forward(
-        prepare_inference_model(net, device),
-        pool,
-        n=n,
-        bs=bs,
-        device=device,
-        channels_last=True,
-        inference_mode=True,
-        amp=True,
+    seconds = time_best_settings(
+        prepare_inference_model(net, device), pool, n=n, bs=bs, device=device
     )
     again = n / seconds
     report.notes.append(
@@ -348,27 +347,8 @@ def _compiled_row(
         # torch.compile returns an OptimizedModule (an nn.Module) for a module.
         compiled = cast("nn.Module", torch.compile(model))
         with Stopwatch() as compile_sw:
-            time_forward(
-                compiled,
-                pool,
-                n=bs,
-                bs=bs,
-                device=device,
-                channels_last=True,
-                inference_mode=True,
-                amp=True,
-                warmup=1,
-            )
-        seconds = time_forward(
-            compiled,
-            pool,
-            n=n,
-            bs=bs,
-            device=device,
-            channels_last=True,
-            inference_mode=True,
-            amp=True,
-        )
+            time_best_settings(compiled, pool, n=bs, bs=bs, device=device, warmup=1)
+        seconds = time_best_settings(compiled, pool, n=n, bs=bs, device=device)
     except Exception as exc:  # compile needs a C compiler etc.; its absence is not fatal
         report.skip(COMPILED, f"torch.compile failed: {type(exc).__name__}: {exc}"[:200])
         return
@@ -379,29 +359,27 @@ def _compiled_row(
     )
 
 
-def child_model_only(spec_path: Path) -> int:
-    """Child mode: time the ceiling configuration under this process's allocator."""
+def _child_setup(spec_path: Path) -> tuple[dict[str, Any], torch.device, LoadedCheckpoint]:
+    """A child's spec, its device and the checkpoint loaded there, threads sized as asked."""
     import torch
 
     from core.checkpoint import load_checkpoint
-    from core.inference import configure_cpu_threads, prepare_inference_model
+    from core.inference import configure_cpu_threads
 
-    spec = json.loads(spec_path.read_text())
+    spec: dict[str, Any] = json.loads(spec_path.read_text())
     configure_cpu_threads(spec.get("threads"))
     device = torch.device(spec["device"])
-    loaded = load_checkpoint(Path(spec["checkpoint"]), device=device)
+    return spec, device, load_checkpoint(Path(spec["checkpoint"]), device=device)
+
+
+def child_model_only(spec_path: Path) -> int:
+    """Child mode: time the ceiling configuration under this process's allocator."""
+    from core.inference import prepare_inference_model
+
+    spec, device, loaded = _child_setup(spec_path)
     pool = predecode([Path(p) for p in spec["paths"]], loaded.meta.preset)
     model = prepare_inference_model(loaded.model, device)
-    seconds = time_forward(
-        model,
-        pool,
-        n=spec["n"],
-        bs=spec["bs"],
-        device=device,
-        channels_last=True,
-        inference_mode=True,
-        amp=True,
-    )
+    seconds = time_best_settings(model, pool, n=spec["n"], bs=spec["bs"], device=device)
     print(json.dumps({"seconds": seconds, "n": spec["n"], "tuned": allocator_tuned()}))
     return 0
 
@@ -430,34 +408,50 @@ def other_allocator_row(
 ) -> None:
     """The ceiling configuration in a child under the *other* allocator setting."""
     tuned_here = allocator_tuned()
-    spec = workdir / "child-model-only.json"
-    spec.write_text(
-        json.dumps(
-            {
-                "checkpoint": str(checkpoint),
-                "paths": [str(p) for p in paths[:POOL]],
-                "n": n,
-                "bs": bs,
-                "device": device,
-                "threads": threads,
-            }
-        )
-    )
-    env = _other_allocator_env(tuned_here)
     alloc = "glibc default allocator" if tuned_here else "tuned allocator"
-    name = OTHER_ALLOCATOR.format(alloc=alloc)
+    run_child(
+        report,
+        OTHER_ALLOCATOR.format(alloc=alloc),
+        "--child-model-only",
+        workdir / "child-model-only.json",
+        {
+            "checkpoint": str(checkpoint),
+            "paths": [str(p) for p in paths[:POOL]],
+            "n": n,
+            "bs": bs,
+            "device": device,
+            "threads": threads,
+        },
+        note=f"bs {bs}",
+        timeout=1800,
+    )
+
+
+def run_child(
+    report: Report,
+    name: str,
+    mode: str,
+    spec_file: Path,
+    spec: dict[str, Any],
+    *,
+    note: str,
+    timeout: float,
+) -> None:
+    """Runs ``python -m bench.inference <mode> <spec_file>`` under the allocator setting this
+    process does not have and adds its ``{"n", "seconds"}`` answer as the row ``name``."""
+    spec_file.write_text(json.dumps(spec))
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.inference", "--child-model-only", str(spec), "--no-reexec"],
-        env=env,
+        [sys.executable, "-m", "bench.inference", mode, str(spec_file), "--no-reexec"],
+        env=_other_allocator_env(allocator_tuned()),
         capture_output=True,
         text=True,
-        timeout=1800,
+        timeout=timeout,
     )
     if proc.returncode != 0:
         report.skip(name, f"child failed ({proc.returncode}): {proc.stderr.strip()[-300:]}")
         return
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    report.add(Measurement(name, int(result["n"]), float(result["seconds"]), note=f"bs {bs}"))
+    report.add(Measurement(name, int(result["n"]), float(result["seconds"]), note=note))
 
 
 # --------------------------------------------------------------------------------------
@@ -563,15 +557,7 @@ def time_notebook(
 
 def child_notebook(spec_path: Path) -> int:
     """Child mode: the notebook row under this process's allocator."""
-    import torch
-
-    from core.checkpoint import load_checkpoint
-    from core.inference import configure_cpu_threads
-
-    spec = json.loads(spec_path.read_text())
-    configure_cpu_threads(spec.get("threads"))
-    device = torch.device(spec["device"])
-    loaded = load_checkpoint(Path(spec["checkpoint"]), device=device)
+    spec, device, loaded = _child_setup(spec_path)
     done, seconds = time_notebook(
         loaded.model.eval(),
         [Path(p) for p in spec["paths"]],
@@ -608,33 +594,23 @@ def run_notebook(
         net, paths, arch=arch, image_size=image_size, device=device, workers=workers
     )
     report.add(Measurement(NOTEBOOK_TUNED if tuned_here else NOTEBOOK, done, seconds, note=note))
-    name = NOTEBOOK if tuned_here else NOTEBOOK_TUNED
-    spec = workdir / "child-notebook.json"
-    spec.write_text(
-        json.dumps(
-            {
-                "checkpoint": str(checkpoint),
-                "paths": [str(p) for p in paths],
-                "arch": arch,
-                "image_size": image_size,
-                "device": str(device),
-                "workers": workers,
-                "threads": threads,
-            }
-        )
-    )
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.inference", "--child-notebook", str(spec), "--no-reexec"],
-        env=_other_allocator_env(tuned_here),
-        capture_output=True,
-        text=True,
+    run_child(
+        report,
+        NOTEBOOK if tuned_here else NOTEBOOK_TUNED,
+        "--child-notebook",
+        workdir / "child-notebook.json",
+        {
+            "checkpoint": str(checkpoint),
+            "paths": [str(p) for p in paths],
+            "arch": arch,
+            "image_size": image_size,
+            "device": str(device),
+            "workers": workers,
+            "threads": threads,
+        },
+        note=note,
         timeout=3600,
     )
-    if proc.returncode != 0:
-        report.skip(name, f"child failed ({proc.returncode}): {proc.stderr.strip()[-300:]}")
-        return
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    report.add(Measurement(name, int(result["n"]), float(result["seconds"]), note=note))
 
 
 # --------------------------------------------------------------------------------------
