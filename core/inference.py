@@ -324,12 +324,31 @@ class _Batch:
         return self
 
 
+def _stack_channels_last(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack(tensors)`` laid out channels-last, in one copy per image.
+
+    The model runs channels-last: building the batch that way here (in the decode thread or
+    a loader process) spares the forward pass's thread a whole-batch layout conversion.
+    """
+    first = tensors[0]
+    if first.dim() != 3:
+        return torch.stack(tensors)
+    out = torch.empty(
+        (len(tensors), *first.shape), dtype=first.dtype, memory_format=torch.channels_last
+    )
+    for i, t in enumerate(tensors):
+        if t.shape != first.shape:  # copy_ would broadcast; stack's error is the right one
+            return torch.stack(tensors)
+        out[i].copy_(t)
+    return out
+
+
 def _collate(batch: list[_Item]) -> _Batch:
     """Stacks the readable items of a batch (module-level so worker processes can pickle it)."""
     tensors = [t for _, t, _, _ in batch if t is not None]
     return _Batch(
         paths=[p for p, _, _, _ in batch],
-        images=torch.stack(tensors) if tensors else None,
+        images=_stack_channels_last(tensors) if tensors else None,
         errors=[e if t is None else None for _, t, e, _ in batch],
         sha256s=[h for _, _, _, h in batch],
     )

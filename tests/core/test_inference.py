@@ -356,3 +356,16 @@ def test_hash_inputs_gives_each_files_sha256(ckpt_dir: Path, tmp_path: Path) -> 
     assert preds[1].error is not None and preds[0].ok
     plain = Predictor(load_checkpoint(ckpt_dir / "tiny.pt"), batch_size=3)
     assert all(p.sha256 is None for p in plain.predict(good))
+
+
+def test_batches_are_built_channels_last_with_the_same_values() -> None:
+    from core.inference import _stack_channels_last
+
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 9, 7, generator=g) for _ in range(4)]
+    batch = _stack_channels_last(images)
+    assert batch.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(batch, torch.stack(images))
+    # mismatched shapes fail as torch.stack fails, never by silent broadcasting
+    with pytest.raises(RuntimeError):
+        _stack_channels_last([torch.rand(3, 9, 7), torch.rand(1, 9, 7)])
