@@ -54,13 +54,6 @@ log = logging.getLogger(__name__)
 CANCEL_CHECK_INTERVAL_S = 2.0
 #: Predictions are recorded per batch of this many images (one INSERT per batch).
 DEFAULT_BATCH_SIZE = 32
-#: Prediction rows per write transaction (see _run_chunk), and the longest a row waits.
-#: One model batch per transaction: rows become visible (progress, results) and the cancel
-#: flag is read after every batch, which the cancellation and crash-recovery guarantees
-#: ("running chunks stop at the next batch", "a killed chunk loses at most one batch") rely
-#: on. Grouping 128 rows per write saved little CPU and broke those guarantees.
-WRITE_BATCH_ROWS = 1
-WRITE_INTERVAL_S = 2.0
 #: Retry backoff: countdown = BASE * 2**retries, capped.
 RETRY_BASE_S = 2.0
 RETRY_MAX_S = 120.0
@@ -272,44 +265,31 @@ def _run_chunk(settings: Settings, job_id: int, chunk_index: int, work: _ChunkWo
     # predict() yields exactly one Prediction per input, in input order, so zip pairs each
     # with its item; per-file read errors come back as error predictions, not exceptions.
     pairs = zip(work.items, predictions, strict=False)
-    pending: list[repository.PredictionRecord] = []
-    last_write = time.monotonic()
-    batches = _batches(pairs, predictor.batch_size)
-    while True:
-        batch = next(batches, None)
-        if batch is not None:
-            pending.extend(
-                repository.PredictionRecord(
-                    item_index=index,
-                    path=stored,
-                    file_sha256=pred.sha256,
-                    label=pred.label,
-                    confidence=pred.confidence,
-                    top_k=pred.top_k,
-                    error=None if pred.error is None else storable_text(pred.error),
-                )
-                for (index, stored), pred in batch
+    for batch in _batches(pairs, predictor.batch_size):
+        records = [
+            repository.PredictionRecord(
+                item_index=index,
+                path=stored,
+                file_sha256=pred.sha256,
+                label=pred.label,
+                confidence=pred.confidence,
+                top_k=pred.top_k,
+                error=None if pred.error is None else storable_text(pred.error),
             )
-        # Rows are written in groups of WRITE_BATCH_ROWS (or every WRITE_INTERVAL_S): one
-        # transaction per model batch cost more CPU than the rows themselves on a small
-        # host, and that CPU is taken from the forward pass.
-        due = len(pending) >= WRITE_BATCH_ROWS or (
-            time.monotonic() - last_write >= WRITE_INTERVAL_S
-        )
-        if pending and (batch is None or due):
-            # The write transaction also reads the cancel flag (one PK lookup in a
-            # transaction we run anyway), so a cancelled chunk stops at the next write
-            # rather than up to CANCEL_CHECK_INTERVAL_S later.
-            if runtime.with_session(settings, _recorder(job_id, pending)):
-                cancel.cancelled = True
-            done += len(pending)
-            pending = []
-            last_write = time.monotonic()
-        if batch is None or cancel():
+            for (index, stored), pred in batch
+        ]
+        # One write transaction per model batch: rows become visible (progress, results)
+        # after every batch, and the cancellation and crash-recovery guarantees ("running
+        # chunks stop at the next batch", "a killed chunk loses at most one batch") rely on
+        # it; grouping rows across batches saved little CPU and broke them. The transaction
+        # also reads the cancel flag (one PK lookup in a transaction we run anyway), so a
+        # cancelled chunk stops at the next batch rather than up to CANCEL_CHECK_INTERVAL_S
+        # later.
+        if runtime.with_session(settings, _recorder(job_id, records)):
+            cancel.cancelled = True
+        done += len(records)
+        if cancel():
             break
-    if pending:  # cancelled between writes: keep what was classified
-        runtime.with_session(settings, _recorder(job_id, pending))
-        done += len(pending)
     if done < len(work.items) and cancel.force():
         status = _complete(settings, job_id, chunk_index, ChunkStatus.CANCELLED)
         return f"cancelled after {done} of {len(work.items)} items ({status or 'job running'})"
