@@ -384,8 +384,9 @@ def child_model_only(spec_path: Path) -> int:
     return 0
 
 
-def _other_allocator_env(tuned_here: bool) -> dict[str, str]:
+def _other_allocator_env() -> dict[str, str]:
     """A child's environment with the allocator setting this process does not have."""
+    tuned_here = allocator_tuned()
     env = child_env()
     for key, value in ALLOCATOR_ENV.items():
         if tuned_here:
@@ -393,6 +394,12 @@ def _other_allocator_env(tuned_here: bool) -> dict[str, str]:
         else:
             env[key] = value
     return env
+
+
+def _other_allocator_row_name() -> str:
+    """The name of the ceiling row measured under the allocator this process does not have."""
+    other = "glibc default allocator" if allocator_tuned() else "tuned allocator"
+    return OTHER_ALLOCATOR.format(alloc=other)
 
 
 def other_allocator_row(
@@ -407,11 +414,9 @@ def other_allocator_row(
     threads: int | None,
 ) -> None:
     """The ceiling configuration in a child under the *other* allocator setting."""
-    tuned_here = allocator_tuned()
-    alloc = "glibc default allocator" if tuned_here else "tuned allocator"
     run_child(
         report,
-        OTHER_ALLOCATOR.format(alloc=alloc),
+        _other_allocator_row_name(),
         "--child-model-only",
         workdir / "child-model-only.json",
         {
@@ -442,7 +447,7 @@ def run_child(
     spec_file.write_text(json.dumps(spec))
     proc = subprocess.run(
         [sys.executable, "-m", "bench.inference", mode, str(spec_file), "--no-reexec"],
-        env=_other_allocator_env(allocator_tuned()),
+        env=_other_allocator_env(),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -861,7 +866,7 @@ def run(args: argparse.Namespace) -> Report:
             )
             del pool
         if "allocator" in args.skip:
-            report.skip(OTHER_ALLOCATOR.format(alloc="other allocator"), "--skip allocator")
+            report.skip(_other_allocator_row_name(), "--skip allocator")
         else:
             with phase("model-only, other allocator (child)"):
                 other_allocator_row(
@@ -921,7 +926,7 @@ def run(args: argparse.Namespace) -> Report:
     report.ratio("predictor/notebook", PREDICTOR, NOTEBOOK)
     report.ratio("BatchNorm folding (ceiling/unfolded)", CEILING, UNFOLDED)
     report.ratio("model-only settings (ceiling/default settings)", CEILING, DEFAULT_SETTINGS)
-    other = OTHER_ALLOCATOR.format(alloc="glibc default allocator" if tuned else "tuned allocator")
+    other = _other_allocator_row_name()
     if tuned:
         report.ratio("allocator (tuned/glibc default)", CEILING, other, target="2-3x on CPU")
     else:
