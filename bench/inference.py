@@ -38,9 +38,10 @@ import json
 import math
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -195,6 +196,19 @@ def _batch_from_pool(pool: torch.Tensor, bs: int) -> torch.Tensor:
     return torch.cat([pool] * reps)[:bs].contiguous()
 
 
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's (process-wide) intra-op thread count set to ``n`` for a block."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def time_forward(
     model: nn.Module,
     pool: torch.Tensor,
@@ -206,8 +220,13 @@ def time_forward(
     inference_mode: bool,
     amp: bool,
     warmup: int = 2,
+    streams: int = 1,
 ) -> float:
-    """Seconds for ceil(n / bs) forward passes of a bs batch already on the device."""
+    """Seconds for ceil(n / bs) forward passes of a bs batch already on the device.
+
+    ``streams`` > 1 (CPU): that many threads run the passes side by side, torch's threads
+    shared out between them, as mriq's Predictor does with ``forward_streams``.
+    """
     import torch
 
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -217,18 +236,47 @@ def time_forward(
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
     steps = math.ceil(n / bs)
-    with grad_ctx(), torch.autocast("cuda", dtype=dtype) if amp and cuda else nullcontext():
-        for _ in range(warmup):
-            model(x)
+    streams = 1 if cuda else max(1, streams)
+
+    def passes(count: Callable[[], bool]) -> None:
+        # grad mode and autocast are thread-local: entered in every stream's thread.
+        with grad_ctx(), torch.autocast("cuda", dtype=dtype) if amp and cuda else nullcontext():
+            out = None
+            while count():
+                # .argmax + the host copy on the last step only: like a real consumer, but
+                # the per-step sync of a .cpu() would understate what the device can do.
+                out = model(x)
+            if out is not None:
+                out.float().argmax(dim=1).cpu()
+
+    with torch_threads(torch.get_num_threads() // streams):
+        left = [warmup]
+        passes(lambda: _take(left))
         sync(device)
+        left = [steps]
+        lock = threading.Lock()
+
+        def take() -> bool:
+            with lock:
+                return _take(left)
+
         start = time.perf_counter()
-        for _ in range(steps):
-            # .argmax + the host copy on the last step only: like a real consumer, but the
-            # per-step sync of a .cpu() would understate what the device can do.
-            out = model(x)
-        out.float().argmax(dim=1).cpu()
+        threads = [threading.Thread(target=passes, args=(take,)) for _ in range(streams - 1)]
+        for t in threads:
+            t.start()
+        passes(take)
+        for t in threads:
+            t.join()
         sync(device)
     return (time.perf_counter() - start) * n / (steps * bs)  # per n images exactly
+
+
+def _take(left: list[int]) -> bool:
+    """Counts one step down; False when none are left."""
+    if left[0] <= 0:
+        return False
+    left[0] -= 1
+    return True
 
 
 def time_best_settings(
@@ -239,6 +287,7 @@ def time_best_settings(
     bs: int,
     device: torch.device,
     warmup: int = 2,
+    streams: int = 1,
 ) -> float:
     """:func:`time_forward` with the ceiling's settings: channels_last, inference_mode and
     (on CUDA) autocast."""
@@ -252,7 +301,28 @@ def time_best_settings(
         inference_mode=True,
         amp=True,
         warmup=warmup,
+        streams=streams,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class Best:
+    """The ceiling's configuration: batch size and forward streams."""
+
+    bs: int
+    streams: int
+
+    def describe(self) -> str:
+        return f"bs {self.bs}" + (f", {self.streams} streams" if self.streams > 1 else "")
+
+
+def stream_choices(device: torch.device) -> list[int]:
+    """Forward-stream counts the sweep tries: 1 and the split mriq's worker would pick."""
+    from core.inference import cpu_parallelism
+
+    if device.type != "cpu":
+        return [1]
+    return sorted({1, cpu_parallelism().streams})
 
 
 def model_only_sweep(
@@ -264,29 +334,36 @@ def model_only_sweep(
     batch_sizes: Sequence[int],
     device: torch.device,
     compile_too: bool,
-) -> int:
-    """Ceiling and default-settings rows; returns the best batch size."""
+) -> Best:
+    """Ceiling and default-settings rows; returns the best batch size and stream count."""
     from core.inference import prepare_inference_model
 
     # The same preparation the Predictor applies (BatchNorm folded, channels_last): the
     # best settings found are the ceiling, and mriq is measured against them.
     model = prepare_inference_model(net, device)
-    timings: dict[int, float] = {}
-    for bs in batch_sizes:
-        timings[bs] = time_best_settings(model, pool, n=n, bs=bs, device=device)
+    timings: dict[Best, float] = {}
+    for streams in stream_choices(device):
+        for bs in batch_sizes:
+            timings[Best(bs, streams)] = time_best_settings(
+                model, pool, n=n, bs=bs, device=device, streams=streams
+            )
     best = min(timings, key=lambda b: timings[b])
-    sweep = ", ".join(f"bs {b}: {n / s:,.1f} img/s" for b, s in timings.items())
+    sweep = ", ".join(f"{b.describe()}: {n / s:,.1f} img/s" for b, s in timings.items())
     report.add(
         Measurement(
             CEILING,
             n,
             timings[best],
-            note=f"bs {best}, BatchNorm folded, channels_last, inference_mode"
+            note=f"{best.describe()}, BatchNorm folded, channels_last, inference_mode"
             + (", autocast" if device.type == "cuda" else ""),
         )
     )
-    seconds_unfolded = time_best_settings(copy.deepcopy(net), pool, n=n, bs=best, device=device)
-    report.add(Measurement(UNFOLDED, n, seconds_unfolded, note=f"bs {best}, channels_last"))
+    seconds_unfolded = time_best_settings(
+        copy.deepcopy(net), pool, n=n, bs=best.bs, device=device, streams=best.streams
+    )
+    report.add(
+        Measurement(UNFOLDED, n, seconds_unfolded, note=f"{best.describe()}, channels_last")
+    )
     report.notes.append(
         f"model-only sweep ({'tuned' if allocator_tuned() else 'default'} allocator): {sweep}"
     )
@@ -302,14 +379,14 @@ def model_only_sweep(
         inference_mode=False,
         amp=False,
     )
-    report.add(Measurement(DEFAULT_SETTINGS, n_default, seconds, note="fp32, NCHW"))
+    report.add(Measurement(DEFAULT_SETTINGS, n_default, seconds, note="fp32, NCHW, 1 stream"))
     if compile_too:
-        _compiled_row(report, net, pool, n=n, bs=best, device=device)
+        _compiled_row(report, net, pool, n=n, bs=best.bs, device=device)
     return best
 
 
 def recheck_ceiling(
-    report: Report, net: nn.Module, pool: torch.Tensor, *, n: int, bs: int, device: torch.device
+    report: Report, net: nn.Module, pool: torch.Tensor, *, n: int, best: Best, device: torch.device
 ) -> None:
     """Times the ceiling again after the long rows; the faster of the two counts.
 
@@ -322,12 +399,17 @@ def recheck_ceiling(
     if first is None:
         return
     seconds = time_best_settings(
-        prepare_inference_model(net, device), pool, n=n, bs=bs, device=device
+        prepare_inference_model(net, device),
+        pool,
+        n=n,
+        bs=best.bs,
+        device=device,
+        streams=best.streams,
     )
     again = n / seconds
     report.notes.append(
         f"model-only ceiling at the start {first.rate:,.1f} img/s, re-measured after the other "
-        f"rows {again:,.1f} img/s (bs {bs}); the faster is the ceiling"
+        f"rows {again:,.1f} img/s ({best.describe()}); the faster is the ceiling"
     )
     if again > first.rate:
         report.rows[report.rows.index(first)] = dataclasses.replace(
@@ -379,7 +461,9 @@ def child_model_only(spec_path: Path) -> int:
     spec, device, loaded = _child_setup(spec_path)
     pool = predecode([Path(p) for p in spec["paths"]], loaded.meta.preset)
     model = prepare_inference_model(loaded.model, device)
-    seconds = time_best_settings(model, pool, n=spec["n"], bs=spec["bs"], device=device)
+    seconds = time_best_settings(
+        model, pool, n=spec["n"], bs=spec["bs"], device=device, streams=spec.get("streams", 1)
+    )
     print(json.dumps({"seconds": seconds, "n": spec["n"], "tuned": allocator_tuned()}))
     return 0
 
@@ -409,7 +493,7 @@ def other_allocator_row(
     paths: Sequence[Path],
     *,
     n: int,
-    bs: int,
+    best: Best,
     device: str,
     threads: int | None,
 ) -> None:
@@ -423,11 +507,12 @@ def other_allocator_row(
             "checkpoint": str(checkpoint),
             "paths": [str(p) for p in paths[:POOL]],
             "n": n,
-            "bs": bs,
+            "bs": best.bs,
+            "streams": best.streams,
             "device": device,
             "threads": threads,
         },
-        note=f"bs {bs}",
+        note=best.describe(),
         timeout=1800,
     )
 
@@ -625,19 +710,26 @@ def run_notebook(
 def run_predictor(
     report: Report, loaded: LoadedCheckpoint, paths: Sequence[Path], *, device: torch.device
 ) -> Measurement:
-    from core.inference import Predictor
+    import torch
 
-    # The Predictor prepares its own copy (cached, shared with the ceiling rows).
-    predictor = Predictor(loaded, device=device, batch_size=PREDICTOR_BATCH)
-    for _ in predictor.predict(paths[:PREDICTOR_BATCH]):  # warm-up, untimed
-        pass
-    errors = 0
-    with Stopwatch() as sw:
-        for pred in predictor.predict(paths):
-            errors += pred.error is not None
-    return report.add(
-        Measurement(PREDICTOR, len(paths), sw.seconds, note=f"{errors} errors" if errors else "")
-    )
+    from core.inference import Predictor, cpu_parallelism
+
+    # The worker's configuration: on CPU the cores split into forward streams
+    # (worker.runtime.inference_streams); the Predictor prepares its own model copy
+    # (cached, shared with the ceiling rows).
+    streams = cpu_parallelism(torch.get_num_threads()).streams if device.type == "cpu" else 1
+    with torch_threads(torch.get_num_threads() // streams):
+        predictor = Predictor(
+            loaded, device=device, batch_size=PREDICTOR_BATCH, forward_streams=streams
+        )
+        for _ in predictor.predict(paths[:PREDICTOR_BATCH]):  # warm-up, untimed
+            pass
+        errors = 0
+        with Stopwatch() as sw:
+            for pred in predictor.predict(paths):
+                errors += pred.error is not None
+    note = f"{predictor.forward_streams} stream(s)" + (f", {errors} errors" if errors else "")
+    return report.add(Measurement(PREDICTOR, len(paths), sw.seconds, note=note))
 
 
 def run_predict_cli(
@@ -855,7 +947,7 @@ def run(args: argparse.Namespace) -> Report:
             net = loaded.model.eval()
         with phase("model-only"):
             pool = predecode(paths, loaded.meta.preset)
-            best_bs = model_only_sweep(
+            best = model_only_sweep(
                 report,
                 net,
                 pool,
@@ -875,7 +967,7 @@ def run(args: argparse.Namespace) -> Report:
                     model.path,
                     paths,
                     n=min(args.n, max(1, args.model_only_n)),
-                    bs=best_bs,
+                    best=best,
                     device=device_name,
                     threads=args.threads,
                 )
@@ -913,7 +1005,7 @@ def run(args: argparse.Namespace) -> Report:
                 net,
                 predecode(paths, loaded.meta.preset),
                 n=min(args.n, max(1, args.model_only_n)),
-                bs=best_bs,
+                best=best,
                 device=device,
             )
 

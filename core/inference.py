@@ -20,6 +20,13 @@ Design notes (why it looks like this):
   bounded (``prefetch_batches``), so memory stays flat.
 * **One result per input.** Unreadable files do not raise: the worker returns the error's
   reason and the file becomes an error row; the rest of its batch is still classified.
+* **Several forward streams on a CPU.** One batch run by N intra-op threads makes every
+  thread wait at each layer's barrier for the slowest one, and any preprocessing that takes
+  a core stalls all of them. ``forward_streams`` threads instead run whole batches side by
+  side, each with fewer intra-op threads (:func:`cpu_parallelism` picks the split; the
+  caller sets torch's thread count, which is process-wide). On 2 cores, 2 streams x 1
+  thread run EfficientNet-B0 ~20% faster than 1 stream x 2 threads, with or without
+  decoding beside them. Results are still yielded in input order.
 * **The model is prepared once.** :func:`prepare_inference_model` folds every BatchNorm
   into the convolution before it (in eval mode BN is a fixed per-channel affine map, so the
   folded convolution computes the same function up to float rounding; ~1.2x on
@@ -31,6 +38,7 @@ Design notes (why it looks like this):
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import hashlib
@@ -41,6 +49,7 @@ import stat
 import threading
 import weakref
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -62,6 +71,7 @@ __all__ = [
     "Prediction",
     "Predictor",
     "configure_cpu_threads",
+    "cpu_parallelism",
     "expand_inputs",
     "input_sha256",
     "prepare_inference_model",
@@ -160,6 +170,33 @@ def configure_cpu_threads(n: int | None = None) -> int:
     with contextlib.suppress(RuntimeError):
         torch.set_num_interop_threads(max(1, min(threads, 4)))
     return torch.get_num_threads()
+
+
+#: More concurrent forward streams than this gain nothing measurable and each one holds a
+#: batch's activations; wider machines give each stream more intra-op threads instead.
+MAX_FORWARD_STREAMS = 4
+
+
+@dataclass(frozen=True)
+class CpuParallelism:
+    """How ``cores`` are split for CPU inference: ``streams`` x ``threads`` per stream."""
+
+    streams: int
+    threads: int
+
+
+def cpu_parallelism(cores: int | None = None) -> CpuParallelism:
+    """The CPU inference split for ``cores`` (default: the CPUs this process may use).
+
+    One forward stream per core up to :data:`MAX_FORWARD_STREAMS`, the cores shared out
+    between them: 1 -> 1x1, 2 -> 2x1, 8 -> 4x2, 16 -> 4x4. Apply ``threads`` with
+    :func:`configure_cpu_threads` and pass ``streams`` to :class:`Predictor`.
+    """
+    n = _available_cpus() if cores is None else int(cores)
+    if n < 1:
+        raise ValueError(f"cores must be >= 1, not {cores}")
+    streams = min(n, MAX_FORWARD_STREAMS)
+    return CpuParallelism(streams=streams, threads=max(1, n // streams))
 
 
 # --------------------------------------------------------------------------------------
@@ -497,6 +534,11 @@ class Predictor:
     copy on ``device``: eval mode, BatchNorm folded unless ``fold_batchnorm=False``,
     channels-last); ``ckpt.model`` itself is not changed. ``device`` accepts ``"auto"``,
     ``"cpu"``, ``"cuda[:N]"`` or a ``torch.device``.
+
+    ``forward_streams`` > 1 runs that many batches through the model at once, each in its
+    own thread (see module notes; :func:`cpu_parallelism` gives the CPU split, and torch's
+    thread count should be set to its ``threads``). On CUDA one stream is used whatever is
+    asked: kernels of one device queue behind each other anyway.
     """
 
     def __init__(
@@ -511,6 +553,7 @@ class Predictor:
         prefetch_batches: int = 2,
         fold_batchnorm: bool = True,
         hash_inputs: bool = False,
+        forward_streams: int = 1,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, not {batch_size}")
@@ -520,6 +563,8 @@ class Predictor:
             raise ValueError(f"top_k must be >= 1, not {top_k}")
         if prefetch_batches < 1:
             raise ValueError(f"prefetch_batches must be >= 1, not {prefetch_batches}")
+        if forward_streams < 1:
+            raise ValueError(f"forward_streams must be >= 1, not {forward_streams}")
         self.meta = ckpt.meta
         self.classes: tuple[str, ...] = tuple(ckpt.meta.classes)
         self.device = select_device(device)
@@ -534,6 +579,7 @@ class Predictor:
         self.hash_inputs = bool(hash_inputs)
         self.model = prepare_inference_model(ckpt.model, self.device, fold_batchnorm=fold_batchnorm)
         self._cuda = self.device.type == "cuda"
+        self.forward_streams = 1 if self._cuda else forward_streams
         self._amp_dtype = (
             torch.bfloat16 if self._cuda and torch.cuda.is_bf16_supported() else torch.float16
         )
@@ -578,21 +624,50 @@ class Predictor:
                 paths,
                 _ImageFiles(self._transform, hash_inputs=self.hash_inputs),
                 self.batch_size,
-                self.prefetch_batches,
+                # Every stream busy plus the read-ahead asked for.
+                self.prefetch_batches + self.forward_streams - 1,
                 pin_memory=self._cuda,
             )
             if self.decode_thread
             else iter(self._loader(paths))
         )
+        pool = (
+            ThreadPoolExecutor(self.forward_streams, thread_name_prefix="mriq-forward")
+            if self.forward_streams > 1
+            else None
+        )
+        # Batches whose forward pass runs (or ran) in the pool, oldest first.
+        running: collections.deque[tuple[_Batch, Future[np.ndarray] | None]] = collections.deque()
         try:
+            exhausted = False
             while True:
-                if should_stop is not None and should_stop():
+                while not exhausted and len(running) < self.forward_streams:
+                    if should_stop is not None and should_stop():
+                        exhausted = True
+                        break
+                    try:
+                        batch = next(batches)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    if pool is None:
+                        running.append((batch, None))
+                        break
+                    future = (
+                        pool.submit(self._forward, batch.images)
+                        if batch.images is not None
+                        else None
+                    )
+                    running.append((batch, future))
+                if not running:
                     return
-                try:
-                    batch = next(batches)
-                except StopIteration:
-                    return
-                probs = self._forward(batch.images) if batch.images is not None else None
+                batch, future = running.popleft()
+                if future is not None:
+                    probs: np.ndarray | None = future.result()
+                elif pool is None and batch.images is not None:
+                    probs = self._forward(batch.images)
+                else:
+                    probs = None
                 # Reported before the rows are yielded so that it fires for every finished
                 # batch even when the consumer stops pulling mid-batch.
                 if on_batch is not None:
@@ -608,6 +683,13 @@ class Predictor:
                     else:
                         yield path, None, error, digest
         finally:
+            if pool is not None:
+                # Forward passes not started yet are dropped; running ones finish (a batch
+                # takes well under a second) so no thread outlives the stream.
+                for _, pending in running:
+                    if pending is not None:
+                        pending.cancel()
+                pool.shutdown(wait=True)
             # Stop worker processes (or the decode thread) now, also when the consumer
             # abandons the generator.
             close = getattr(batches, "close", None)

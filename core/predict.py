@@ -46,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-workers", type=int, default=0, help="image-decoding worker processes (0)"
     )
     parser.add_argument(
+        "--streams",
+        default="auto",
+        help="batches run through the model at once on CPU, each on its share of the cores "
+        "(auto: one per core, at most 4; 1 = one batch on all cores); ignored on CUDA",
+    )
+    parser.add_argument(
         "--sha256", default=None, help="refuse the checkpoint unless its sha256 matches"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -77,12 +83,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     _positive(parser, "--top-k", args.top_k, 1)
     _positive(parser, "--batch-size", args.batch_size, 1)
     _positive(parser, "--num-workers", args.num_workers, 0)
+    streams: int | None = None
+    if args.streams != "auto":
+        try:
+            streams = int(args.streams)
+        except ValueError:
+            parser.error(f"--streams must be auto or a number, not {args.streams!r}")
+        _positive(parser, "--streams", streams, 1)
 
     # Heavy imports after argument parsing so --help and usage errors answer instantly.
     from tqdm import tqdm
 
     from core.checkpoint import CheckpointError, load_checkpoint
-    from core.inference import DeviceUnavailableError, Predictor, expand_inputs, select_device
+    from core.inference import (
+        DeviceUnavailableError,
+        Predictor,
+        configure_cpu_threads,
+        cpu_parallelism,
+        expand_inputs,
+        select_device,
+    )
 
     err = sys.stderr
     try:
@@ -91,12 +111,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CheckpointError, DeviceUnavailableError, ValueError) as exc:
         print(f"error: {exc}", file=err)
         return 1
+    if device.type == "cpu":
+        split = cpu_parallelism()
+        if streams is None:
+            streams = split.streams
+        # The CPUs shared out between the streams (process-wide in torch).
+        configure_cpu_threads(max(1, (split.streams * split.threads) // streams))
     predictor = Predictor(
         ckpt,
         device=device,
         batch_size=args.batch_size,
         num_workers=args.num_workers,
         top_k=args.top_k,
+        forward_streams=streams or 1,
     )
     print(
         f"checkpoint {args.checkpoint} ({ckpt.meta.arch}, {len(ckpt.meta.classes)} classes, "

@@ -85,20 +85,24 @@ def threads_per_task(concurrency: int) -> int:
     return max(1, available_cores() // max(1, concurrency))
 
 
-def configure_threads(concurrency: int | None = None) -> int:
-    """Set torch's intra-op threads for this process once; returns the count.
+def configure_threads(concurrency: int | None = None, *, per: int = 1) -> int:
+    """Set torch's intra-op threads for this process's tasks; returns the count.
 
-    Called in the process that runs tasks (after any fork). Imports torch, so never call it
-    in a prefork parent.
+    A task's cores (:func:`threads_per_task`) are divided by ``per``: 1 for training and
+    evaluation (one stream of work), the forward-stream count for bulk classification
+    (:func:`inference_streams`). Called by every task before its torch work, since tasks of
+    both kinds share the process. Imports torch, so never call it in a prefork parent.
     """
     global _threads_pid, _concurrency
     if concurrency is not None:
         _concurrency = max(1, concurrency)
-    n = threads_per_task(_concurrency)
-    if _threads_pid == os.getpid():
-        return n
+    n = max(1, threads_per_task(_concurrency) // max(1, per))
     import torch
 
+    if _threads_pid == os.getpid():
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+        return n
     torch.set_num_threads(n)
     # Inter-op parallelism only helps graphs with independent branches; one thread avoids
     # oversubscribing the cores the intra-op pool already uses. It can only be set before
@@ -114,6 +118,23 @@ def configure_threads(concurrency: int | None = None) -> int:
         allocator_tuned(),
     )
     return n
+
+
+def inference_streams(device: str) -> int:
+    """Forward streams for a bulk-classification task on ``device``; sets the threads.
+
+    On CPU the task's cores are split by ``core.inference.cpu_parallelism`` (2 cores: two
+    batches side by side, one thread each, ~20% faster than one batch on two threads); a
+    GPU runs one stream.
+    """
+    if device.split(":")[0] != "cpu":
+        configure_threads()
+        return 1
+    from core.inference import cpu_parallelism
+
+    split = cpu_parallelism(threads_per_task(_concurrency))
+    configure_threads(per=split.streams)
+    return split.streams
 
 
 @worker_process_init.connect

@@ -253,9 +253,10 @@ def _run_chunk(settings: Settings, job_id: int, chunk_index: int, work: _ChunkWo
         device=model.device,
         batch_size=max(1, work.batch_size),
         top_k=max(1, work.top_k),
-        # Hashed in the decode thread, where the file is read anyway: not on this thread,
-        # which runs the forward passes.
+        # Hashed in the decode thread, where the file is read anyway: not on the threads
+        # that run the forward passes.
         hash_inputs=True,
+        forward_streams=runtime.inference_streams(model.device),
     )
     cancel = CancelCheck(settings, job_id)
     # Items hold storable_path() text (non-UTF-8 bytes as \\xNN); open the real file names.

@@ -20,6 +20,7 @@ from core.inference import (
     Prediction,
     Predictor,
     configure_cpu_threads,
+    cpu_parallelism,
     expand_inputs,
     select_device,
 )
@@ -240,6 +241,92 @@ def test_worker_processes_keep_order(ckpt_dir: Path, images: list[Path], tmp_pat
     for a, b in zip(preds, single.predict(inputs), strict=True):
         assert (a.path, a.label, a.error) == (b.path, b.label, b.error)
         assert (a.confidence or 0.0) == pytest.approx(b.confidence or 0.0, abs=1e-5)
+
+
+def _forward_threads() -> list[str]:
+    import threading
+
+    return [t.name for t in threading.enumerate() if t.name.startswith("mriq-forward")]
+
+
+def test_forward_streams_give_the_same_rows_in_input_order(
+    ckpt_dir: Path, images: list[Path], tmp_path: Path
+) -> None:
+    from core.checkpoint import load_checkpoint
+
+    bad = broken_files(tmp_path)
+    # Error-only batches (batch_size 2: [empty, text]) between readable ones, and more
+    # batches than streams, so out-of-order completion would show.
+    inputs = [*images, bad["empty"], bad["text"], *images[::-1], bad["missing"], *images]
+    ckpt = load_checkpoint(ckpt_dir / "tiny.pt")
+    single = list(Predictor(ckpt, batch_size=2).predict(inputs))
+    for streams in (2, 3):
+        sizes: list[int] = []
+        multi = Predictor(ckpt, batch_size=2, forward_streams=streams)
+        preds = list(multi.predict(iter(inputs), on_batch=sizes.append))
+        assert [p.path for p in preds] == [str(p) for p in inputs]
+        assert sum(sizes) == len(inputs) and max(sizes) == 2
+        for a, b in zip(preds, single, strict=True):
+            assert (a.label, a.error) == (b.label, b.error)
+            assert (a.confidence or 0.0) == pytest.approx(b.confidence or 0.0, abs=1e-5)
+    assert _forward_threads() == []
+
+
+def test_forward_streams_stop_early_and_leave_no_threads(
+    ckpt_dir: Path, images: list[Path]
+) -> None:
+    from core.checkpoint import load_checkpoint
+
+    multi = Predictor(load_checkpoint(ckpt_dir / "tiny.pt"), batch_size=1, forward_streams=2)
+    batches = 0
+
+    def count(_: int) -> None:
+        nonlocal batches
+        batches += 1
+
+    partial = list(multi.predict(images * 4, should_stop=lambda: batches >= 2, on_batch=count))
+    # Stopped after 2 batches; at most the one already submitted beside them also returns.
+    assert [p.path for p in partial] == [str(p) for p in (images * 4)[: len(partial)]]
+    assert 2 <= len(partial) <= 3
+    stream = multi.predict(images * 4)
+    next(stream)
+    stream.close()  # abandoned mid-job: the pool is shut down with the stream
+    assert _forward_threads() == []
+    with pytest.raises(ValueError):
+        Predictor(load_checkpoint(ckpt_dir / "tiny.pt"), forward_streams=0)
+
+
+def test_a_forward_failure_in_a_stream_reaches_the_caller(
+    ckpt_dir: Path, images: list[Path]
+) -> None:
+    from core.checkpoint import load_checkpoint
+
+    multi = Predictor(load_checkpoint(ckpt_dir / "tiny.pt"), batch_size=1, forward_streams=2)
+    calls = 0
+    real = multi._forward
+
+    def flaky(batch: torch.Tensor) -> np.ndarray:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise RuntimeError("out of memory (simulated)")
+        return real(batch)
+
+    multi._forward = flaky  # type: ignore[method-assign]
+    got: list[Prediction] = []
+    with pytest.raises(RuntimeError, match="simulated"):
+        for p in multi.predict(images):
+            got.append(p)
+    assert [p.path for p in got] == [str(p) for p in images[:2]]
+    assert _forward_threads() == []
+
+
+def test_cpu_parallelism_splits_the_cores() -> None:
+    split = {n: (c.streams, c.threads) for n in (1, 2, 3, 8, 16) for c in [cpu_parallelism(n)]}
+    assert split == {1: (1, 1), 2: (2, 1), 3: (3, 1), 8: (4, 2), 16: (4, 4)}
+    assert cpu_parallelism().streams >= 1
+    with pytest.raises(ValueError):
+        cpu_parallelism(0)
 
 
 def test_prediction_is_frozen() -> None:

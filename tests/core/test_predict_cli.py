@@ -6,6 +6,7 @@ import csv
 import io
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,17 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads() -> Iterator[None]:
+    # main() sizes torch's (process-wide) thread pool for its forward streams, as an entry
+    # point should; the rest of this test process keeps its own setting.
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     return make_tiny_checkpoint_file(tmp_path_factory.mktemp("pred"))
@@ -32,7 +44,7 @@ def test_help() -> None:
     result = run_cli("--help")
     assert result.returncode == 0
     for flag in ("--checkpoint", "--out", "--top-k", "--batch-size", "--device",
-                 "--num-workers", "--sha256", "INPUT"):
+                 "--num-workers", "--streams", "--sha256", "INPUT"):
         assert flag in result.stdout
 
 
@@ -98,3 +110,38 @@ def test_failures_exit_1(ckpt: tuple[Path, str], tmp_path: Path,
                  "--no-progress"]) == 1
     with pytest.raises(SystemExit):
         main(["--checkpoint", str(path), str(img), "--top-k", "0"])
+
+
+def test_streams_give_the_same_rows(ckpt: tuple[Path, str], tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    from core.inference import cpu_parallelism
+
+    path, _ = ckpt
+    folder = tmp_path / "imgs"
+    for i in range(7):
+        write_gray_png(folder / f"{i}.png", seed=i)
+    (folder / "bad.png").write_bytes(b"")
+    split = cpu_parallelism()
+    rows = {}
+    for streams in ("1", "2", "auto"):
+        out = tmp_path / f"s{streams}.csv"
+        assert main(["--checkpoint", str(path), str(folder), "--device", "cpu", "--no-progress",
+                     "--batch-size", "2", "--streams", streams, "--out", str(out)]) == 0
+        with out.open(newline="") as fh:
+            rows[streams] = list(csv.DictReader(fh))
+        # the CPUs are shared out between the streams
+        expected = max(1, split.streams * split.threads // int(streams)) if streams != "auto" \
+            else split.threads
+        assert torch.get_num_threads() == expected
+    assert len(rows["1"]) == 8
+    for other in ("2", "auto"):
+        for a, b in zip(rows["1"], rows[other], strict=True):
+            assert (a["path"], a["label"], a["error"]) == (b["path"], b["label"], b["error"])
+            if a["confidence"]:
+                assert float(a["confidence"]) == pytest.approx(float(b["confidence"]), abs=1e-5)
+    for bad in ("0", "two"):
+        with pytest.raises(SystemExit):
+            main(["--checkpoint", str(path), str(folder), "--streams", bad])
+    assert "--streams must be" in capsys.readouterr().err

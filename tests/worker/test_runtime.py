@@ -73,6 +73,30 @@ def test_threads_per_task() -> None:
     assert runtime.threads_per_task(cores * 4) == 1
 
 
+def test_inference_streams_split_the_task_cores_and_training_gets_them_back() -> None:
+    import torch
+
+    from core.inference import cpu_parallelism
+
+    before = torch.get_num_threads()
+    try:
+        split = cpu_parallelism(runtime.threads_per_task(1))
+        runtime.configure_threads(1)
+        assert runtime.inference_streams("cpu") == split.streams
+        assert torch.get_num_threads() == split.threads
+        # A training/evaluation task after a classification chunk in the same process
+        # gets all of the task's cores again.
+        assert runtime.configure_threads() == runtime.threads_per_task(1)
+        assert torch.get_num_threads() == runtime.threads_per_task(1)
+        # More concurrent tasks than cores: one stream, one thread each.
+        runtime.configure_threads(runtime.available_cores() * 4)
+        assert runtime.inference_streams("cpu") == 1
+        assert torch.get_num_threads() == 1
+    finally:
+        runtime.configure_threads(1)
+        torch.set_num_threads(before)
+
+
 def test_beat_schedule(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, database_url="sqlite://", broker_url=None)
     assert beat_schedule(settings) == {}
@@ -110,7 +134,11 @@ def test_worker_refuses_an_unmigrated_database(tmp_path: Path) -> None:
     env["MRIQ_DATA_DIR"] = str(tmp_path / "data")
     proc = subprocess.run(
         [sys.executable, "-m", "worker", "--no-reexec"],
-        cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=120,
+        cwd=str(tmp_path),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2, proc.stderr
     assert "mriq db upgrade" in proc.stderr
