@@ -100,6 +100,16 @@ class Settings(BaseSettings):
         le=100_000,
         description="Inputs per classify task (chunk); also the unit of retry and progress.",
     )
+    inference_streams: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description=(
+            "Batches a CPU worker runs through the model at once, each on its share of the "
+            "task's cores. Unset: one per core, at most 4 (2 cores: 2 streams x 1 thread). "
+            "1 = one batch on all cores (least memory). Ignored on a GPU."
+        ),
+    )
     max_paths_per_job: int = Field(
         default=100_000,
         ge=1,

@@ -120,21 +120,26 @@ def configure_threads(concurrency: int | None = None, *, per: int = 1) -> int:
     return n
 
 
-def inference_streams(device: str) -> int:
+def inference_streams(device: str, requested: int | None = None) -> int:
     """Forward streams for a bulk-classification task on ``device``; sets the threads.
 
-    On CPU the task's cores are split by ``core.inference.cpu_parallelism`` (2 cores: two
-    batches side by side, one thread each, ~20% faster than one batch on two threads); a
-    GPU runs one stream.
+    On CPU, ``requested`` (the ``inference_streams`` setting) or else the split
+    ``core.inference.cpu_parallelism`` picks for the task's cores (2 cores: two batches
+    side by side, one thread each); never more streams than the task has cores. A GPU runs
+    one stream.
     """
     if device.split(":")[0] != "cpu":
         configure_threads()
         return 1
-    from core.inference import cpu_parallelism
+    cores = threads_per_task(_concurrency)
+    if requested is None:
+        from core.inference import cpu_parallelism
 
-    split = cpu_parallelism(threads_per_task(_concurrency))
-    configure_threads(per=split.streams)
-    return split.streams
+        streams = cpu_parallelism(cores).streams
+    else:
+        streams = max(1, min(requested, cores))
+    configure_threads(per=streams)
+    return streams
 
 
 @worker_process_init.connect

@@ -256,7 +256,7 @@ def _run_chunk(settings: Settings, job_id: int, chunk_index: int, work: _ChunkWo
         # Hashed in the decode thread, where the file is read anyway: not on the threads
         # that run the forward passes.
         hash_inputs=True,
-        forward_streams=runtime.inference_streams(model.device),
+        forward_streams=runtime.inference_streams(model.device, settings.inference_streams),
     )
     cancel = CancelCheck(settings, job_id)
     # Items hold storable_path() text (non-UTF-8 bytes as \\xNN); open the real file names.

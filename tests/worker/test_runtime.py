@@ -88,6 +88,12 @@ def test_inference_streams_split_the_task_cores_and_training_gets_them_back() ->
         # gets all of the task's cores again.
         assert runtime.configure_threads() == runtime.threads_per_task(1)
         assert torch.get_num_threads() == runtime.threads_per_task(1)
+        # The inference_streams setting, capped at the task's cores.
+        assert runtime.inference_streams("cpu", 1) == 1
+        assert torch.get_num_threads() == runtime.threads_per_task(1)
+        assert runtime.inference_streams("cpu", 999) == runtime.threads_per_task(1)
+        assert torch.get_num_threads() == 1
+        assert runtime.inference_streams("cuda:0", 4) == 1
         # More concurrent tasks than cores: one stream, one thread each.
         runtime.configure_threads(runtime.available_cores() * 4)
         assert runtime.inference_streams("cpu") == 1
