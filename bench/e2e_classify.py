@@ -65,7 +65,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--arch", default="efficientnet_b0")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--source-size", type=int, default=512, help="JPEG side (%(default)s)")
-    parser.add_argument("--chunk-size", type=int, default=256, help="MRIQ_CHUNK_SIZE")
+    parser.add_argument("--chunk-size", type=int, default=512, help="MRIQ_CHUNK_SIZE")
     parser.add_argument("--repeats", type=int, default=1, help="interleaved runs of each side")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (%(default)s)")
     parser.add_argument("--workdir", type=Path, default=None)

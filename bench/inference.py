@@ -133,7 +133,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="also run mriq classify --wait through Redis, a worker and PostgreSQL",
     )
     parser.add_argument(
-        "--chunk-size", type=int, default=256, help="MRIQ_CHUNK_SIZE for --e2e (%(default)s)"
+        "--chunk-size", type=int, default=512, help="MRIQ_CHUNK_SIZE for --e2e (%(default)s)"
+    )
+    parser.add_argument(
+        "--inference-streams",
+        type=int,
+        default=None,
+        help="forward streams of the Predictor row and the e2e worker (MRIQ_INFERENCE_STREAMS; "
+        "default: the worker's own choice)",
     )
     parser.add_argument(
         "--model-only-n",
@@ -708,7 +715,12 @@ def run_notebook(
 
 
 def run_predictor(
-    report: Report, loaded: LoadedCheckpoint, paths: Sequence[Path], *, device: torch.device
+    report: Report,
+    loaded: LoadedCheckpoint,
+    paths: Sequence[Path],
+    *,
+    device: torch.device,
+    streams: int | None = None,
 ) -> Measurement:
     import torch
 
@@ -717,8 +729,14 @@ def run_predictor(
     # The worker's configuration: on CPU the cores split into forward streams
     # (worker.runtime.inference_streams); the Predictor prepares its own model copy
     # (cached, shared with the ceiling rows).
-    streams = cpu_parallelism(torch.get_num_threads()).streams if device.type == "cpu" else 1
-    with torch_threads(torch.get_num_threads() // streams):
+    cores = torch.get_num_threads()
+    if device.type != "cpu":
+        streams = 1
+    elif streams is None:
+        streams = cpu_parallelism(cores).streams
+    else:
+        streams = max(1, min(streams, cores))
+    with torch_threads(cores // streams):
         predictor = Predictor(
             loaded, device=device, batch_size=PREDICTOR_BATCH, forward_streams=streams
         )
@@ -867,6 +885,7 @@ def _run_e2e(
                 roots=workdir,
                 chunk_size=args.chunk_size,
                 device=device,
+                inference_streams=args.inference_streams,
             )
             with running_worker(env, workdir / "worker.log", settings) as worker:
                 # Warm-up job: the worker loads and caches the model once per process.
@@ -881,6 +900,14 @@ def _run_e2e(
                     select(func.max(PredictionRow.created_at)).where(PredictionRow.job_id == job_id)
                 )
                 created, finished = job.created_at, job.finished_at
+                stamps = [
+                    (int(i), t)
+                    for i, t in s.execute(
+                        select(PredictionRow.item_index, PredictionRow.created_at)
+                        .where(PredictionRow.job_id == job_id)
+                        .order_by(PredictionRow.item_index)
+                    )
+                ]
         finally:
             engine.dispose()
     n = len(paths)
@@ -892,6 +919,39 @@ def _run_e2e(
         Measurement(E2E, n, seconds, note=f"chunk {args.chunk_size}, worker {rss.summary()}")
     )
     report.add(Measurement(E2E_CLI, n, sw.seconds, note="CLI start-up + 0.5 s polling"))
+    profile = e2e_timeline(created, stamps, args.chunk_size)
+    if profile:
+        report.notes.append(profile)
+
+
+def e2e_timeline(created: Any, stamps: Sequence[tuple[int, Any]], chunk_size: int) -> str:
+    """Where an e2e job's wall time went, from its rows' commit times (a profile).
+
+    Start-up is submission to the first row committed (submit, dispatch, the first batches'
+    decoding and forward); a changeover is the gap between a chunk's last row and the next
+    chunk's first, minus the median gap between batches inside chunks (what any batch costs).
+    """
+    if not stamps:
+        return ""
+    by_chunk: dict[int, list[float]] = {}
+    for index, at in stamps:
+        by_chunk.setdefault(index // chunk_size, []).append((at - created).total_seconds())
+    chunks = [sorted(v) for _, v in sorted(by_chunk.items())]
+    # Rows of one model batch are written together (microseconds apart): only gaps over
+    # 5 ms are between batches.
+    inner = sorted(
+        b - a for times in chunks for a, b in zip(times, times[1:], strict=False) if b - a > 0.005
+    )
+    batch_gap = inner[len(inner) // 2] if inner else 0.0
+    changes = [nxt[0] - cur[-1] - batch_gap for cur, nxt in zip(chunks, chunks[1:], strict=False)]
+    total = chunks[-1][-1]
+    extra = sum(max(0.0, c) for c in changes)
+    return (
+        f"e2e timeline: first row {chunks[0][0]:.2f} s after submission; "
+        f"{len(chunks)} chunks, median batch-to-batch {batch_gap:.3f} s; chunk changeovers "
+        f"add {extra:.2f} s in all ({100 * extra / total:.1f}% of {total:.1f} s)"
+        + (f", the longest {max(changes):.2f} s" if changes else "")
+    )
 
 
 def _classes() -> tuple[str, ...]:
@@ -988,7 +1048,9 @@ def run(args: argparse.Namespace) -> Report:
                     workers=args.notebook_workers,
                 )
         with phase("predictor"):
-            predictor = run_predictor(report, loaded, paths, device=device)
+            predictor = run_predictor(
+                report, loaded, paths, device=device, streams=args.inference_streams
+            )
         if "core.predict" in args.skip:
             report.skip(PREDICT_CLI, "--skip core.predict")
         else:

@@ -172,6 +172,7 @@ def mriq_env(
     roots: Path,
     chunk_size: int,
     device: str,
+    inference_streams: int | None = None,
 ) -> dict[str, str]:
     """The MRIQ_* environment the worker and the ``mriq`` CLI of a run share."""
     extra = {
@@ -185,6 +186,8 @@ def mriq_env(
     }
     if broker_url is not None:
         extra["MRIQ_BROKER_URL"] = broker_url
+    if inference_streams is not None:
+        extra["MRIQ_INFERENCE_STREAMS"] = str(inference_streams)
     return child_env(extra)
 
 

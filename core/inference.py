@@ -24,9 +24,8 @@ Design notes (why it looks like this):
   thread wait at each layer's barrier for the slowest one, and any preprocessing that takes
   a core stalls all of them. ``forward_streams`` threads instead run whole batches side by
   side, each with fewer intra-op threads (:func:`cpu_parallelism` picks the split; the
-  caller sets torch's thread count, which is process-wide). On 2 cores, 2 streams x 1
-  thread run EfficientNet-B0 ~20% faster than 1 stream x 2 threads, with or without
-  decoding beside them. Results are still yielded in input order.
+  caller sets torch's thread count, which is process-wide; one stream per 4 cores by
+  default). Results are still yielded in input order.
 * **The model is prepared once.** :func:`prepare_inference_model` folds every BatchNorm
   into the convolution before it (in eval mode BN is a fixed per-channel affine map, so the
   folded convolution computes the same function up to float rounding; ~1.2x on
@@ -188,14 +187,20 @@ class CpuParallelism:
 def cpu_parallelism(cores: int | None = None) -> CpuParallelism:
     """The CPU inference split for ``cores`` (default: the CPUs this process may use).
 
-    One forward stream per core up to :data:`MAX_FORWARD_STREAMS`, the cores shared out
-    between them: 1 -> 1x1, 2 -> 2x1, 8 -> 4x2, 16 -> 4x4. Apply ``threads`` with
+    One forward stream per 4 cores, up to :data:`MAX_FORWARD_STREAMS`, the cores shared
+    out between them: 2 -> 1x2, 4 -> 1x4, 8 -> 2x4, 16 -> 4x4. Apply ``threads`` with
     :func:`configure_cpu_threads` and pass ``streams`` to :class:`Predictor`.
+
+    Why one stream on small machines: on the 2-core bench machine 2 streams x 1 thread were
+    ~20% faster than 1 x 2 in one hour and 5% slower in the next, and each extra stream
+    adds a batch's activations (+800 MB for EfficientNet-B0 at bs 32) and a longer pipeline
+    drain at every chunk's end. Intra-op scaling falls off past ~4 threads for a 32-image
+    batch, which is where extra streams pay (OpenVINO's throughput streams, the same idea).
     """
     n = _available_cpus() if cores is None else int(cores)
     if n < 1:
         raise ValueError(f"cores must be >= 1, not {cores}")
-    streams = min(n, MAX_FORWARD_STREAMS)
+    streams = max(1, min(n // 4, MAX_FORWARD_STREAMS))
     return CpuParallelism(streams=streams, threads=max(1, n // streams))
 
 

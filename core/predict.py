@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--streams",
         default="auto",
         help="batches run through the model at once on CPU, each on its share of the cores "
-        "(auto: one per core, at most 4; 1 = one batch on all cores); ignored on CUDA",
+        "(auto: one per 4 cores, at most 4; 1 = one batch on all cores); ignored on CUDA",
     )
     parser.add_argument(
         "--sha256", default=None, help="refuse the checkpoint unless its sha256 matches"

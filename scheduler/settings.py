@@ -95,7 +95,9 @@ class Settings(BaseSettings):
         description="user:password for the Flower monitoring UI. Unset: Flower without auth.",
     )
     chunk_size: int = Field(
-        default=256,
+        # 512: a chunk's fixed cost (claim, a fresh decode pipeline filling, complete) is
+        # ~0.2 s on a 2-core CPU, 7% of a 256-image chunk of EfficientNet-B0 but 3% of 512.
+        default=512,
         ge=1,
         le=100_000,
         description="Inputs per classify task (chunk); also the unit of retry and progress.",
@@ -106,8 +108,9 @@ class Settings(BaseSettings):
         le=64,
         description=(
             "Batches a CPU worker runs through the model at once, each on its share of the "
-            "task's cores. Unset: one per core, at most 4 (2 cores: 2 streams x 1 thread). "
-            "1 = one batch on all cores (least memory). Ignored on a GPU."
+            "task's cores. Unset: one per 4 cores, at most 4 (2 cores: 1 stream x 2 "
+            "threads; 16 cores: 4 x 4). 1 = one batch on all cores (least memory). Ignored "
+            "on a GPU."
         ),
     )
     max_paths_per_job: int = Field(

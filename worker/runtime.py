@@ -124,9 +124,8 @@ def inference_streams(device: str, requested: int | None = None) -> int:
     """Forward streams for a bulk-classification task on ``device``; sets the threads.
 
     On CPU, ``requested`` (the ``inference_streams`` setting) or else the split
-    ``core.inference.cpu_parallelism`` picks for the task's cores (2 cores: two batches
-    side by side, one thread each); never more streams than the task has cores. A GPU runs
-    one stream.
+    ``core.inference.cpu_parallelism`` picks for the task's cores (one stream per 4 cores);
+    never more streams than the task has cores. A GPU runs one stream.
     """
     if device.split(":")[0] != "cpu":
         configure_threads()

@@ -322,8 +322,12 @@ def test_a_forward_failure_in_a_stream_reaches_the_caller(
 
 
 def test_cpu_parallelism_splits_the_cores() -> None:
-    split = {n: (c.streams, c.threads) for n in (1, 2, 3, 8, 16) for c in [cpu_parallelism(n)]}
-    assert split == {1: (1, 1), 2: (2, 1), 3: (3, 1), 8: (4, 2), 16: (4, 4)}
+    split = {
+        n: (c.streams, c.threads) for n in (1, 2, 4, 7, 8, 16, 64) for c in [cpu_parallelism(n)]
+    }
+    assert split == {
+        1: (1, 1), 2: (1, 2), 4: (1, 4), 7: (1, 7), 8: (2, 4), 16: (4, 4), 64: (4, 16)
+    }
     assert cpu_parallelism().streams >= 1
     with pytest.raises(ValueError):
         cpu_parallelism(0)

@@ -31,7 +31,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert s.jobs_dir == data_dir / "jobs" and s.models_dir == data_dir / "models"
     assert s.data_roots == (data_dir, tmp_path.resolve())
     assert s.api_token is None and s.flower_basic_auth is None
-    assert (s.chunk_size, s.max_paths_per_job, s.task_max_retries) == (256, 100_000, 3)
+    assert (s.chunk_size, s.max_paths_per_job, s.task_max_retries) == (512, 100_000, 3)
     assert s.visibility_timeout == 43_200
     assert s.visibility_timeout > max(s.train_time_limit, s.chunk_time_limit)
     assert s.retrain_cron is None and s.retrain_data_dir is None
@@ -65,7 +65,7 @@ def test_load_settings_reads_dotenv_and_overrides_win(
     s = load_settings(chunk_size=16, database_url=None)  # None overrides are ignored
     assert (s.chunk_size, s.api_port, s.database_url) == (16, 9100, None)
     assert load_settings().chunk_size == 32
-    assert Settings().chunk_size == 256  # plain Settings() never reads .env
+    assert Settings().chunk_size == 512  # plain Settings() never reads .env
 
 
 def test_data_roots_from_list_override(tmp_path: Path) -> None:
