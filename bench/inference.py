@@ -324,12 +324,16 @@ class Best:
 
 
 def stream_choices(device: torch.device) -> list[int]:
-    """Forward-stream counts the sweep tries: 1 and the split mriq's worker would pick."""
+    """Forward-stream counts the sweep tries: 1, 2 (where there are 2 cores) and the split
+    mriq's worker picks; whichever is fastest is the ceiling, whatever the worker uses."""
+    import torch
+
     from core.inference import cpu_parallelism
 
     if device.type != "cpu":
         return [1]
-    return sorted({1, cpu_parallelism().streams})
+    cores = torch.get_num_threads()
+    return sorted({1, min(2, cores), cpu_parallelism(cores).streams})
 
 
 def model_only_sweep(
