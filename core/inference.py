@@ -25,9 +25,7 @@ Design notes (why it looks like this):
   a core stalls all of them. ``forward_streams`` threads instead run whole batches side by
   side, each with fewer intra-op threads (:func:`cpu_parallelism` picks the split; the
   caller sets torch's thread count, which is process-wide; one stream per 4 cores by
-  default). Forward passes always run in these threads, one batch ahead of the caller, so
-  whatever the caller does with a batch's rows (the worker's SQL writes) overlaps the next
-  forward pass. Results are still yielded in input order.
+  default). Results are still yielded in input order.
 * **The model is prepared once.** :func:`prepare_inference_model` folds every BatchNorm
   into the convolution before it (in eval mode BN is a fixed per-channel affine map, so the
   folded convolution computes the same function up to float rounding; ~1.2x on
@@ -638,17 +636,17 @@ class Predictor:
             if self.decode_thread
             else iter(self._loader(paths))
         )
-        # Forward passes run in pool threads, one batch more than there are streams in
-        # flight: while the caller handles a finished batch's rows (the worker writes them
-        # to SQL), the model is already running the next one.
-        pool = ThreadPoolExecutor(self.forward_streams, thread_name_prefix="mriq-forward")
-        in_flight = self.forward_streams + 1
+        pool = (
+            ThreadPoolExecutor(self.forward_streams, thread_name_prefix="mriq-forward")
+            if self.forward_streams > 1
+            else None
+        )
         # Batches whose forward pass runs (or ran) in the pool, oldest first.
         running: collections.deque[tuple[_Batch, Future[np.ndarray] | None]] = collections.deque()
         try:
             exhausted = False
             while True:
-                while not exhausted and len(running) < in_flight:
+                while not exhausted and len(running) < self.forward_streams:
                     if should_stop is not None and should_stop():
                         exhausted = True
                         break
@@ -656,6 +654,9 @@ class Predictor:
                         batch = next(batches)
                     except StopIteration:
                         exhausted = True
+                        break
+                    if pool is None:
+                        running.append((batch, None))
                         break
                     future = (
                         pool.submit(self._forward, batch.images)
@@ -666,7 +667,12 @@ class Predictor:
                 if not running:
                     return
                 batch, future = running.popleft()
-                probs = future.result() if future is not None else None
+                if future is not None:
+                    probs: np.ndarray | None = future.result()
+                elif pool is None and batch.images is not None:
+                    probs = self._forward(batch.images)
+                else:
+                    probs = None
                 # Reported before the rows are yielded so that it fires for every finished
                 # batch even when the consumer stops pulling mid-batch.
                 if on_batch is not None:
@@ -682,12 +688,13 @@ class Predictor:
                     else:
                         yield path, None, error, digest
         finally:
-            # Forward passes not started yet are dropped; running ones finish (a batch takes
-            # well under a second) so no thread outlives the stream.
-            for _, pending in running:
-                if pending is not None:
-                    pending.cancel()
-            pool.shutdown(wait=True)
+            if pool is not None:
+                # Forward passes not started yet are dropped; running ones finish (a batch
+                # takes well under a second) so no thread outlives the stream.
+                for _, pending in running:
+                    if pending is not None:
+                        pending.cancel()
+                pool.shutdown(wait=True)
             # Stop worker processes (or the decode thread) now, also when the consumer
             # abandons the generator.
             close = getattr(batches, "close", None)
@@ -705,9 +712,8 @@ class Predictor:
         """Yield ``(path, probs | None, error | None)`` per input, in input order.
 
         ``probs`` is a float32 vector over ``self.classes``. ``should_stop()`` is checked
-        before each batch is handed to the model; when it returns True no new batch starts
-        and the stream ends once the ``forward_streams + 1`` batches already started are
-        yielded (results stay valid). ``on_batch(n)`` is called once per batch with its size, after
+        before each batch; when it returns True the stream ends early (already yielded
+        results stay valid). ``on_batch(n)`` is called once per batch with its size, after
         the forward pass and before that batch's results are yielded.
         """
         stream = self._stream(paths, should_stop, on_batch)
