@@ -713,8 +713,9 @@ class Predictor:
 
         ``probs`` is a float32 vector over ``self.classes``. ``should_stop()`` is checked
         before each batch; when it returns True the stream ends early (already yielded
-        results stay valid). ``on_batch(n)`` is called once per batch with its size, after
-        the forward pass and before that batch's results are yielded.
+        results stay valid; with ``forward_streams`` > 1 the batches already running
+        are still yielded, nothing after them). ``on_batch(n)`` is called once per batch
+        with its size, after the forward pass and before that batch's results are yielded.
         """
         stream = self._stream(paths, should_stop, on_batch)
         try:
