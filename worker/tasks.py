@@ -21,7 +21,6 @@ import os
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -267,46 +266,31 @@ def _run_chunk(settings: Settings, job_id: int, chunk_index: int, work: _ChunkWo
     # predict() yields exactly one Prediction per input, in input order, so zip pairs each
     # with its item; per-file read errors come back as error predictions, not exceptions.
     pairs = zip(work.items, predictions, strict=False)
-    # One write transaction per model batch, run by a writer thread while this thread
-    # (whose OpenMP team runs the forward pass fastest) computes the next batch: the SQL
-    # write no longer sits between two forward passes (~5% of a job on 2 cores). Rows
-    # become visible after every batch; at most one batch is being written while the next
-    # is computed, so a cancelled chunk stops within two batches and a killed one loses at
-    # most two (redone on retry: writes are idempotent). The write's transaction also reads
-    # the cancel flag (one PK lookup in a transaction we run anyway).
-    writer = ThreadPoolExecutor(1, thread_name_prefix="mriq-writer")
-    pending: tuple[Future[bool], int] | None = None
-    try:
-        for batch in _batches(pairs, predictor.batch_size):
-            records = [
-                repository.PredictionRecord(
-                    item_index=index,
-                    path=stored,
-                    file_sha256=pred.sha256,
-                    label=pred.label,
-                    confidence=pred.confidence,
-                    top_k=pred.top_k,
-                    error=None if pred.error is None else storable_text(pred.error),
-                )
-                for (index, stored), pred in batch
-            ]
-            if pending is not None:
-                done += _settle_write(pending, cancel)
-                pending = None
-                if cancel():
-                    break
-            write = writer.submit(runtime.with_session, settings, _recorder(job_id, records))
-            pending = (write, len(records))
-        if pending is not None:
-            done += _settle_write(pending, cancel)
-            pending = None
-    finally:
-        if pending is not None:
-            # Failing on another path: let the write in flight end first (it is idempotent
-            # and its outcome no longer matters) so no thread outlives the task.
-            with contextlib.suppress(Exception):
-                pending[0].result()
-        writer.shutdown(wait=True)
+    for batch in _batches(pairs, predictor.batch_size):
+        records = [
+            repository.PredictionRecord(
+                item_index=index,
+                path=stored,
+                file_sha256=pred.sha256,
+                label=pred.label,
+                confidence=pred.confidence,
+                top_k=pred.top_k,
+                error=None if pred.error is None else storable_text(pred.error),
+            )
+            for (index, stored), pred in batch
+        ]
+        # One write transaction per model batch: rows become visible (progress, results)
+        # after every batch, and the cancellation and crash-recovery guarantees ("running
+        # chunks stop at the next batch", "a killed chunk loses at most one batch") rely on
+        # it; grouping rows across batches saved little CPU and broke them. The transaction
+        # also reads the cancel flag (one PK lookup in a transaction we run anyway), so a
+        # cancelled chunk stops at the next batch rather than up to CANCEL_CHECK_INTERVAL_S
+        # later.
+        if runtime.with_session(settings, _recorder(job_id, records)):
+            cancel.cancelled = True
+        done += len(records)
+        if cancel():
+            break
     if done < len(work.items) and cancel.force():
         status = _complete(settings, job_id, chunk_index, ChunkStatus.CANCELLED)
         return f"cancelled after {done} of {len(work.items)} items ({status or 'job running'})"
@@ -316,14 +300,6 @@ def _run_chunk(settings: Settings, job_id: int, chunk_index: int, work: _ChunkWo
         raise RuntimeError(f"predictor returned {done} of {len(work.items)} results")
     status = _complete(settings, job_id, chunk_index, ChunkStatus.SUCCEEDED)
     return f"classified {done} items (job {status or 'still running'})"
-
-
-def _settle_write(pending: tuple[Future[bool], int], cancel: CancelCheck) -> int:
-    """Waits for a batch's write (re-raising its error); returns the rows it recorded."""
-    write, rows = pending
-    if write.result():
-        cancel.cancelled = True
-    return rows
 
 
 def _recorder(job_id: int, records: list[repository.PredictionRecord]) -> Callable[[Session], bool]:
