@@ -46,15 +46,17 @@ def test_redis_restart_mid_job(
     are gone. The worker reconnects, its recovery sweep re-sends the pending chunks into the
     empty queue, and the job completes. A long-lived producer (as in the API) and the CLI
     both submit again after the restart."""
-    n, chunk = 120, 20
+    n, chunk = 240, 20
     settings = fault_settings(tmp_path, database_url=postgres_url, broker_url=own_redis.url)
     factory = migrated_factory(postgres_url)
     paths = write_small_images(tmp_path / "images", n)
     version_id = register_model(factory, tiny_model)
     job_id, n_chunks = create_classify_job(factory, version_id, paths, chunk_size=chunk)
     producer = Dispatcher(settings)  # long-lived, like the API's
-    producer.classify_chunks(job_id, range(n_chunks))
     worker = workers.start(settings)
+    # Sent once the worker answers pings: queued before, a fast machine can finish half the
+    # job while the worker is still starting, and "under way" is never seen.
+    producer.classify_chunks(job_id, range(n_chunks))
     try:
         wait_until(
             lambda: 0 < count_rows(factory, job_id) < n // 2,
@@ -124,8 +126,10 @@ def test_postgres_restart_mid_job(
         factory, register_model(factory, tiny_model), paths, chunk_size=chunk, batch_size=4
     )
     dispatcher = Dispatcher(settings)
-    dispatcher.classify_chunks(job_id, range(n_chunks))
     worker = workers.start(settings)
+    # Sent once the worker answers pings, so the job cannot run past the window below
+    # while the worker is still starting.
+    dispatcher.classify_chunks(job_id, range(n_chunks))
     try:
         wait_until(
             lambda: 0 < count_rows(factory, job_id) < n // 2,

@@ -179,8 +179,10 @@ def test_cancel_drops_queued_chunks_and_stops_running_one(
         factory, register_model(factory, tiny_model), paths, chunk_size=chunk, batch_size=4
     )
     dispatcher = Dispatcher(settings)
-    dispatcher.classify_chunks(job_id, range(n_chunks))
     worker = workers.start(settings)
+    # Sent once the worker answers pings, so the job cannot run past the window below
+    # while the worker is still starting.
+    dispatcher.classify_chunks(job_id, range(n_chunks))
     try:
         wait_until(
             lambda: 0 < count_rows(factory, job_id) < chunk,
