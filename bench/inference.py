@@ -728,19 +728,19 @@ def run_predictor(
 ) -> Measurement:
     import torch
 
-    from core.inference import Predictor, cpu_parallelism
+    from core.inference import CpuParallelism, Predictor, cpu_parallelism
 
     # The worker's configuration: on CPU the cores split into forward streams
     # (worker.runtime.inference_streams); the Predictor prepares its own model copy
     # (cached, shared with the ceiling rows).
     cores = torch.get_num_threads()
-    if device.type != "cpu":
-        streams = 1
-    elif streams is None:
-        streams = cpu_parallelism(cores).streams
-    else:
-        streams = max(1, min(streams, cores))
-    with torch_threads(cores // streams):
+    split = (
+        cpu_parallelism(cores, streams=None if streams is None else min(streams, cores))
+        if device.type == "cpu"
+        else CpuParallelism(streams=1, threads=cores)
+    )
+    streams = split.streams
+    with torch_threads(split.threads):
         predictor = Predictor(
             loaded, device=device, batch_size=PREDICTOR_BATCH, forward_streams=streams
         )

@@ -66,6 +66,7 @@ if TYPE_CHECKING:
     from core.checkpoint import LoadedCheckpoint
 
 __all__ = [
+    "CpuParallelism",
     "DeviceUnavailableError",
     "Prediction",
     "Predictor",
@@ -184,12 +185,13 @@ class CpuParallelism:
     threads: int
 
 
-def cpu_parallelism(cores: int | None = None) -> CpuParallelism:
+def cpu_parallelism(cores: int | None = None, *, streams: int | None = None) -> CpuParallelism:
     """The CPU inference split for ``cores`` (default: the CPUs this process may use).
 
-    One forward stream per 4 cores, up to :data:`MAX_FORWARD_STREAMS`, the cores shared
-    out between them: 2 -> 1x2, 4 -> 1x4, 8 -> 2x4, 16 -> 4x4. Apply ``threads`` with
-    :func:`configure_cpu_threads` and pass ``streams`` to :class:`Predictor`.
+    ``streams`` as asked, or by default one forward stream per 4 cores, up to
+    :data:`MAX_FORWARD_STREAMS`; the cores are shared out between them: 2 -> 1x2, 4 -> 1x4,
+    8 -> 2x4, 16 -> 4x4. Apply ``threads`` with :func:`configure_cpu_threads` and pass
+    ``streams`` to :class:`Predictor`.
 
     Why one stream on small machines: on the 2-core bench machine 2 streams x 1 thread were
     ~20% faster than 1 x 2 in one hour and 5% slower in the next, and each extra stream
@@ -200,7 +202,10 @@ def cpu_parallelism(cores: int | None = None) -> CpuParallelism:
     n = _available_cpus() if cores is None else int(cores)
     if n < 1:
         raise ValueError(f"cores must be >= 1, not {cores}")
-    streams = max(1, min(n // 4, MAX_FORWARD_STREAMS))
+    if streams is None:
+        streams = max(1, min(n // 4, MAX_FORWARD_STREAMS))
+    elif streams < 1:
+        raise ValueError(f"streams must be >= 1, not {streams}")
     return CpuParallelism(streams=streams, threads=max(1, n // streams))
 
 
@@ -655,12 +660,10 @@ class Predictor:
                     except StopIteration:
                         exhausted = True
                         break
-                    if pool is None:
-                        running.append((batch, None))
-                        break
+                    # Without a pool (one stream) the forward pass runs below, on this thread.
                     future = (
                         pool.submit(self._forward, batch.images)
-                        if batch.images is not None
+                        if pool is not None and batch.images is not None
                         else None
                     )
                     running.append((batch, future))
@@ -669,7 +672,7 @@ class Predictor:
                 batch, future = running.popleft()
                 if future is not None:
                     probs: np.ndarray | None = future.result()
-                elif pool is None and batch.images is not None:
+                elif batch.images is not None:
                     probs = self._forward(batch.images)
                 else:
                     probs = None

@@ -112,11 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=err)
         return 1
     if device.type == "cpu":
-        split = cpu_parallelism()
-        if streams is None:
-            streams = split.streams
+        split = cpu_parallelism(streams=streams)
         # The CPUs shared out between the streams (process-wide in torch).
-        configure_cpu_threads(max(1, (split.streams * split.threads) // streams))
+        configure_cpu_threads(split.threads)
+        streams = split.streams
     predictor = Predictor(
         ckpt,
         device=device,

@@ -130,15 +130,12 @@ def inference_streams(device: str, requested: int | None = None) -> int:
     if device.split(":")[0] != "cpu":
         configure_threads()
         return 1
-    cores = threads_per_task(_concurrency)
-    if requested is None:
-        from core.inference import cpu_parallelism
+    from core.inference import cpu_parallelism
 
-        streams = cpu_parallelism(cores).streams
-    else:
-        streams = max(1, min(requested, cores))
-    configure_threads(per=streams)
-    return streams
+    cores = threads_per_task(_concurrency)
+    split = cpu_parallelism(cores, streams=None if requested is None else min(requested, cores))
+    configure_threads(per=split.streams)
+    return split.streams
 
 
 @worker_process_init.connect

@@ -329,8 +329,14 @@ def test_cpu_parallelism_splits_the_cores() -> None:
         1: (1, 1), 2: (1, 2), 4: (1, 4), 7: (1, 7), 8: (2, 4), 16: (4, 4), 64: (4, 16)
     }
     assert cpu_parallelism().streams >= 1
+    # Streams as asked, the cores shared out between them.
+    asked = {(n, s): (c.streams, c.threads) for n, s in ((2, 2), (9, 3), (2, 4))
+             for c in [cpu_parallelism(n, streams=s)]}
+    assert asked == {(2, 2): (2, 1), (9, 3): (3, 3), (2, 4): (4, 1)}
     with pytest.raises(ValueError):
         cpu_parallelism(0)
+    with pytest.raises(ValueError):
+        cpu_parallelism(2, streams=0)
 
 
 def test_prediction_is_frozen() -> None:
