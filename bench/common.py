@@ -366,6 +366,9 @@ class Report:
     ratios: list[Ratio] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: Rows that were asked for and broke (also listed as skipped, with the reason): the
+    #: run still prints everything it measured, and the script exits non-zero.
+    failed: list[str] = field(default_factory=list)
 
     def add(self, m: Measurement) -> Measurement:
         self.rows.append(m)
@@ -380,6 +383,10 @@ class Report:
     def skip(self, name: str, reason: str) -> None:
         self.skipped.append((name, reason))
         print(f"  skipped {name}: {reason}", file=sys.stderr, flush=True)
+
+    def fail(self, name: str, reason: str) -> None:
+        self.failed.append(name)
+        self.skip(name, f"FAILED: {reason}")
 
     def row(self, name: str | None) -> Measurement | None:
         return next((m for m in self.rows if m.name == name), None) if name else None
@@ -446,6 +453,7 @@ class Report:
             "ratios": [asdict(r) for r in self.ratios],
             "skipped": [{"name": n, "reason": r} for n, r in self.skipped],
             "notes": list(self.notes),
+            "failed": list(self.failed),
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
 

@@ -87,6 +87,7 @@ E2E = "mriq classify e2e (submit -> last row)"
 E2E_CLI = "mriq classify --wait (CLI wall time)"
 NOTEBOOK_BATCH = 32
 PREDICTOR_BATCH = 32
+SMOKE_E2E_CHUNK = 8
 #: Row groups ``--skip`` can leave out (the ceiling and the Predictor always run: every
 #: ratio needs them).
 SKIPPABLE = ("allocator", "notebook", "core.predict")
@@ -130,7 +131,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--e2e",
         action="store_true",
-        help="also run mriq classify --wait through Redis, a worker and PostgreSQL",
+        help="also run mriq classify --wait through Redis, a worker and PostgreSQL (with "
+        "--smoke: 16 images in chunks of 8, so CI checks that path too)",
     )
     parser.add_argument(
         "--chunk-size", type=int, default=512, help="MRIQ_CHUNK_SIZE for --e2e (%(default)s)"
@@ -169,7 +171,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     if args.smoke:
         args.batch_sizes = "4,8"
         args.source_size = min(args.source_size, 128)
-        args.e2e = False  # smoke runs never need services
+        # --smoke --e2e still runs the job system (CI's check that this path works), in
+        # chunks small enough that the job has several.
+        args.chunk_size = min(args.chunk_size, SMOKE_E2E_CHUNK)
         args.compile = False
     args.batch_sizes = [int(b) for b in str(args.batch_sizes).split(",") if b.strip()]
     args.skip = {part.strip() for part in str(args.skip).split(",") if part.strip()}
@@ -822,8 +826,8 @@ def run_e2e(
         return
     try:
         _run_e2e(report, args, svc, workdir, folder, paths, checkpoint, sha256, device)
-    except Exception as exc:  # the job system is being built: report, do not crash the run
-        report.skip(E2E, f"{type(exc).__name__}: {str(exc)[-400:]}")
+    except Exception as exc:  # report it with the other rows, then exit non-zero (main)
+        report.fail(E2E, f"{type(exc).__name__}: {str(exc)[-400:]}")
 
 
 def _classify(env: dict[str, str], inputs: Sequence[str], model_id: int) -> dict[str, Any]:
@@ -1137,7 +1141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         reexec_with_allocator("bench.inference", raw)
     report = run(args)
     report.finish(args.json_out)
-    return 0
+    return 1 if report.failed else 0
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
 """Worker memory over a long classify job: RSS at the start and at the end must match.
 
-    .venv/bin/python -m bench.worker_rss [--n 20000] [--arch resnet18] [--image-size 32]
+    .venv/bin/python -m bench.worker_rss [--n 20000] [--arch resnet18] [--image-size 32] [--smoke]
 
 Runs a real ``python -m worker`` (threads pool, concurrency 1: tasks run in the worker's
 own process, so its RSS is the one that matters) on a private ``redis-server`` (free port)
 and a fresh database on the local PostgreSQL (``--database-url`` to use another, e.g. a
-SQLite file), submits one classify job of ``--n`` tiny PNGs (chunk 256) and samples the
-worker's VmRSS from /proc every 0.5 s. "start" is the RSS once the first chunk is done (model
-loaded, first batches through: the steady state), "end" is the RSS after the last chunk.
+SQLite file), submits one classify job of ``--n`` tiny PNGs in chunks of ``--chunk-size``
+(default: the worker's ``MRIQ_CHUNK_SIZE`` default) and samples the worker's VmRSS from /proc
+every 0.5 s. "start" is the RSS once the first chunk is done (model loaded, first batches
+through: the steady state), "end" is the RSS after the last chunk.
 Prints both, the peak, and RSS at every 10% of progress. Not a test (minutes of CPU).
 """
 
@@ -24,6 +25,8 @@ import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+#: --smoke: enough images for three chunks, so "start" (first chunk done) and "end" differ.
+SMOKE_N, SMOKE_SIZE, SMOKE_CHUNK = 48, 32, 16
 
 
 def _free_port() -> int:
@@ -73,14 +76,36 @@ def _tiny_model(path: Path, arch: str, image_size: int) -> str:
     return save_checkpoint(path, model=model, meta=meta)
 
 
+def _default_chunk_size() -> int:
+    from scheduler.settings import Settings
+
+    return int(Settings.model_fields["chunk_size"].default)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=20_000)
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--chunk-size", type=int, default=256)
+    parser.add_argument(
+        "--chunk-size",
+        type=int,
+        default=_default_chunk_size(),
+        help="items per chunk (default: MRIQ_CHUNK_SIZE's default, %(default)s)",
+    )
     parser.add_argument("--database-url", default=None)
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help=f"tiny run that only checks the script works ({SMOKE_N} images of "
+        f"{SMOKE_SIZE} px, chunks of {SMOKE_CHUNK}); its numbers mean nothing",
+    )
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.n, args.image_size, args.chunk_size = SMOKE_N, SMOKE_SIZE, SMOKE_CHUNK
+        args.arch = "resnet18"
+    if args.n < 1 or args.chunk_size < 1 or args.image_size < 8:
+        parser.error("--n and --chunk-size must be >= 1, --image-size >= 8")
 
     import psycopg
 
@@ -201,9 +226,11 @@ def main(argv: list[str] | None = None) -> int:
         end_rss = _rss_mb(worker.pid)
         seconds = time.monotonic() - t_start
         print(f"job {status} in {seconds:.0f}s ({args.n / seconds:.0f} images/s)")
+        if start_rss is None:  # the job ended before a whole chunk was counted
+            start_rss = end_rss
         print(
             f"RSS start {start_rss:.1f} MB, end {end_rss:.1f} MB, peak {peak:.1f} MB, "
-            f"growth {end_rss - (start_rss or end_rss):+.1f} MB"
+            f"growth {end_rss - start_rss:+.1f} MB"
         )
         return 0 if status == JobStatus.SUCCEEDED else 1
     finally:

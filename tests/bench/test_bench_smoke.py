@@ -3,7 +3,9 @@
 Each script runs once with ``--smoke`` (resnet18 at 64 px, a handful of images, one torch
 thread) as a real subprocess, exactly as a person would start it; the test checks the exit
 status, that the results table has its ratio lines and that ``--json-out`` wrote valid JSON.
-The end-to-end (Redis + worker + PostgreSQL) part of ``bench.inference`` is never run here.
+The end-to-end part of ``bench.inference`` (``--e2e``: a real worker on Redis database 11 and
+a fresh PostgreSQL database) and ``bench.worker_rss`` (a private redis-server) run here too,
+at smoke sizes.
 """
 
 from __future__ import annotations
@@ -49,6 +51,12 @@ def _run(module: str, tmp_path: Path, *extra: str) -> tuple[str, dict[str, objec
     return proc.stdout, data
 
 
+def _ratio_value(lines: dict[str, str], name: str) -> float:
+    """The number of a rendered ratio ("0.812x  (target ...)" or "3.1%  (target ...)")."""
+    text = lines[name].split()[0]
+    return float(text.rstrip("x%"))
+
+
 def _ratio_lines(stdout: str) -> dict[str, str]:
     """``ratio NAME: VALUE`` lines of the table, keyed by NAME."""
     lines: dict[str, str] = {}
@@ -80,6 +88,47 @@ def test_inference_smoke(tmp_path: Path) -> None:
     # the notebook runs twice: as a notebook runs (glibc allocator, child) and tuned
     notebooks = {n for n in names if n.startswith("notebook way")}
     assert len(notebooks) == 2, names
+
+
+@pytest.mark.slow
+@pytest.mark.services
+def test_inference_e2e_smoke(tmp_path: Path) -> None:
+    """``--e2e`` through a real worker: the path the issue's main target is measured on."""
+    stdout, data = _run(
+        "bench.inference", tmp_path, "--e2e", "--skip", "allocator,notebook,core.predict"
+    )
+    ratios = _ratio_lines(stdout)
+    for name in ("e2e/model-only", "queue+SQL overhead (share of e2e wall)"):
+        assert not ratios[name].startswith("skipped"), (name, ratios[name], stdout)
+    assert _ratio_value(ratios, "e2e/model-only") > 0
+    rows = {row["name"]: row for row in data["rows"]}  # type: ignore[attr-defined]
+    e2e = rows["mriq classify e2e (submit -> last row)"]
+    assert e2e["items"] == 16 and e2e["seconds"] > 0, e2e
+    assert "chunk 8" in e2e["note"], e2e
+    assert data["failed"] == []
+    # The profile of where the job's wall time went: 16 images in chunks of 8.
+    assert any(n.startswith("e2e timeline:") and "2 chunks" in n for n in data["notes"]), data[
+        "notes"
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.services
+def test_worker_rss_smoke() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MRIQ_")}
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.worker_rss", "--smoke"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert proc.returncode == 0, f"exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+    assert "48 images, 3 chunks" in proc.stdout, proc.stdout
+    assert "start (first chunk done" in proc.stdout, proc.stdout
+    assert "succeeded" in proc.stdout and "RSS start" in proc.stdout, proc.stdout
 
 
 @pytest.mark.slow
