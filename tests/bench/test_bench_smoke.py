@@ -19,26 +19,16 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-#: Generous per script; all three together take well under a minute on a quiet 2-core box.
+#: Generous per script; all of them together take under two minutes on a quiet 2-core box.
 TIMEOUT_S = 300
 
 
-def _run(module: str, tmp_path: Path, *extra: str) -> tuple[str, dict[str, object]]:
-    out = tmp_path / f"{module}.json"
+def _smoke(module: str, *args: str) -> str:
+    """``python -m module --smoke args`` as a person starts it; its stdout (exit 0 asserted)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MRIQ_")}
     env["PYTHONPATH"] = str(REPO)
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            module,
-            "--smoke",
-            "--json-out",
-            str(out),
-            "--workdir",
-            str(tmp_path / "work"),
-            *extra,
-        ],
+        [sys.executable, "-m", module, "--smoke", *args],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -46,9 +36,15 @@ def _run(module: str, tmp_path: Path, *extra: str) -> tuple[str, dict[str, objec
         timeout=TIMEOUT_S,
     )
     assert proc.returncode == 0, f"{module} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def _run(module: str, tmp_path: Path, *extra: str) -> tuple[str, dict[str, object]]:
+    out = tmp_path / f"{module}.json"
+    stdout = _smoke(module, "--json-out", str(out), "--workdir", str(tmp_path / "work"), *extra)
     data = json.loads(out.read_text())
     assert isinstance(data, dict) and data["ratios"], data
-    return proc.stdout, data
+    return stdout, data
 
 
 def _ratio_value(lines: dict[str, str], name: str) -> float:
@@ -115,20 +111,10 @@ def test_inference_e2e_smoke(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.services
 def test_worker_rss_smoke() -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MRIQ_")}
-    env["PYTHONPATH"] = str(REPO)
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.worker_rss", "--smoke"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-    )
-    assert proc.returncode == 0, f"exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
-    assert "48 images, 3 chunks" in proc.stdout, proc.stdout
-    assert "start (first chunk done" in proc.stdout, proc.stdout
-    assert "succeeded" in proc.stdout and "RSS start" in proc.stdout, proc.stdout
+    stdout = _smoke("bench.worker_rss")
+    assert "48 images, 3 chunks" in stdout, stdout
+    assert "start (first chunk done" in stdout, stdout
+    assert "succeeded" in stdout and "RSS start" in stdout, stdout
 
 
 @pytest.mark.slow
