@@ -33,7 +33,8 @@ PG_PORT = 5432
 PG_USER = "postgres"
 PG_ADMIN_DB = "test"
 REDIS_HOST = "127.0.0.1"
-REDIS_PORT = 6379
+#: Parallel developers give each run a private redis-server through this variable.
+REDIS_PORT = int(os.environ.get("MRIQ_TEST_REDIS_PORT", "6379"))
 #: The e2e suite's own Redis database (worker tests use 13, benchmarks 11).
 REDIS_DB = 12
 #: Upper bound for one CLI command that waits for a job (a 1-epoch resnet18 at 32 px

@@ -28,7 +28,8 @@ from scheduler.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 REDIS_HOST = "127.0.0.1"
-REDIS_PORT = 6379
+#: Parallel developers give each run a private redis-server through this variable.
+REDIS_PORT = int(os.environ.get("MRIQ_TEST_REDIS_PORT", "6379"))
 #: Worker tests use their own Redis database so they never see other suites' queues.
 REDIS_DB = 13
 #: A worker must answer ping within this many seconds of being spawned.
