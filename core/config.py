@@ -90,6 +90,10 @@ class TrainConfig:
     channels_last: bool = True
     skip_unknown: bool = False
     init_checkpoint: Path | None = None
+    # Folders every data file must lie inside (symlinks resolved), checked when the data set
+    # is scanned and again whenever a file is read; None (python -m core.train) confines
+    # nothing. The worker passes MRIQ_DATA_ROOTS here.
+    data_roots: tuple[Path, ...] | None = None
 
     def __post_init__(self) -> None:
         # Normalise types first (frozen: object.__setattr__) so that configs built from CLI
@@ -99,6 +103,14 @@ class TrainConfig:
         if self.init_checkpoint is not None:
             object.__setattr__(
                 self, "init_checkpoint", _as_path("init_checkpoint", self.init_checkpoint)
+            )
+        if self.data_roots is not None:
+            if isinstance(self.data_roots, str | Path) or not isinstance(
+                self.data_roots, list | tuple
+            ):
+                raise ValueError(f"data_roots: must be a list of folders, not {self.data_roots!r}")
+            object.__setattr__(
+                self, "data_roots", tuple(_as_path("data_roots", r) for r in self.data_roots)
             )
         try:
             object.__setattr__(self, "labels", as_label_mode(self.labels).value)
@@ -166,6 +178,8 @@ class TrainConfig:
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
+            if isinstance(value, tuple):
+                value = [str(v) for v in value]
             out[f.name] = str(value) if isinstance(value, Path) else value
         return out
 

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, WeightedRandomSampler
 
-from core.errors import ImageReadError
+from core.errors import ImageReadError, OutsideDataRootsError
 from core.imaging import is_image_path, read_image
 from core.labels import (
     LabelMode,
@@ -37,6 +37,7 @@ from core.labels import (
     label_index,
     parse_folder_name,
 )
+from core.safefile import OUTSIDE_ROOTS_REASON, leads_inside, open_input
 from core.transforms import TrainPreset
 
 __all__ = [
@@ -110,29 +111,55 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".") or name == "__MACOSX"
 
 
-def _subdirs(folder: Path) -> list[Path]:
+Keep = Callable[[Path], bool]
+
+
+def _keep_all(_path: Path) -> bool:
+    return True
+
+
+def _confined(roots: Sequence[Path | str] | None, warn: WarningCallback) -> Keep:
+    """``keep(path)``: False (with a warning naming the link, not its target) for a symbolic
+    link that leads outside ``roots``; a training set must not pull files from elsewhere."""
+    if roots is None:
+        return _keep_all
+
+    def keep(path: Path) -> bool:
+        if not os.path.islink(path) or leads_inside(path, roots):
+            return True
+        warn(f"{path}: skipped: a symbolic link that {OUTSIDE_ROOTS_REASON}")
+        return False
+
+    return keep
+
+
+def _subdirs(folder: Path, keep: Keep = _keep_all) -> list[Path]:
     return sorted(
-        (p for p in folder.iterdir() if p.is_dir() and not _is_hidden(p.name)),
+        (p for p in folder.iterdir() if p.is_dir() and not _is_hidden(p.name) and keep(p)),
         key=lambda p: p.name,
     )
 
 
-def _image_files(folder: Path) -> list[Path]:
-    """Image files in ``folder`` and below, in a stable order (nested folders belong to it)."""
+def _image_files(folder: Path, keep: Keep = _keep_all) -> list[Path]:
+    """Image files in ``folder`` and below, in a stable order (nested folders belong to it).
+
+    Symlinked folders below ``folder`` are not descended into (``os.walk``'s default)."""
     found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
         base = Path(dirpath)
         found.extend(
-            base / f for f in sorted(filenames) if not _is_hidden(f) and is_image_path(f)
+            base / f
+            for f in sorted(filenames)
+            if not _is_hidden(f) and is_image_path(f) and keep(base / f)
         )
     return found
 
 
-def _split_dirs(root: Path) -> dict[str, Path]:
+def _split_dirs(root: Path, keep: Keep = _keep_all) -> dict[str, Path]:
     """The ``train``/``val``/``test`` folders directly under ``root`` (by split)."""
     found: dict[str, Path] = {}
-    for d in _subdirs(root):
+    for d in _subdirs(root, keep):
         split = SPLIT_DIR_NAMES.get(d.name.strip().casefold())
         if split is not None:
             if split in found:
@@ -143,7 +170,7 @@ def _split_dirs(root: Path) -> dict[str, Path]:
 
 
 def _scan_class_dirs(
-    parents: Sequence[Path], mode: LabelMode, warn: WarningCallback
+    parents: Sequence[Path], mode: LabelMode, warn: WarningCallback, keep: Keep = _keep_all
 ) -> tuple[dict[Path, list[Sample]], list[str], list[str]]:
     """Samples per parent folder, plus the unknown and sequence-less folder names found."""
     unknown: list[str] = []
@@ -151,11 +178,11 @@ def _scan_class_dirs(
     per_parent: dict[Path, list[Sample]] = {}
     for parent in parents:
         samples: list[Sample] = []
-        loose = [f for f in parent.iterdir() if f.is_file() and is_image_path(f)]
+        loose = [f for f in parent.iterdir() if is_image_path(f) and f.is_file() and keep(f)]
         if loose:
             warn(f"{parent}: {len(loose)} image(s) directly in this folder are ignored "
                  f"(images must be inside class folders)")
-        for d in _subdirs(parent):
+        for d in _subdirs(parent, keep):
             parsed = parse_folder_name(d.name)
             if parsed is None:
                 unknown.append(d.name)
@@ -164,7 +191,7 @@ def _scan_class_dirs(
             if label is None:
                 no_sequence.append(d.name)
                 continue
-            files = _image_files(d)
+            files = _image_files(d, keep)
             if not files:
                 warn(f"{d}: class folder has no images")
                 continue
@@ -184,6 +211,7 @@ def _scan(
     mode: LabelMode | str | int,
     skip_unknown: bool,
     on_warning: WarningCallback | None,
+    roots: Sequence[Path | str] | None = None,
 ) -> tuple[dict[str, list[Sample]] | None, list[Sample]]:
     """(samples per split when the root uses split folders else None, all samples)."""
     root = Path(root)
@@ -195,17 +223,20 @@ def _scan(
         if on_warning is not None:
             on_warning(message)
 
-    splits = _split_dirs(root)
+    if roots is not None and not leads_inside(root, roots):
+        raise OutsideDataRootsError(root, OUTSIDE_ROOTS_REASON)
+    keep = _confined(roots, warn)
+    splits = _split_dirs(root, keep)
     if splits:
         # Other folders beside train/val/test are not scanned; report them like unknown
         # folders rather than silently ignoring data.
-        extra = [d.name for d in _subdirs(root) if d not in splits.values()]
+        extra = [d.name for d in _subdirs(root, keep) if d not in splits.values()]
         per_parent, unknown, no_sequence = _scan_class_dirs(
-            list(splits.values()), label_mode, warn
+            list(splits.values()), label_mode, warn, keep
         )
         unknown = [*unknown, *extra]
     else:
-        per_parent, unknown, no_sequence = _scan_class_dirs([root], label_mode, warn)
+        per_parent, unknown, no_sequence = _scan_class_dirs([root], label_mode, warn, keep)
     if unknown:
         if not skip_unknown:
             raise UnknownFolderError(unknown)
@@ -233,15 +264,22 @@ def scan_folder(
     mode: LabelMode | str | int,
     skip_unknown: bool = False,
     on_warning: WarningCallback | None = None,
+    roots: Sequence[Path | str] | None = None,
 ) -> list[Sample]:
     """Every labelled image under ``root``, sorted by (label, path).
+
+    With ``roots``, class folders and files that are symbolic links leading outside them
+    are skipped (``on_warning`` names each) and ``root`` itself must resolve inside them
+    (else :class:`~core.errors.OutsideDataRootsError`).
 
     Raises :class:`~core.labels.UnknownFolderError` listing every folder that names no class
     (unless ``skip_unknown``: then ``on_warning`` is told), :class:`MissingSequenceError` in
     the 44-label mode for folders without a sequence, and ``ValueError`` when there are no
     images or fewer than 2 classes. Empty class folders are reported through ``on_warning``.
     """
-    return _scan(root, mode=mode, skip_unknown=skip_unknown, on_warning=on_warning)[1]
+    return _scan(
+        root, mode=mode, skip_unknown=skip_unknown, on_warning=on_warning, roots=roots
+    )[1]
 
 
 # --------------------------------------------------------------------------- near-duplicates
@@ -262,11 +300,15 @@ _HASH_MARGIN = 2.0
 
 def _thumbnail(path: Path) -> np.ndarray:
     size = (HASH_SIDE + 1, HASH_SIDE)
-    # Only regular files take the fast path: Image.open on a FIFO named x.jpg blocks until a
-    # writer appears; read_image refuses anything else (directory, FIFO, ...) with a reason.
-    if path.is_file():
+    # open_input never blocks (Image.open on a FIFO named x.jpg waits for a writer) and
+    # refuses anything but a regular file; read_image then names the reason.
+    try:
+        fh = open_input(path)
+    except ImageReadError:
+        fh = None
+    if fh is not None:
         try:
-            with Image.open(path) as im:
+            with fh, Image.open(fh) as im:
                 if im.format in ("JPEG", "PNG", "BMP", "GIF", "TIFF", "MPO") and im.mode in (
                     "L", "RGB", "RGBA", "P", "LA", "CMYK", "1"
                 ):
@@ -462,15 +504,17 @@ def load_splits(
     skip_unknown: bool = False,
     on_warning: WarningCallback | None = None,
     max_hash_distance: int = NEAR_DUPLICATE_DISTANCE,
+    roots: Sequence[Path | str] | None = None,
 ) -> SplitSamples:
-    """Train/val/test samples of the data set under ``root``.
+    """Train/val/test samples of the data set under ``root`` (``roots``: see
+    :func:`scan_folder`).
 
     With ``train/ val/ test/`` folders those splits are used as given; a missing val or test
     folder is carved out of train with :func:`split_samples`. Otherwise the whole set is
     split with :func:`split_samples`.
     """
     by_split, everything = _scan(root, mode=mode, skip_unknown=skip_unknown,
-                                 on_warning=on_warning)
+                                 on_warning=on_warning, roots=roots)
     if by_split is None:
         return split_samples(everything, seed=seed, val_fraction=val_fraction,
                              test_fraction=test_fraction, max_hash_distance=max_hash_distance,
@@ -510,11 +554,21 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
     A :class:`core.transforms.TrainPreset` gets a ``torch.Generator`` seeded from
     (seed, epoch, index): augmentation is reproducible and independent of DataLoader worker
     scheduling. Call :meth:`set_epoch` before each epoch (with worker processes, before the
-    DataLoader iterator is created, i.e. without ``persistent_workers``).
+    DataLoader iterator is created, i.e. without ``persistent_workers``). ``roots`` confines
+    every read (:func:`core.imaging.read_image`).
     """
 
-    def __init__(self, samples: Sequence[Sample], transform: Transform, *, seed: int = 0) -> None:
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        transform: Transform,
+        *,
+        seed: int = 0,
+        roots: Sequence[Path | str] | None = None,
+    ) -> None:
         self.samples: tuple[Sample, ...] = tuple(samples)
+        # Confines every read, not only the scan: files can be swapped between epochs.
+        self.roots = None if roots is None else tuple(roots)
         self.transform = transform
         self.seed = seed
         self.epoch = 0
@@ -528,7 +582,8 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         sample = self.samples[index]
-        img = read_image(sample.path)  # ImageReadError names the file already
+        # ImageReadError names the file already.
+        img = read_image(sample.path, roots=self.roots)
         try:
             if self._needs_generator:
                 gen = torch.Generator().manual_seed(_item_seed(self.seed, self.epoch, index))

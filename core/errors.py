@@ -15,6 +15,7 @@ __all__ = [
     "ImageTooLargeError",
     "ImageTooSmallError",
     "NotAFileError",
+    "OutsideDataRootsError",
     "UnreadableFileError",
     "UnsupportedFormatError",
 ]
@@ -63,3 +64,8 @@ class NotAFileError(ImageReadError):
 
 class UnreadableFileError(ImageReadError):
     """The file exists but cannot be opened (missing, permission denied, I/O error)."""
+
+
+class OutsideDataRootsError(ImageReadError):
+    """The path leads (through a symbolic link) outside the data roots it was confined to;
+    the reason never names where it leads."""

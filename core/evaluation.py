@@ -287,13 +287,15 @@ def evaluate_checkpoint(
     num_workers: int = 0,
     should_stop: Callable[[], bool] | None = None,
     on_batch: Callable[[int, int], None] | None = None,
+    roots: Sequence[Path | str] | None = None,
 ) -> EvalReport:
     """Evaluate a loaded checkpoint on labelled samples with the deterministic eval preset.
 
     ``samples[i].label`` must index ``ckpt.meta.classes``. Unreadable files are excluded from
     the metrics and listed in ``report.errors`` as ``(path, reason)``. ``on_batch(done, total)``
     is called after every batch (``done`` counts error files too); ``should_stop()`` is
-    checked between batches and raises :class:`EvaluationCancelled`.
+    checked between batches and raises :class:`EvaluationCancelled`. ``roots`` confines
+    every file when it is read (:mod:`core.safefile`); refused files are listed as errors.
     """
     # Lazy: keeps torch out of this module's import (see module docstring).
     from core.inference import Predictor
@@ -305,7 +307,9 @@ def evaluate_checkpoint(
             raise ValueError(
                 f"{s.path}: label {s.label} is outside the checkpoint's {len(classes)} classes"
             )
-    predictor = Predictor(ckpt, device=device, batch_size=batch_size, num_workers=num_workers)
+    predictor = Predictor(
+        ckpt, device=device, batch_size=batch_size, num_workers=num_workers, roots=roots
+    )
     total = len(samples)
     done = 0
     y_true: list[int] = []

@@ -23,7 +23,9 @@ Supported: JPEG, PNG, BMP, TIFF (first page), GIF (first frame) through Pillow, 
 from __future__ import annotations
 
 import errno
-import stat
+import io
+import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -36,13 +38,13 @@ from core.errors import (
     ImageReadError,
     ImageTooLargeError,
     ImageTooSmallError,
-    NotAFileError,
     UnreadableFileError,
     UnsupportedFormatError,
 )
 from core.formats import IMAGE_SUFFIXES
+from core.safefile import open_input
 
-__all__ = ["IMAGE_SUFFIXES", "is_image_path", "read_image"]
+__all__ = ["IMAGE_SUFFIXES", "is_image_path", "read_image", "read_open_image"]
 
 
 # Only formats we mean to accept; anything else Pillow could parse (EPS, PSD, ...) would
@@ -81,17 +83,36 @@ def is_image_path(path: Path | str) -> bool:
     return Path(path).suffix.lower() in IMAGE_SUFFIXES
 
 
-def read_image(path: Path | str, *, max_pixels: int = 64_000_000, min_side: int = 8) -> np.ndarray:
+def read_image(
+    path: Path | str,
+    *,
+    max_pixels: int = 64_000_000,
+    min_side: int = 8,
+    roots: Sequence[Path | str] | None = None,
+) -> np.ndarray:
     """Decode ``path`` into an HxW float32 array in [0, 1].
 
     Raises only :class:`ImageReadError` subclasses: ``EmptyFileError``, ``NotAFileError``,
     ``UnreadableFileError``, ``UnsupportedFormatError``, ``CorruptImageError``,
-    ``ImageTooLargeError`` (more than ``max_pixels`` pixels, checked before decoding) and
-    ``ImageTooSmallError`` (a side shorter than ``min_side``).
+    ``ImageTooLargeError`` (more than ``max_pixels`` pixels, checked before decoding),
+    ``ImageTooSmallError`` (a side shorter than ``min_side``) and, with ``roots``,
+    ``OutsideDataRootsError``: the file is opened by :func:`core.safefile.open_input`, which
+    confines it to ``roots`` at the moment it is opened and never blocks on a FIFO.
     """
     p = Path(path)
+    with open_input(p, roots=roots) as fh:
+        return read_open_image(fh, p, max_pixels=max_pixels, min_side=min_side)
+
+
+def read_open_image(
+    fh: IO[bytes], path: Path | str, *, max_pixels: int = 64_000_000, min_side: int = 8
+) -> np.ndarray:
+    """:func:`read_image` on a file already opened (by :func:`core.safefile.open_input`),
+    so a caller that also hashes the bytes reads one file, not a name twice. ``path`` only
+    names the file in errors and picks the decoder (``.dcm``, ``.nii``)."""
+    p = Path(path)
     try:
-        return _read_checked(p, max_pixels=max_pixels, min_side=min_side)
+        return _read_checked(p, fh, max_pixels=max_pixels, min_side=min_side)
     except ImageReadError:
         raise
     except MemoryError:
@@ -108,18 +129,22 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
-def _read_checked(p: Path, *, max_pixels: int, min_side: int) -> np.ndarray:
-    _check_file(p)
+def _read_checked(p: Path, fh: IO[bytes], *, max_pixels: int, min_side: int) -> np.ndarray:
+    try:
+        size = os.fstat(fh.fileno()).st_size
+    except (OSError, ValueError, io.UnsupportedOperation):
+        size = None  # not a real file (a test's BytesIO): reading tells
+    if size == 0:
+        raise EmptyFileError(p, "file is empty (0 bytes)")
     name = p.name.lower()
     if name.endswith(".nii") or name.endswith(".nii.gz"):
         raise UnsupportedFormatError(p, _NIFTI_MESSAGE)
     try:
-        fh = open(p, "rb")  # noqa: SIM115 - closed in the finally below
-    except OSError as exc:
-        raise _open_error(p, exc) from exc
-    try:
+        fh.seek(0)
         head = fh.read(_HEAD_BYTES)
         fh.seek(0)
+        if not head:
+            raise EmptyFileError(p, "file is empty (0 bytes)")
         if head[344:348] in (b"n+1\x00", b"ni1\x00"):
             raise UnsupportedFormatError(p, _NIFTI_MESSAGE)
         if _looks_like_dicom(p, head):
@@ -130,42 +155,12 @@ def _read_checked(p: Path, *, max_pixels: int, min_side: int) -> np.ndarray:
     except OSError as exc:
         # I/O failure while reading an opened file (network share gone, EIO, ...).
         if isinstance(exc, PermissionError) or exc.errno in (errno.EACCES, errno.EIO):
-            raise _open_error(p, exc) from exc
+            reason = "permission denied" if exc.errno == errno.EACCES else (
+                f"cannot read file: {exc.strerror or exc}"
+            )
+            raise UnreadableFileError(p, reason) from exc
         raise CorruptImageError(p, f"read failed: {exc}") from exc
-    finally:
-        fh.close()
     return _finish(p, img, min_side=min_side, known=known)
-
-
-def _check_file(p: Path) -> None:
-    try:
-        st = p.stat()
-    except FileNotFoundError:
-        if p.is_symlink():  # ls shows it, so "not found" alone would be confusing
-            raise UnreadableFileError(
-                p, "file not found: broken symbolic link (its target does not exist)"
-            ) from None
-        raise UnreadableFileError(p, "file not found") from None
-    except PermissionError:
-        raise UnreadableFileError(p, "permission denied") from None
-    except OSError as exc:
-        raise UnreadableFileError(p, f"cannot stat file: {exc.strerror or exc}") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise NotAFileError(p, "is a directory, not an image file")
-    if not stat.S_ISREG(st.st_mode):
-        raise NotAFileError(p, "is not a regular file")
-    if st.st_size == 0:
-        raise EmptyFileError(p, "file is empty (0 bytes)")
-
-
-def _open_error(p: Path, exc: OSError) -> ImageReadError:
-    if isinstance(exc, PermissionError) or exc.errno == errno.EACCES:
-        return UnreadableFileError(p, "permission denied")
-    if isinstance(exc, IsADirectoryError):
-        return NotAFileError(p, "is a directory, not an image file")
-    if isinstance(exc, FileNotFoundError):
-        return UnreadableFileError(p, "file not found")
-    return UnreadableFileError(p, f"cannot open file: {exc.strerror or exc}")
 
 
 def _check_size(p: Path, width: int, height: int, *, max_pixels: int, min_side: int) -> None:

@@ -41,10 +41,10 @@ import collections
 import contextlib
 import copy
 import hashlib
+import io
 import logging
 import os
 import queue
-import stat
 import threading
 import weakref
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
@@ -60,7 +60,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from core.errors import ImageReadError
-from core.imaging import is_image_path, read_image
+from core.imaging import is_image_path, read_open_image
+from core.safefile import open_input
 from core.transforms import EvalPreset
 
 if TYPE_CHECKING:
@@ -307,22 +308,24 @@ class _PathStream(Sampler[str]):
             yield str(p)
 
 
-def input_sha256(path: Path | str) -> str | None:
+def input_sha256(path: Path | str, *, roots: Sequence[Path | str] | None = None) -> str | None:
     """sha256 of an input file's bytes, or None when it cannot be read (the error row says why).
 
-    ``O_NONBLOCK`` and the ``S_ISREG`` check: ``open()`` on a FIFO named x.jpg blocks until a
-    writer appears (a job would hang forever) and a device file never ends; only regular
-    files are hashed.
+    The file is opened by :func:`core.safefile.open_input`: non-blocking with an ``S_ISREG``
+    check on the descriptor (``open()`` on a FIFO named x.jpg blocks until a writer appears,
+    and a device file never ends), and confined to ``roots`` when they are given, so only
+    regular files inside them are hashed.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except OSError:
+        with open_input(path, roots=roots) as fh:
+            return _file_sha256(fh)
+    except (ImageReadError, OSError):
         return None
+
+
+def _file_sha256(fh: io.BufferedReader) -> str | None:
     try:
-        with os.fdopen(fd, "rb") as fh:
-            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-                return None
-            return hashlib.file_digest(fh, "sha256").hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
     except OSError:
         return None
 
@@ -334,22 +337,36 @@ _Item = tuple[str, torch.Tensor | None, str | None, str | None]
 class _ImageFiles(Dataset[_Item]):
     """Map-style dataset keyed by path: reads and preprocesses one file, never raises for it.
 
-    With ``hash_inputs`` the file's sha256 is taken here too, so it is computed where the
-    decoding happens (a loader process or the decode thread), off the forward pass's thread.
+    Each file is opened once (:func:`core.safefile.open_input`, confined to ``roots`` when
+    given) and that one descriptor is both hashed and decoded: the sha256 is of the bytes
+    that were classified, not of whatever the name pointed at a moment later. With
+    ``hash_inputs`` the hash is taken here, where the decoding happens (a loader process or
+    the decode thread), off the forward pass's thread.
     """
 
     def __init__(
-        self, transform: Callable[[np.ndarray], torch.Tensor], *, hash_inputs: bool = False
+        self,
+        transform: Callable[[np.ndarray], torch.Tensor],
+        *,
+        hash_inputs: bool = False,
+        roots: Sequence[Path | str] | None = None,
     ) -> None:
         self._transform = transform
         self._hash_inputs = hash_inputs
+        self._roots = None if roots is None else tuple(roots)
 
     def __getitem__(self, key: str) -> _Item:  # type: ignore[override]
-        digest = input_sha256(key) if self._hash_inputs else None
+        path = Path(key)
         try:
-            img = read_image(Path(key))
+            fh = open_input(path, roots=self._roots)
         except ImageReadError as exc:
-            return key, None, exc.reason, digest
+            return key, None, exc.reason, None  # refused before any byte was read
+        with fh:
+            digest = _file_sha256(fh) if self._hash_inputs else None
+            try:
+                img = read_open_image(fh, path)
+            except ImageReadError as exc:
+                return key, None, exc.reason, digest
         try:
             return key, self._transform(img), None, digest
         except (ValueError, RuntimeError, TypeError, OSError) as exc:
@@ -662,6 +679,9 @@ class Predictor:
     own thread (see module notes; :func:`cpu_parallelism` gives the CPU split, and torch's
     thread count should be set to its ``threads``). On CUDA one stream is used whatever is
     asked: kernels of one device queue behind each other anyway.
+
+    ``roots`` confines every input when it is read (see :mod:`core.safefile`): a file that
+    leads outside them, or is not a regular file, gets an error row and no sha256.
     """
 
     def __init__(
@@ -677,6 +697,7 @@ class Predictor:
         fold_batchnorm: bool = True,
         hash_inputs: bool = False,
         forward_streams: int = 1,
+        roots: Sequence[Path | str] | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, not {batch_size}")
@@ -700,6 +721,10 @@ class Predictor:
         self._transform = EvalPreset(params=ckpt.meta.preset)
         # Each Prediction then carries its file's sha256, taken where the file is decoded.
         self.hash_inputs = bool(hash_inputs)
+        # Confinement at read time (the worker passes MRIQ_DATA_ROOTS): a file swapped for a
+        # link leading outside, or for a FIFO, after submission gets an error row instead of
+        # being read. None (python -m core.predict) confines nothing.
+        self.roots: tuple[Path | str, ...] | None = None if roots is None else tuple(roots)
         self.model = prepare_inference_model(ckpt.model, self.device, fold_batchnorm=fold_batchnorm)
         self._cuda = self.device.type == "cuda"
         self.forward_streams = 1 if self._cuda else forward_streams
@@ -712,7 +737,7 @@ class Predictor:
     def _loader(self, paths: Iterable[Path | str]) -> DataLoader[Any]:
         workers = self.num_workers
         return DataLoader(
-            _ImageFiles(self._transform, hash_inputs=self.hash_inputs),
+            _ImageFiles(self._transform, hash_inputs=self.hash_inputs, roots=self.roots),
             batch_size=self.batch_size,
             sampler=_PathStream(paths),
             num_workers=workers,
@@ -745,7 +770,7 @@ class Predictor:
         batches: Iterator[_Batch] = (
             _background_batches(
                 paths,
-                _ImageFiles(self._transform, hash_inputs=self.hash_inputs),
+                _ImageFiles(self._transform, hash_inputs=self.hash_inputs, roots=self.roots),
                 self.batch_size,
                 # Every stream busy plus the read-ahead asked for.
                 self.prefetch_batches + self.forward_streams - 1,

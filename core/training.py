@@ -334,6 +334,7 @@ class _Run:
             test_fraction=cfg.test_fraction,
             skip_unknown=cfg.skip_unknown,
             on_warning=self.log,
+            roots=cfg.data_roots,
         )
         if len(self.splits.train) < 2:
             raise TrainingDataError(
@@ -353,11 +354,13 @@ class _Run:
         n_classes = len(self.classes)
         self.counts = class_counts(self.splits.train, n_classes)
         self.train_dataset = ImageDataset(
-            self.splits.train, TrainPreset(params=self.preset), seed=cfg.seed
+            self.splits.train, TrainPreset(params=self.preset), seed=cfg.seed,
+            roots=cfg.data_roots,
         )
         # Validation must never see augmentation: the eval preset is deterministic.
         self.val_dataset = ImageDataset(
-            self.splits.val, EvalPreset(params=self.preset), seed=cfg.seed
+            self.splits.val, EvalPreset(params=self.preset), seed=cfg.seed,
+            roots=cfg.data_roots,
         )
         self.sampler_generator = torch.Generator().manual_seed(_derived_seed(cfg.seed, "sampler"))
         self.sampler = make_weighted_sampler(
@@ -580,7 +583,7 @@ class _Run:
     def _warn_config_drift(self, path: Path, ckpt: LoadedCheckpoint, state: dict[str, Any]) -> None:
         # Where/how the run executes may change between attempts; anything else changes the
         # trajectory, so say so (the run continues: extending epochs is a legitimate use).
-        ignored = {"out_dir", "resume", "device", "num_workers", "data_dir"}
+        ignored = {"out_dir", "resume", "device", "num_workers", "data_dir", "data_roots"}
         saved = state.get("config") or {}
         now = self.config.to_dict()
         changed = sorted(k for k in now if k not in ignored and k in saved and saved[k] != now[k])
@@ -772,6 +775,7 @@ class _Run:
             device=self.device,
             num_workers=self.config.num_workers,
             should_stop=self.should_stop,
+            roots=self.config.data_roots,
         )
         _atomic_write_text(
             self.out_dir / TEST_REPORT_JSON, json.dumps(report.to_dict(), indent=2) + "\n"

@@ -257,6 +257,9 @@ def _run_chunk(settings: Settings, job_id: int, chunk_index: int, work: _ChunkWo
         # that run the forward passes.
         hash_inputs=True,
         forward_streams=runtime.inference_streams(model.device, settings.inference_streams),
+        # Confined again when each file is read: it may have been swapped for a link or a
+        # FIFO since the submission checked it.
+        roots=settings.data_roots,
     )
     cancel = CancelCheck(settings, job_id)
     # Items hold storable_path() text (non-UTF-8 bytes as \\xNN); open the real file names.
@@ -345,7 +348,9 @@ def finalize_job(task: Task, job_id: int) -> str:
 # --------------------------------------------------------------------------------------
 
 #: Job params that are not TrainConfig fields (or that the worker sets itself).
-_NOT_CONFIG = frozenset({"data", "warm_start", "out_dir", "resume", "init_checkpoint", "data_dir"})
+_NOT_CONFIG = frozenset(
+    {"data", "warm_start", "out_dir", "resume", "init_checkpoint", "data_dir", "data_roots"}
+)
 
 
 def job_dir(settings: Settings, job_id: int) -> Path:
@@ -378,6 +383,7 @@ def build_train_config(
         # A redelivered train task (worker killed mid-run) continues from last.pt.
         resume="auto",
         init_checkpoint=init_checkpoint,
+        data_roots=tuple(settings.data_roots),
         **kwargs,
     )
 
@@ -665,7 +671,9 @@ def _run_evaluation(settings: Settings, job_id: int, job: _EvalJob) -> str:
         job.checkpoint_path, job.checkpoint_sha256, device=_inference_device(settings)
     )
     meta = model.checkpoint.meta
-    samples = scan_folder(Path(job.data), mode=meta.label_mode)
+    samples = scan_folder(
+        Path(job.data), mode=meta.label_mode, roots=settings.data_roots, on_warning=log.warning
+    )
     samples = _relabel(list(samples), meta.label_mode, tuple(meta.classes))
     if not samples:
         raise ValueError(f"{job.data}: no labelled images found")
@@ -688,6 +696,7 @@ def _run_evaluation(settings: Settings, job_id: int, job: _EvalJob) -> str:
             device=model.device,
             should_stop=cancel,
             on_batch=on_batch,
+            roots=settings.data_roots,
         )
     except EvaluationCancelled:
         _finish(settings, job_id, JobStatus.CANCELLED)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import builtins
 import os
 import pickle
 import time
@@ -324,15 +323,17 @@ def test_permission_denied_chmod(tmp_path: Path) -> None:
 
 def test_permission_denied_on_open(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Root ignores file modes, so simulate the kernel's answer at open() for this one path.
+    # The file is opened with os.open (non-blocking, see core.safefile), so that is the call
+    # that answers.
     path = write_gray(tmp_path / "secret.png", phantom(16, 16))
-    real_open = builtins.open
+    real_open = os.open
 
     def deny(file: Any, *args: Any, **kwargs: Any) -> Any:
-        if Path(str(file)) == path:
+        if Path(os.fspath(file)) == path:
             raise PermissionError(13, "Permission denied", str(file))
         return real_open(file, *args, **kwargs)
 
-    monkeypatch.setattr(builtins, "open", deny)
+    monkeypatch.setattr(os, "open", deny)
     with pytest.raises(UnreadableFileError, match="permission denied"):
         read_image(path)
 
