@@ -370,3 +370,54 @@ def test_train_preset_gets_a_per_seed_epoch_index_generator(tmp_path: Path) -> N
     other_seed = ImageDataset(samples, preset, seed=6)
     assert any(not torch.equal(a, other_seed[i][0]) for i, a in enumerate(first))
     assert first[0].shape == (3, 32, 32)
+
+
+# --------------------------------------------------------------------------- confinement
+
+
+def test_scan_with_roots_skips_links_leading_outside(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    data = make_flat_dataset(root, per_folder=2, folders=("Glioblastoma", "Meningioma"), size=32)
+    outside = make_flat_dataset(tmp_path, per_folder=2, folders=("Normal",), size=32,
+                                name="outside")
+    # A class folder that is a link leading outside, and one file that is.
+    (data / "Normal").symlink_to(outside / "Normal")
+    stray = next((outside / "Normal").iterdir())
+    (data / "Glioblastoma" / "zz_stray.png").symlink_to(stray)
+    # A link that stays inside the roots is ordinary data.
+    first = sorted((data / "Meningioma").iterdir())[0]
+    (data / "Meningioma" / "zz_alias.png").symlink_to(first)
+
+    warnings: list[str] = []
+    samples = scan_folder(data, mode="15", roots=[root], on_warning=warnings.append)
+    paths = {s.path for s in samples}
+    assert not any(p.is_relative_to(data / "Normal") for p in paths)
+    assert data / "Glioblastoma" / "zz_stray.png" not in paths
+    assert data / "Meningioma" / "zz_alias.png" in paths
+    assert {s.folder for s in samples} == {"Glioblastoma", "Meningioma"}
+    # Each skip is named (the link), never where it leads.
+    assert any(str(data / "Normal") in w and "outside the data roots" in w for w in warnings)
+    assert any("zz_stray.png" in w for w in warnings)
+    assert not any(str(tmp_path / "outside") in w for w in warnings)
+    # Without roots (python -m core.train) the links are followed as before.
+    followed = {s.folder for s in scan_folder(data, mode="15")}
+    assert followed == {"Glioblastoma", "Meningioma", "Normal"}
+    # A data folder that itself leads outside is refused.
+    (root / "elsewhere").symlink_to(tmp_path / "outside")
+    from core.errors import OutsideDataRootsError
+
+    with pytest.raises(OutsideDataRootsError):
+        scan_folder(root / "elsewhere", mode="15", roots=[root])
+
+
+def test_image_dataset_with_roots_refuses_a_file_swapped_for_a_link(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    path = make_image(root / "Glioblastoma" / "a.png", size=32)
+    secret = make_image(tmp_path / "outside" / "secret.png", size=32)
+    sample = Sample(path=path, label=0, folder="Glioblastoma")
+    ds = ImageDataset([sample], lambda img: torch.zeros(1), roots=[root])
+    assert ds[0][1] == 0
+    path.unlink()
+    path.symlink_to(secret)  # swapped after the scan, e.g. between epochs
+    with pytest.raises(ImageReadError, match="leads outside the data roots"):
+        ds[0]

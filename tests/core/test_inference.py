@@ -455,6 +455,38 @@ def test_hash_inputs_gives_each_files_sha256(ckpt_dir: Path, tmp_path: Path) -> 
     assert all(p.sha256 is None for p in plain.predict(good))
 
 
+def test_roots_confine_each_input_when_it_is_read(ckpt_dir: Path, tmp_path: Path) -> None:
+    import hashlib
+    import os
+
+    from core.checkpoint import load_checkpoint
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    good = [write_gray_png(root / f"g{i}.png", seed=20 + i) for i in range(2)]
+    secret = write_gray_png(outside / "secret.png", seed=99)  # decodable: a real lure
+    link = root / "link.png"
+    link.symlink_to(secret)
+    fifo = root / "pipe.png"
+    os.mkfifo(fifo)
+    inside_link = root / "alias.png"
+    inside_link.symlink_to(good[0])
+    inputs = [good[0], link, fifo, inside_link, good[1]]
+    ckpt = load_checkpoint(ckpt_dir / "tiny.pt")
+    confined = Predictor(ckpt, batch_size=2, hash_inputs=True, roots=[root])
+    preds = list(confined.predict(inputs))
+    assert [p.path for p in preds] == [str(p) for p in inputs]
+    assert preds[1].error == "leads outside the data roots" and preds[1].sha256 is None
+    assert preds[1].label is None and str(outside) not in preds[1].error
+    assert preds[2].error == "not a regular file (FIFO)" and preds[2].sha256 is None
+    for i in (0, 3, 4):
+        assert preds[i].ok and preds[i].sha256 == hashlib.sha256(
+            inputs[i].read_bytes()
+        ).hexdigest()
+    # Without roots the link is read, as python -m core.predict always did.
+    free = list(Predictor(ckpt, batch_size=2, hash_inputs=True).predict([link]))
+    assert free[0].ok and free[0].sha256 == hashlib.sha256(secret.read_bytes()).hexdigest()
+
+
 def test_batches_are_built_channels_last_with_the_same_values() -> None:
     from core.inference import _stack_channels_last
 
