@@ -118,6 +118,14 @@ class Settings(BaseSettings):
         ge=1,
         description="Maximum number of inputs one classify job may have.",
     )
+    expansion_time_limit: float = Field(
+        default=60.0,
+        gt=0,
+        description=(
+            "Seconds one submission may spend expanding its folders, globs and list files "
+            "before it is refused (a pattern over a huge tree must not hold the API)."
+        ),
+    )
     retrain_cron: str | None = Field(
         default=None,
         description=(

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import glob
 import json
 import math
 import os
 import re
 import stat
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from core.config import ARCHITECTURES  # torch-free: the registry without the models
 from core.formats import IMAGE_SUFFIXES
-from scheduler import repository
+from scheduler import globbing, repository
 from scheduler.paths import (
     MAX_PATH_LENGTH,
     InvalidPathError,
@@ -39,6 +39,7 @@ __all__ = [
     "ARCHITECTURES",
     "DEVICES",
     "PREDICTION_COLUMNS",
+    "ExpansionTimeoutError",
     "IMAGE_SUFFIXES",
     "InvalidInputError",
     "InvalidOptionsError",
@@ -294,18 +295,27 @@ def _is_normal_absolute(text: str) -> bool:
     )
 
 
-def _walk_images(folder: Path, roots: Sequence[Path]) -> Iterator[Path]:
+def _walk_images(folder: Path, roots: Sequence[Path], limits: _Limits) -> Iterator[Path]:
     """Image files below ``folder``, depth first, sorted per directory for a stable order.
 
-    Only one directory listing is held at a time, so 100k files cost no extra memory.
-    Symlinked directories are not followed (a loop would never end); symlinked files are
-    confined like any other path, so one pointing outside the roots refuses the job.
+    Lazy (:func:`scheduler.globbing.walk_files`): only one directory's image names are held
+    at a time, so the job limit stops the walk after limit + 1 files. Symlinked directories
+    are not followed (a loop would never end); a file found here that leads outside the
+    roots becomes an item of its own (:func:`_found_item`), not a refusal of the job.
     """
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
-        dirnames.sort()
-        for name in sorted(filenames):
-            if _is_image(name):
-                yield _confine_item(Path(dirpath) / name, roots)
+    for path in globbing.walk_files(str(folder), accept=_is_image, **limits.walk_options()):
+        yield _found_item(Path(path), roots)
+
+
+def _found_item(path: Path, roots: Sequence[Path]) -> Path:
+    """A file *found* by expanding a folder or glob, confined like a named one except that
+    one leading outside the roots (a stray link among 10,000 images) is kept under its own
+    path: the worker's read-time check turns it into an error row ("leads outside the data
+    roots") and the job goes on. Its target is neither stored nor shown."""
+    try:
+        return _confine_item(path, roots)
+    except PathOutsideRootsError:
+        return Path(os.path.abspath(path))
 
 
 def _confine_item(path: Path, roots: Sequence[Path]) -> Path:
@@ -327,16 +337,44 @@ def _confine_item(path: Path, roots: Sequence[Path]) -> Path:
 
 def _glob_base(pattern: str) -> str:
     """The literal directory prefix of a glob pattern (what must be inside the roots)."""
-    parts: list[str] = []
-    for part in Path(pattern).parts:
-        if _GLOB_CHARS & set(part):
-            break
-        parts.append(part)
-    return str(Path(*parts)) if parts else "."
+    return globbing.split_literal(pattern)[0]
+
+
+class ExpansionTimeoutError(SubmissionError):
+    """Expanding the inputs took longer than ``settings.expansion_time_limit``."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        super().__init__(
+            f"expanding the inputs took longer than {seconds:g} s "
+            "(settings.expansion_time_limit): name fewer folders or narrower patterns, "
+            "or submit a list file"
+        )
+
+
+class _Limits:
+    """The time box and the per-folder cap of one expansion (``expand_inputs``)."""
+
+    def __init__(self, time_limit: float | None, max_items: int | None) -> None:
+        self.time_limit = time_limit
+        self.max_items = max_items
+        self._end = None if time_limit is None else time.monotonic() + time_limit
+
+    def tick(self) -> None:
+        if self._end is not None and time.monotonic() >= self._end:
+            raise ExpansionTimeoutError(float(self.time_limit or 0.0))
+
+    def walk_options(self) -> dict[str, Any]:
+        return {"tick": self.tick, "max_per_folder": self.max_items}
 
 
 def _expand_one(
-    raw: str, roots: Sequence[Path], *, base: Path | None, confiner: _Confiner | None = None
+    raw: str,
+    roots: Sequence[Path],
+    *,
+    base: Path | None,
+    limits: _Limits,
+    confiner: _Confiner | None = None,
 ) -> Iterator[Path | str]:
     text = _check_text(raw.strip() if base is not None else raw, raw)
     is_glob = not _GLOB_CHARS.isdisjoint(text)
@@ -344,7 +382,7 @@ def _expand_one(
         # The common case of a list line: skip building Path objects (see _Confiner).
         found, is_dir = confiner.entry(text)
         if is_dir:
-            yield from _walk_images(Path(found), roots)
+            yield from _walk_images(Path(found), roots, limits)
         else:
             yield found
         return
@@ -354,20 +392,19 @@ def _expand_one(
     if is_glob:
         # Confine the literal prefix before listing anything, after folding ".." segments
         # (``root/**/../../etc/*`` would otherwise list /etc from a prefix inside the root).
-        # A match outside the roots (through a symlinked folder) refuses the job naming the
-        # pattern only, so a refusal reveals no file name from outside.
+        # Matches come lazily (scheduler.globbing: no list of every match, no symlinked
+        # folders in **); a match leading outside the roots is an item of its own that the
+        # worker refuses when it reads it, so the job goes on and no target is revealed.
         pattern = os.path.normpath(str(candidate))
         confine(Path(_glob_base(pattern)), roots)
-        matches = sorted(glob.iglob(pattern, recursive=True))
-        try:
-            for match in matches:
-                path = Path(match)
-                if path.is_dir():
-                    yield from _walk_images(confine(path, roots), roots)
-                elif _is_image(match):
-                    yield _confine_item(path, roots)
-        except PathOutsideRootsError:
-            raise PathOutsideRootsError(text, roots) from None
+        for match in globbing.iglob(pattern, accept=_is_image, **limits.walk_options()):
+            path = Path(match)
+            if not path.is_dir():
+                yield _found_item(path, roots)
+            elif is_inside(Path(os.path.realpath(path)), roots):
+                yield from _walk_images(confine(path, roots), roots, limits)
+            else:  # a link to a folder outside: one error row, never a listing of it
+                yield Path(os.path.abspath(path))
         return
     if confiner is not None:
         found, is_dir = confiner.entry(candidate)
@@ -376,7 +413,7 @@ def _expand_one(
         path = _confine_item(candidate, roots)
         is_dir = path.is_dir()
     if is_dir:
-        yield from _walk_images(path, roots)
+        yield from _walk_images(path, roots, limits)
     else:
         # Missing or unreadable files are still items: the worker turns them into error rows
         # so the user sees every input accounted for in the results.
@@ -400,7 +437,13 @@ def _read_list(list_path: Path) -> Iterator[str]:
         raise InvalidInputError(f"{list_path}: cannot read list file ({exc.strerror})") from None
 
 
-def expand_inputs(inputs: Iterable[str], roots: Sequence[Path]) -> Iterator[str]:
+def expand_inputs(
+    inputs: Iterable[str],
+    roots: Sequence[Path],
+    *,
+    time_limit: float | None = None,
+    max_items: int | None = None,
+) -> Iterator[str]:
     """Yield one absolute, confined path string per item, in input order.
 
     - a file yields itself (even if missing: it becomes an error row, not a refusal);
@@ -410,23 +453,42 @@ def expand_inputs(inputs: Iterable[str], roots: Sequence[Path]) -> Iterator[str]
     - ``@list.txt`` yields each non-empty, non-``#`` line treated as a path, folder or glob;
       relative lines are relative to the list file's folder. Lists do not nest.
 
-    Duplicates are kept as separate items. Raises ``PathOutsideRootsError`` for any path
-    (list files and glob prefixes included) outside ``roots`` and ``InvalidInputError`` for
-    strings that cannot be paths. It is a generator: callers stream it.
+    Duplicates are kept as separate items. Raises ``PathOutsideRootsError`` for any path the
+    user names (list files, their lines and glob prefixes included) outside ``roots``; a
+    file *found* in a folder or by a glob that leads outside them is yielded under its own
+    path instead (the worker refuses it when reading: one error row, the job goes on).
+    Raises ``InvalidInputError`` for strings that cannot be paths,
+    :class:`ExpansionTimeoutError` past ``time_limit`` seconds, and
+    :class:`TooManyInputsError` for one folder holding more than ``max_items`` images
+    (the caller counts items across folders). It is a generator: callers stream it, and
+    nothing is listed beyond what they take.
     """
+    limits = _Limits(time_limit, max_items)
     confiner = _Confiner(roots)
-    for raw in inputs:
-        if raw.startswith("@"):
-            list_text = _check_text(raw[1:], raw)
-            list_path = confine(Path(list_text).expanduser(), roots)
-            for line in _read_list(list_path):
-                if line.startswith("@"):
-                    raise InvalidInputError(f"{list_path}: nested list files are not supported")
-                for path in _expand_one(line, roots, base=list_path.parent, confiner=confiner):
-                    yield str(path)
-        else:
-            for path in _expand_one(raw, roots, base=None, confiner=confiner):
+    try:
+        for raw in inputs:
+            limits.tick()
+            for path in _expand_raw(raw, roots, limits, confiner):
+                limits.tick()
                 yield str(path)
+    except globbing.FolderTooLargeError as exc:
+        raise TooManyInputsError(exc.limit) from None
+
+
+def _expand_raw(
+    raw: str, roots: Sequence[Path], limits: _Limits, confiner: _Confiner
+) -> Iterator[Path | str]:
+    if not raw.startswith("@"):
+        yield from _expand_one(raw, roots, base=None, limits=limits, confiner=confiner)
+        return
+    list_text = _check_text(raw[1:], raw)
+    list_path = confine(Path(list_text).expanduser(), roots)
+    for line in _read_list(list_path):
+        if line.startswith("@"):
+            raise InvalidInputError(f"{list_path}: nested list files are not supported")
+        yield from _expand_one(
+            line, roots, base=list_path.parent, limits=limits, confiner=confiner
+        )
 
 
 def _spool_inputs(inputs: Iterable[str], settings: Any) -> tuple[IO[str], int]:
@@ -439,7 +501,13 @@ def _spool_inputs(inputs: Iterable[str], settings: Any) -> tuple[IO[str], int]:
     spool = tempfile.TemporaryFile(mode="w+", encoding="utf-8")  # noqa: SIM115 (returned)
     count = 0
     try:
-        for path in expand_inputs(inputs, data_roots(settings)):
+        expanded = expand_inputs(
+            inputs,
+            data_roots(settings),
+            time_limit=getattr(settings, "expansion_time_limit", None),
+            max_items=limit,
+        )
+        for path in expanded:
             count += 1
             if count > limit:
                 raise TooManyInputsError(limit)

@@ -171,8 +171,10 @@ def test_expand_refuses_paths_outside_roots(root: Path, outside: Path, make_inpu
 
 def test_expand_refuses_symlink_and_list_file_outside(root: Path, outside: Path) -> None:
     (root / "link.png").symlink_to(outside / "secret.png")
+    # Named explicitly, a link leading outside is refused (found in a folder it is an item:
+    # test_found_link_outside_the_roots_is_an_item_not_a_refusal).
     with pytest.raises(PathOutsideRootsError):
-        list(submission.expand_inputs([str(root)], [root]))
+        list(submission.expand_inputs([str(root / "link.png")], [root]))
     listing = outside / "list.txt"
     listing.write_text(str(root / "a.png"), "utf-8")
     with pytest.raises(PathOutsideRootsError):
@@ -182,6 +184,103 @@ def test_expand_refuses_symlink_and_list_file_outside(root: Path, outside: Path)
     inner.write_text(str(outside / "secret.png"), "utf-8")
     with pytest.raises(PathOutsideRootsError):
         list(submission.expand_inputs([f"@{inner}"], [root]))
+
+
+def test_found_link_outside_the_roots_is_an_item_not_a_refusal(
+    root: Path, outside: Path
+) -> None:
+    images = [_touch(root / "bulk" / f"img_{i:02d}.png") for i in range(5)]
+    stray = root / "bulk" / "img_02b.png"
+    stray.symlink_to(outside / "secret.png")
+    (outside / "more").mkdir()
+    _touch(outside / "more" / "hidden_away.png")
+    (root / "bulk" / "zz_folder").symlink_to(outside / "more")
+    expected = [*images[:3], stray, *images[3:]]
+    # Found by walking the folder: the job goes on, the link is stored under its own path
+    # (the worker refuses it when reading: "leads outside the data roots").
+    assert list(submission.expand_inputs([str(root / "bulk")], [root])) == [
+        str(p) for p in expected
+    ]
+    # Found by a glob: the same, and a matched link to a folder outside is one item (an
+    # error row later), never a listing of that folder.
+    got = list(submission.expand_inputs([str(root / "bulk" / "*")], [root]))
+    assert got == [*(str(p) for p in expected), str(root / "bulk" / "zz_folder")]
+    assert not any("hidden_away" in p or str(outside) in p for p in got)
+    # Named explicitly, the same link is still refused.
+    with pytest.raises(PathOutsideRootsError):
+        list(submission.expand_inputs([str(stray)], [root]))
+
+
+#: Only a hang could reach it (the old glob followed the loop below for ever).
+HANG_GUARD_S = 60.0
+
+
+def _expand_with_hang_guard(inputs: list[str], roots: list[Path]) -> list[str]:
+    import threading
+
+    out: list[Any] = []
+    thread = threading.Thread(
+        target=lambda: out.append(list(submission.expand_inputs(inputs, roots))), daemon=True
+    )
+    thread.start()
+    thread.join(HANG_GUARD_S)
+    assert not thread.is_alive(), f"expanding {inputs} did not finish"
+    return out[0]  # type: ignore[no-any-return]
+
+
+def test_symlink_loop_inside_a_root_is_not_followed(root: Path) -> None:
+    image = _touch(root / "a" / "x.png")
+    # Two links back up: glob's ** followed both, 2**depth paths (exponential).
+    (root / "a" / "up").symlink_to("..")
+    (root / "a" / "up2").symlink_to("../..")
+    assert _expand_with_hang_guard([str(root / "**" / "*.png")], [root]) == [str(image)]
+    assert _expand_with_hang_guard([str(root / "**")], [root]) == [str(image)]
+    assert _expand_with_hang_guard([str(root)], [root]) == [str(image)]
+
+
+def test_glob_is_lazy_and_stops_at_the_limit(
+    root: Path, settings: Settings, sessions: sessionmaker[Session], dispatcher: Dispatcher
+) -> None:
+    for d in range(6):
+        for i in range(4):
+            _touch(root / f"d{d}" / f"img_{i}.png")
+    expanded = submission.expand_inputs([str(root / "**" / "*.png")], [root])
+    first = next(expanded)
+    assert first == str(root / "d0" / "img_0.png")
+    # Nothing beyond the first folder was listed yet: folders removed now are never seen
+    # (the old code had sorted every match of the whole tree before yielding one).
+    import shutil
+
+    for d in range(1, 6):
+        shutil.rmtree(root / f"d{d}")
+    assert list(expanded) == [str(root / "d0" / f"img_{i}.png") for i in range(1, 4)]
+    # More matches than settings.max_paths_per_job (10): refused, nothing stored.
+    for d in range(6):
+        for i in range(4):
+            _touch(root / f"d{d}" / f"img_{i}.png")
+    model_id = _model(sessions)
+    with pytest.raises(submission.TooManyInputsError, match="at most 10"):
+        submission.submit_classify(
+            sessions, dispatcher, settings, [str(root / "**" / "*.png")],
+            model_version_id=model_id,
+        )
+    # One folder holding more images than a job may take is refused while it is read.
+    for i in range(30):
+        _touch(root / "flat" / f"f_{i:02d}.png")
+    with pytest.raises(submission.TooManyInputsError):
+        submission.submit_classify(
+            sessions, dispatcher, settings, [str(root / "flat")], model_version_id=model_id
+        )
+    assert _counts(sessions)[0] == 0
+
+
+def test_expansion_is_time_boxed(root: Path) -> None:
+    for i in range(3):
+        _touch(root / "sub" / f"{i}.png")
+    for inputs in ([str(root / "**" / "*.png")], [str(root)], [str(root / "sub" / "0.png")]):
+        with pytest.raises(submission.ExpansionTimeoutError, match="expansion_time_limit"):
+            list(submission.expand_inputs(inputs, [root], time_limit=0.0))
+    assert len(list(submission.expand_inputs([str(root)], [root], time_limit=60.0))) == 3
 
 
 def test_expand_rejects_bad_strings_and_missing_list(root: Path) -> None:

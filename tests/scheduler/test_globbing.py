@@ -1,0 +1,70 @@
+"""scheduler.globbing: lazy, sorted, loop-proof matching over real folders."""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+import pytest
+
+from scheduler.globbing import FolderTooLargeError, iglob, split_literal, walk_files
+
+
+def _touch(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x")
+    return path
+
+
+def test_matches_what_glob_matches_on_an_ordinary_tree(tmp_path: Path) -> None:
+    for rel in ("a/1.png", "a/2.jpg", "a/b/3.png", "c/4.png", ".hidden/5.png", "a/.6.png",
+                "d/e/f/7.png", "x.png"):
+        _touch(tmp_path / rel)
+    for pattern in ("*.png", "*/*.png", "**/*.png", "a/**/*.png", "[ac]/*", "?/*.png",
+                    "**/f/*.png", ".*/*.png", "a/.*.png"):
+        full = str(tmp_path / pattern)
+        assert set(iglob(full)) == set(glob.glob(full, recursive=True)), pattern
+    # Depth first, each folder sorted: stable whatever the file system's order.
+    found = iglob(str(tmp_path / "**" / "*.png"))
+    assert [Path(p).relative_to(tmp_path).as_posix() for p in found] == [
+        "x.png", "a/1.png", "a/b/3.png", "c/4.png", "d/e/f/7.png"
+    ]
+
+
+def test_double_star_never_enters_links_to_folders(tmp_path: Path) -> None:
+    _touch(tmp_path / "r" / "a" / "x.png")
+    (tmp_path / "r" / "a" / "loop").symlink_to("..")
+    (tmp_path / "r" / "a" / "loop2").symlink_to("../..")
+    assert list(iglob(str(tmp_path / "r" / "**" / "*.png"))) == [str(tmp_path / "r/a/x.png")]
+    # A folder walk lists the links as entries of their folder but never goes through them.
+    assert list(walk_files(str(tmp_path / "r"))) == [
+        str(tmp_path / "r/a/loop"), str(tmp_path / "r/a/loop2"), str(tmp_path / "r/a/x.png")
+    ]
+    assert list(walk_files(str(tmp_path / "r"), accept=lambda n: n.endswith(".png"))) == [
+        str(tmp_path / "r/a/x.png")
+    ]
+
+
+def test_a_folder_larger_than_allowed_stops_while_it_is_read(tmp_path: Path) -> None:
+    for i in range(500):
+        _touch(tmp_path / "flat" / f"{i:03d}.png")
+    read = [0]
+
+    def tick() -> None:
+        read[0] += 1
+
+    with pytest.raises(FolderTooLargeError):
+        list(iglob(str(tmp_path / "flat" / "*.png"), tick=tick, max_per_folder=20))
+    # Entries read (materialised as names) = the cap + 1, not the folder's 500.
+    assert read[0] == 21
+    read[0] = 0
+    with pytest.raises(FolderTooLargeError):
+        list(walk_files(str(tmp_path / "flat"), tick=tick, max_per_folder=20))
+    assert read[0] == 21
+
+
+def test_split_literal() -> None:
+    assert split_literal("/data/in/*/x?.png") == ("/data/in", ["*", "x?.png"])
+    assert split_literal("*.png") == (".", ["*.png"])
+    assert split_literal(f"{os.sep}a{os.sep}b") == ("/a/b", [])
