@@ -71,6 +71,9 @@ class _Walk:
     tick: Tick
     accept: Accept
     max_per_folder: int | None
+    #: Whether a link to a folder may be entered by a named pattern level (``*/x.png``):
+    #: the caller's confinement, so no folder outside the roots is ever listed.
+    may_enter: Callable[[str], bool] = lambda _path: False
 
     def listing(
         self, folder: str, keep_file: Callable[[str], bool], keep_dir: Callable[[str], bool],
@@ -138,12 +141,15 @@ def iglob(
     accept: Accept = _any,
     tick: Tick = _no_tick,
     max_per_folder: int | None = None,
+    may_enter: Callable[[str], bool] = lambda _path: False,
 ) -> Iterator[str]:
     """Paths matching ``pattern``, lazily: files ``accept`` keeps, and folders (the final
-    component matched a folder; the caller decides what to do with it). ``**`` as the last
-    component yields every accepted file below, never a folder, so nothing is found twice.
+    component matched a folder, or a link to one; the caller decides what to do with it).
+    ``**`` as the last component yields every accepted file below, never a folder, so
+    nothing is found twice. A link to a folder is entered only by a named level and only
+    when ``may_enter(path)`` says so; ``**`` never enters one.
     """
-    walk = _Walk(tick, accept, max_per_folder)
+    walk = _Walk(tick, accept, max_per_folder, may_enter)
     base, parts = split_literal(pattern)
     if not parts:
         if os.path.lexists(base):
@@ -183,17 +189,20 @@ def _select(walk: _Walk, folder: str, parts: list[str]) -> Iterator[str]:
     if not has_magic(head):
         path = os.path.join(folder, head)
         if rest:
-            if os.path.isdir(path):
+            if os.path.isdir(path) and (not os.path.islink(path) or walk.may_enter(path)):
                 yield from _select(walk, path, rest)
         elif os.path.lexists(path):
             yield path
         return
     keep = _name_filter(head)
     if rest:
-        # One named level may pass a link to a folder (as glob does): it cannot loop.
+        # One named level may pass a link to a folder (as glob does; it cannot loop), if
+        # the caller allows that folder.
         _, dirs = walk.listing(folder, lambda _n: False, keep, follow_links=True)
         for name in dirs:
-            yield from _select(walk, os.path.join(folder, name), rest)
+            path = os.path.join(folder, name)
+            if not os.path.islink(path) or walk.may_enter(path):
+                yield from _select(walk, path, rest)
         return
     files, dirs = walk.listing(folder, keep, keep, follow_links=True)
     for name in sorted([*files, *dirs]):

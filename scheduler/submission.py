@@ -393,11 +393,18 @@ def _expand_one(
         # Confine the literal prefix before listing anything, after folding ".." segments
         # (``root/**/../../etc/*`` would otherwise list /etc from a prefix inside the root).
         # Matches come lazily (scheduler.globbing: no list of every match, no symlinked
-        # folders in **); a match leading outside the roots is an item of its own that the
-        # worker refuses when it reads it, so the job goes on and no target is revealed.
+        # folders in **, no folder outside the roots ever listed); a match leading outside
+        # the roots is an item of its own that the worker refuses when it reads it, so the
+        # job goes on and no target is revealed.
         pattern = os.path.normpath(str(candidate))
         confine(Path(_glob_base(pattern)), roots)
-        for match in globbing.iglob(pattern, accept=_is_image, **limits.walk_options()):
+        def may_enter(link: str) -> bool:
+            return is_inside(Path(os.path.realpath(link)), roots)
+
+        matches = globbing.iglob(
+            pattern, accept=_is_image, may_enter=may_enter, **limits.walk_options()
+        )
+        for match in matches:
             path = Path(match)
             if not path.is_dir():
                 yield _found_item(path, roots)

@@ -217,8 +217,8 @@ def test_token_is_compared_in_constant_time(
 @pytest.mark.parametrize(
     "case",
     [
-        "dotdot", "absolute", "symlink_file", "symlink_in_folder", "list_with_outside_line",
-        "list_file_outside", "list_file_symlink_outside", "glob_through_symlinked_dir",
+        "dotdot", "absolute", "symlink_file", "list_with_outside_line",
+        "list_file_outside", "list_file_symlink_outside",
         "glob_dotdot_after_star", "glob_base_outside", "train_data_symlink",
         "train_weights_outside", "evaluate_data_outside",
     ],
@@ -243,9 +243,6 @@ def test_paths_outside_roots_are_403_nothing_read_nothing_stored(
     elif case == "symlink_file":
         (root / "innocent.png").symlink_to(fifo.path)
         body = {"inputs": [str(root / "innocent.png")]}
-    elif case == "symlink_in_folder":
-        (root / "imgs" / "innocent.png").symlink_to(fifo.path)
-        body = {"inputs": [str(root / "imgs")]}
     elif case == "list_with_outside_line":
         (root / "list.txt").write_text(f"{good}\n{fifo.path}\n")
         body = {"inputs": [f"@{root / 'list.txt'}"]}
@@ -260,9 +257,6 @@ def test_paths_outside_roots_are_403_nothing_read_nothing_stored(
         fifo = FifoWatch(hidden_dir / f"{HIDDEN}.txt")
         (root / "list.txt").symlink_to(fifo.path)
         body = {"inputs": [f"@{root / 'list.txt'}"]}
-    elif case == "glob_through_symlinked_dir":
-        (root / "linked").symlink_to(hidden_dir)
-        body = {"inputs": [f"{root}/*/*.png"]}
     elif case == "glob_dotdot_after_star":
         body = {"inputs": [f"{root}/**/../../outside/*/*.png"]}
     elif case == "glob_base_outside":
@@ -294,6 +288,37 @@ def test_paths_outside_roots_are_403_nothing_read_nothing_stored(
     assert _stored(sessions) == before == (0, 0)
     with sessions() as s:
         assert len(repository.list_jobs(s, limit=500)) == jobs_before
+
+
+@pytest.mark.parametrize("case", ["symlink_in_folder", "glob_through_symlinked_dir"])
+def test_links_found_by_expansion_leading_outside_do_not_sink_the_job(
+    case: str, client: TestClient, root: Path, outside: Path,
+    sessions: sessionmaker[Session],
+) -> None:
+    # Found (not named) links leading outside: the job is accepted, nothing outside is
+    # opened or listed, and nothing stored or answered names what is there; a found file
+    # link is an item under its own path, which the worker refuses when it reads it.
+    _model(sessions)
+    good = _png(root / "imgs" / "ok.png")
+    hidden_dir = outside / f"{HIDDEN}_dir"
+    fifo = FifoWatch(hidden_dir / f"{HIDDEN}.png")
+    if case == "symlink_in_folder":
+        link = root / "imgs" / "innocent.png"
+        link.symlink_to(fifo.path)
+        body, expected = {"inputs": [str(root / "imgs")]}, [str(link), str(good)]
+    else:
+        (root / "linked").symlink_to(hidden_dir)  # never listed: its names stay unknown
+        body, expected = {"inputs": [f"{root}/*/*.png"]}, [str(good)]
+    try:
+        response = client.post("/jobs/classify", json=body)
+    finally:
+        opened = fifo.close()
+    assert response.status_code == 201, response.text
+    assert HIDDEN not in response.text
+    assert not opened, f"{case}: the server opened the file outside the roots"
+    with sessions() as s:
+        paths = [p for _, p in repository.iter_job_items(s, response.json()["id"])]
+    assert paths == expected
 
 
 def test_symlink_loop_and_odd_names_inside_root_are_items_not_500(

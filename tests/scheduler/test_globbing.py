@@ -68,3 +68,15 @@ def test_split_literal() -> None:
     assert split_literal("/data/in/*/x?.png") == ("/data/in", ["*", "x?.png"])
     assert split_literal("*.png") == (".", ["*.png"])
     assert split_literal(f"{os.sep}a{os.sep}b") == ("/a/b", [])
+
+
+def test_a_named_level_enters_a_folder_link_only_when_allowed(tmp_path: Path) -> None:
+    _touch(tmp_path / "elsewhere" / "secret.png")
+    _touch(tmp_path / "r" / "real" / "a.png")
+    (tmp_path / "r" / "linked").symlink_to(tmp_path / "elsewhere")
+    pattern = str(tmp_path / "r" / "*" / "*.png")
+    assert list(iglob(pattern)) == [str(tmp_path / "r/real/a.png")]
+    allowed = list(iglob(pattern, may_enter=lambda p: p.endswith("linked")))
+    assert allowed == [str(tmp_path / "r/linked/secret.png"), str(tmp_path / "r/real/a.png")]
+    # As the last level, a link to a folder is a match: the caller decides what it means.
+    assert str(tmp_path / "r" / "linked") in list(iglob(str(tmp_path / "r" / "*")))
