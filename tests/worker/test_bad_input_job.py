@@ -38,7 +38,13 @@ from tests.badinput import (
     make_single_class_dataset,
     non_utf8_name,
 )
-from tests.worker.conftest import StartWorker, TinyModel, migrated_factory, wait_until
+from tests.worker.conftest import (
+    StartWorker,
+    TinyModel,
+    migrated_factory,
+    wait_until,
+    write_images,
+)
 
 # What the scheduler makes of corpus kinds whose job outcome differs from core's.
 JOB_OUTCOME: dict[str, tuple[str, str | None]] = {
@@ -198,6 +204,68 @@ def test_corpus_job_on_postgresql_and_redis(
 ) -> None:
     _run_corpus_job(tmp_path, postgres_url, redis_broker, tiny_model, start_worker,
                     dispatcher_for)
+
+
+def _wait_rows(factory: sessionmaker[Session], job_id: int, worker: Any) -> tuple[Any, list[Any]]:
+    def finished() -> bool:
+        with factory() as session:
+            return repository.get_job(session, job_id).is_terminal
+
+    wait_until(finished, timeout=240, what=f"classify job {job_id}\n{worker.log()}")
+    with factory() as session:
+        job = repository.get_job(session, job_id)
+        return job, list(repository.iter_predictions(session, job_id))
+
+
+def test_files_swapped_after_submission_are_refused_when_read(
+    tmp_path: Path, sqlite_url: str, tiny_model: TinyModel, start_worker: StartWorker,
+    dispatcher_for: Any,
+) -> None:
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    images = write_images(root / "inbox", 6)
+    secret = write_images(outside, 1, seed=7)[0]  # a decodable image: a lure worth reading
+    settings = _settings(tmp_path, root, sqlite_url, None)
+    factory = migrated_factory(sqlite_url)
+    model_id = _register(factory, tiny_model)
+    dispatcher = dispatcher_for(settings)
+    job_id = submission.submit_classify(factory, dispatcher, settings, [str(root / "inbox")],
+                                        model_version_id=model_id)
+    # Between submission (which checked every path) and the run (no worker yet): one file
+    # becomes a link to a file outside the roots, another a FIFO.
+    to_link, to_fifo = images[1], images[4]
+    to_link.unlink()
+    to_link.symlink_to(secret)
+    to_fifo.unlink()
+    os.mkfifo(to_fifo)
+    worker = start_worker(settings)
+    job, rows = _wait_rows(factory, job_id, worker)
+    assert job.status == JobStatus.SUCCEEDED, (job.status, job.error, worker.log()[-3000:])
+    assert [r.path for r in rows] == [str(p) for p in images]  # one row per item, in order
+    by_path = {r.path: r for r in rows}
+    linked, fifo = by_path[str(to_link)], by_path[str(to_fifo)]
+    assert (linked.label, linked.file_sha256) == (None, None)
+    assert linked.error == "leads outside the data roots", linked.error
+    assert (fifo.label, fifo.file_sha256) == (None, None)
+    assert fifo.error == "not a regular file (FIFO)", fifo.error
+    for path in (p for p in images if p not in (to_link, to_fifo)):
+        row = by_path[str(path)]
+        assert row.error is None and row.label and row.file_sha256, (path, row.error)
+
+    # A bulk folder holding one stray link that leads outside: accepted (not refused whole),
+    # the link is an item under its own path and its row an error naming no target.
+    stray = root / "inbox" / "img_002b.png"
+    stray.symlink_to(secret)
+    to_fifo.unlink()
+    bulk_id = submission.submit_classify(factory, dispatcher, settings, [str(root / "inbox")],
+                                         model_version_id=model_id)
+    job, rows = _wait_rows(factory, bulk_id, worker)
+    assert job.status == JobStatus.SUCCEEDED, (job.status, job.error, worker.log()[-3000:])
+    errors = {r.path: r.error for r in rows if r.error}
+    assert errors == {str(to_link): "leads outside the data roots",
+                      str(stray): "leads outside the data roots"}
+    assert len(rows) == 6 and all(r.file_sha256 for r in rows if not r.error)
+    assert not any(str(outside) in (r.error or "") + r.path for r in rows)
+    factory.kw["bind"].dispose()
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from scheduler import repository
 from scheduler.dispatch import EVALUATE_TASK, TRAIN_TASK
 from scheduler.schema import JobKind, JobStatus
+from scheduler.settings import Settings
 from tests.worker.conftest import TinyModel, make_settings, migrated_factory
 from worker.app import create_celery_app
 from worker.tasks import job_dir
@@ -31,6 +32,11 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def _with_root(settings: Settings, folder: Path) -> Settings:
+    # The module's data set lives outside tmp_path; workers confine data to the roots.
+    return settings.model_copy(update={"data_roots": (*settings.data_roots, folder)})
+
+
 def _job(factory: sessionmaker[Session], job_id: int) -> tuple[JobStatus, int, int, str | None]:
     with factory() as session:
         job = repository.get_job(session, job_id)
@@ -39,7 +45,8 @@ def _job(factory: sessionmaker[Session], job_id: int) -> tuple[JobStatus, int, i
 
 @pytest.mark.slow
 def test_train_task_records_everything(tmp_path: Path, sqlite_url: str, dataset: Path) -> None:
-    settings = make_settings(tmp_path, database_url=sqlite_url, broker_url=None)
+    settings = _with_root(make_settings(tmp_path, database_url=sqlite_url, broker_url=None),
+                          dataset)
     factory = migrated_factory(sqlite_url)
     params = {
         "data": str(dataset),
@@ -94,7 +101,8 @@ def test_train_task_records_everything(tmp_path: Path, sqlite_url: str, dataset:
 def test_evaluate_task(
     tmp_path: Path, sqlite_url: str, dataset: Path, tiny_model: TinyModel
 ) -> None:
-    settings = make_settings(tmp_path, database_url=sqlite_url, broker_url=None)
+    settings = _with_root(make_settings(tmp_path, database_url=sqlite_url, broker_url=None),
+                          dataset)
     factory = migrated_factory(sqlite_url)
     with factory.begin() as session:
         version = repository.register_model_version(
@@ -132,10 +140,54 @@ def test_evaluate_task(
     factory.kw["bind"].dispose()
 
 
+def _evaluate_job(factory: sessionmaker[Session], model: TinyModel, data: Path) -> int:
+    with factory.begin() as session:
+        version = repository.register_model_version(
+            session, training_job_id=None, arch="resnet18", label_mode="15",
+            classes=list(model.classes), checkpoint_path=str(model.path),
+            checkpoint_sha256=model.sha256, metrics={},
+        )
+        return int(repository.create_job(
+            session, kind=JobKind.EVALUATE, params={"data": str(data)},
+            model_version_id=version.id,
+        ).id)
+
+
+def test_evaluate_skips_a_class_folder_linked_outside_the_roots(
+    tmp_path: Path, sqlite_url: str, tiny_model: TinyModel
+) -> None:
+    from core.synth import synthesize
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    synthesize(root / "data", per_folder=3, seed=2, image_size_range=(40, 48),
+               folders=list(FOLDERS[:2]))
+    synthesize(outside, per_folder=4, seed=3, image_size_range=(40, 48),
+               folders=[FOLDERS[2]])
+    # A class folder that is a link to a folder outside the roots, and one stray file link.
+    (root / "data" / FOLDERS[2]).symlink_to(outside / FOLDERS[2])
+    stray = next((outside / FOLDERS[2]).iterdir())
+    (root / "data" / FOLDERS[0] / "zz_stray.png").symlink_to(stray)
+    settings = make_settings(tmp_path, database_url=sqlite_url, broker_url=None)
+    settings = settings.model_copy(update={"data_roots": (root,)})
+    factory = migrated_factory(sqlite_url)
+    job_id = _evaluate_job(factory, tiny_model, root / "data")
+    result = create_celery_app(settings).tasks[EVALUATE_TASK].apply(args=[job_id])
+    status, done, total, error = _job(factory, job_id)
+    assert status == JobStatus.SUCCEEDED, (error, result.result)
+    # Only the images really inside the roots were evaluated: not the 4 behind the linked
+    # class folder, not the stray link.
+    assert (done, total) == (6, 6)
+    with factory() as session:
+        report = repository.get_evaluation(session, job_id).report
+    assert report["n"] == 6 and not report.get("errors")
+    factory.kw["bind"].dispose()
+
+
 def test_evaluate_with_wrong_checksum_fails_the_job(
     tmp_path: Path, sqlite_url: str, dataset: Path, tiny_model: TinyModel
 ) -> None:
-    settings = make_settings(tmp_path, database_url=sqlite_url, broker_url=None)
+    settings = _with_root(make_settings(tmp_path, database_url=sqlite_url, broker_url=None),
+                          dataset)
     factory = migrated_factory(sqlite_url)
     with factory.begin() as session:
         version = repository.register_model_version(
