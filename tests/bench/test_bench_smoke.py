@@ -134,3 +134,13 @@ def test_training_smoke(tmp_path: Path) -> None:
     ratios = _ratio_lines(stdout)
     assert "mriq epoch time / plain loop epoch time" in ratios, stdout
     assert ratios["mriq epoch time / plain loop epoch time"].endswith("(target <= 1.1)")
+
+
+@pytest.mark.slow
+def test_expansion_smoke(tmp_path: Path) -> None:
+    stdout, data = _run("bench.expansion", tmp_path)
+    ratios = _ratio_lines(stdout)
+    assert "flat RSS growth (mriq/old)" in ratios and "flat seconds (mriq/old)" in ratios
+    # The limit refuses the glob in both variants; mriq never walks the loops for ever.
+    assert data["flat/mriq"]["refused"] and data["flat/old"]["refused"]  # type: ignore[index]
+    assert not data["loops/mriq"].get("timed_out")  # type: ignore[attr-defined]
