@@ -122,15 +122,23 @@ def _open_confined(p: Path, roots: Sequence[str]) -> int:
         try:
             return os.open(parts[-1], _FILE_FLAGS | _NOFOLLOW, dir_fd=dir_fd)
         except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                # resolve() left a link here: a loop, or a link swapped in since then.
+            if exc.errno == errno.ELOOP and not _is_loop(resolved):
+                # Resolution left no link here, so one was swapped in since: not followed.
                 raise UnreadableFileError(
-                    p, "is a symbolic link that cannot be followed safely (a loop, or "
-                    "replaced by a link while being opened)"
+                    p, "was replaced by a symbolic link while being opened; not followed"
                 ) from None
             raise _open_error(p, exc) from None
     finally:
         os.close(dir_fd)
+
+
+def _is_loop(resolved: str) -> bool:
+    # realpath() stops at a link loop and hands the looping name back unresolved.
+    try:
+        os.stat(resolved)
+    except OSError as exc:
+        return exc.errno == errno.ELOOP
+    return False
 
 
 def _component_error(p: Path, exc: OSError) -> ImageReadError:

@@ -175,3 +175,12 @@ def test_leads_inside(tree: tuple[Path, Path]) -> None:
     # A root given through a link is judged by where it leads.
     (outside / "alias-root").symlink_to(root)
     assert leads_inside(root / "a.png", [outside / "alias-root"])
+
+
+def test_a_link_loop_inside_the_roots_is_named_as_such(tree: tuple[Path, Path]) -> None:
+    root, _ = tree
+    (root / "loop_a.png").symlink_to(root / "loop_b.png")
+    (root / "loop_b.png").symlink_to(root / "loop_a.png")
+    for roots in ([root], None):
+        with pytest.raises(UnreadableFileError, match="too many levels of symbolic links"):
+            open_input(root / "loop_a.png", roots=roots)
