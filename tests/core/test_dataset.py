@@ -399,6 +399,11 @@ def test_scan_with_roots_skips_links_leading_outside(tmp_path: Path) -> None:
     assert any(str(data / "Normal") in w and "outside the data roots" in w for w in warnings)
     assert any("zz_stray.png" in w for w in warnings)
     assert not any(str(tmp_path / "outside") in w for w in warnings)
+    # Training scans the same way (load_splits, what core.training uses with data_roots).
+    splits = load_splits(data, mode="15", seed=0, roots=[root], val_fraction=0.25,
+                         test_fraction=0.0)
+    split_paths = {s.path for part in (splits.train, splits.val, splits.test) for s in part}
+    assert split_paths == paths
     # Without roots (python -m core.train) the links are followed as before.
     followed = {s.folder for s in scan_folder(data, mode="15")}
     assert followed == {"Glioblastoma", "Meningioma", "Normal"}
