@@ -398,6 +398,7 @@ def _expand_one(
         # job goes on and no target is revealed.
         pattern = os.path.normpath(str(candidate))
         confine(Path(_glob_base(pattern)), roots)
+
         def may_enter(link: str) -> bool:
             return is_inside(Path(os.path.realpath(link)), roots)
 
