@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import getpass
+import ipaddress
 import json
 import logging
 import os
@@ -965,21 +966,48 @@ def api(
     port: int | None = typer.Option(
         None, min=1, max=65535, help="Port (default settings.api_port)."
     ),
+    insecure: bool = typer.Option(
+        False, "--insecure",
+        help="Serve on a non-loopback address without MRIQ_API_TOKEN (anyone who can reach "
+        "the port can submit jobs and read results).",
+    ),
 ) -> None:
     """Serve the HTTP API (OpenAPI docs at /docs)."""
+    rt = _rt(ctx)
+    settings = rt.settings
+    bind = host or settings.api_host
+    if settings.api_token is None and not is_loopback(bind):
+        if not insecure:
+            raise CliError(
+                f"refusing to serve on {bind} without a token: set MRIQ_API_TOKEN (or "
+                "MRIQ_API_TOKEN_FILE), bind to 127.0.0.1, or pass --insecure", code=2
+            )
+        _stderr().print(f"[yellow]warning:[/] serving on {escape(bind)} without a token "
+                        "(--insecure): anyone who reaches the port controls the jobs",
+                        highlight=False)
     import uvicorn
 
     from scheduler.api import create_app
 
-    rt = _rt(ctx)
     rt.check_migrated()
-    settings = rt.settings
     uvicorn.run(
         create_app(settings),
-        host=host or settings.api_host,
+        host=bind,
         port=port or settings.api_port,
         log_level=settings.log_level.lower(),
     )
+
+
+def is_loopback(host: str) -> bool:
+    """True when ``host`` names only this machine (127.0.0.0/8, ::1, localhost); any
+    other name or address (0.0.0.0, ::, a hostname) may be reachable from outside."""
+    name = host.strip().strip("[]").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def _secret(value: Any) -> str | None:

@@ -346,6 +346,33 @@ def test_metrics_artifacts_and_download(
     assert refused.status_code == 403 and "root:x" not in refused.text
 
 
+def test_responses_name_no_server_path(
+    client: TestClient, settings: Settings, sessions: sessionmaker[Session]
+) -> None:
+    """Checkpoint files and artifact locations are the server's: clients get ids and
+    download URLs (the old responses carried ``checkpoint_path`` and ``path``)."""
+    model_id = _model(sessions)  # its checkpoint_path is /m/best.pt
+    plot = Path(settings.jobs_dir) / "7" / "curves.png"
+    plot.parent.mkdir(parents=True)
+    plot.write_bytes(b"PNG")
+    with sessions() as s, s.begin():
+        job = repository.create_job(s, kind=JobKind.TRAIN, params={"data": "/d"})
+        artifact = repository.record_artifact(s, job_id=job.id, kind="curves", path=str(plot))
+        job_id, artifact_id = int(job.id), int(artifact.id)
+    bodies = [client.get("/models").text, client.get(f"/models/{model_id}").text,
+              client.post(f"/models/{model_id}/promote").text,
+              client.get(f"/jobs/{job_id}/artifacts").text]
+    for body in bodies:
+        assert "/m/best.pt" not in body and str(settings.data_dir) not in body, body
+        assert '"path"' not in body and "checkpoint_path" not in body, body
+    model = client.get(f"/models/{model_id}").json()
+    assert model["checkpoint_sha256"] == "c" * 64
+    assert client.get(f"/jobs/{job_id}/artifacts").json()[0]["url"] == f"/artifacts/{artifact_id}"
+    assert client.get(f"/artifacts/{artifact_id}").content == b"PNG"
+    schema = json.dumps(client.get("/openapi.json").json()["components"]["schemas"])
+    assert "checkpoint_path" not in schema
+
+
 # ----------------------------------------------------------------------------- models, health
 
 
