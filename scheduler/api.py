@@ -30,6 +30,7 @@ import contextlib
 import csv
 import hmac
 import io
+import logging
 import math
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path as FsPath
@@ -93,6 +94,8 @@ if TYPE_CHECKING:
     from scheduler.settings import Settings
 
 __all__ = ["create_app"]
+
+log = logging.getLogger(__name__)
 
 #: Seconds a client is told to wait after a 503 for an unreachable database or broker.
 RETRY_AFTER_DOWN_S = 5
@@ -232,7 +235,9 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.exception_handler(submission.DispatchError)
     async def _dispatch(_r: Request, exc: submission.DispatchError) -> JSONResponse:
-        return _unavailable(str(exc), RETRY_AFTER_DOWN_S)
+        # The reason names the broker's host and port: the log gets it, the client does not.
+        log.warning("%s", exc)
+        return _unavailable(exc.public_message, RETRY_AFTER_DOWN_S)
 
     @app.exception_handler(DatabaseNotMigratedError)
     async def _unmigrated(_r: Request, exc: DatabaseNotMigratedError) -> JSONResponse:

@@ -78,7 +78,8 @@ def _stdout() -> Console:
 
 def _error_exit_code(exc: BaseException) -> tuple[int, str] | None:
     """Map known exceptions to (exit code, message); None for unknown ones."""
-    from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
+    from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
     if isinstance(exc, CliError):
         return exc.code, str(exc)
@@ -89,6 +90,12 @@ def _error_exit_code(exc: BaseException) -> tuple[int, str] | None:
         exc, submission.DispatchError
     ):
         return 1, str(exc)
+    if isinstance(exc, OperationalError | InterfaceError | PoolTimeoutError):
+        # The server is down, unreachable or refusing: say so, in the driver's own words
+        # (psycopg names the host and port), on one line.
+        cause = getattr(exc, "orig", None) or exc
+        lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+        return 1, f"database unavailable: {lines[0] if lines else type(cause).__name__}"
     if isinstance(exc, SQLAlchemyError):
         return 1, f"database error: {exc.__class__.__name__}: {str(exc).splitlines()[0]}"
     if isinstance(exc, ValueError | OSError):
