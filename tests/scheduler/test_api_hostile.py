@@ -634,5 +634,5 @@ def test_anonymous_large_bodies_do_not_grow_the_api_process(
     # A 401 may be lost to a reset when the server closes on the unread body; every
     # response that did arrive is a 401, and at least one arrived.
     assert set(statuses) <= {401, None} and 401 in statuses, statuses
-    print(f"API peak RSS growth over 4 anonymous 8 MiB bodies: {grown_mib:.1f} MiB")
+    print(f"API peak RSS growth over 4 anonymous 8 MiB bodies: {grown_mib:.1f} MiB; {statuses}")
     assert grown_mib < 40, f"peak RSS grew by {grown_mib:.0f} MiB for 4 anonymous bodies"
