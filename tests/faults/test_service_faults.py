@@ -299,3 +299,52 @@ def test_database_down_for_the_api_and_cli(
         own_postgres.start()
         assert api.get("/jobs").status_code == 200
         assert api.get("/health").status_code == 200
+
+
+def test_broker_hung_at_submission(
+    tmp_path: Path, postgres_url: str, own_redis: RedisServer
+) -> None:
+    """Redis stopped with SIGSTOP: connections are accepted (by the kernel) and never
+    answered. Submissions used to block forever (an API thread and the CLI hung in
+    send_task); now the producer's socket timeout fails them: 503 / exit 1, job failed."""
+    import signal
+    import threading
+
+    settings = fault_settings(tmp_path, database_url=postgres_url, broker_url=own_redis.url)
+    factory = migrated_factory(postgres_url)
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "0.png").write_bytes(b"\x89PNG")
+    model_id = _fake_model(factory)
+    assert own_redis.proc is not None
+    results: dict[str, Any] = {}
+    try:
+        with TestClient(create_app(settings), raise_server_exceptions=False) as api:
+            body = {"inputs": [str(images)], "model_version_id": model_id}
+            assert api.post("/jobs/classify", json=body).status_code == 201
+            os.kill(own_redis.proc.pid, signal.SIGSTOP)
+            submit = threading.Thread(
+                target=lambda: results.update(r=api.post("/jobs/classify", json=body)),
+                daemon=True,
+            )
+            try:
+                submit.start()
+                submit.join(timeout=120)  # liveness bound: the old code never answered
+                hung = submit.is_alive()
+                try:
+                    cli = _mriq_cli(settings, tmp_path, "classify", str(images),
+                                    "--model", str(model_id))
+                except subprocess.TimeoutExpired:
+                    pytest.fail("mriq classify hung on the stopped broker")
+            finally:
+                # Before the client closes: it waits for a request still stuck in send_task.
+                os.kill(own_redis.proc.pid, signal.SIGCONT)
+            assert not hung, "the API request hung on the stopped broker"
+            response = results["r"]
+            assert response.status_code == 503, response.text
+            assert "broker is unavailable" in response.json()["detail"]
+            _assert_one_line_error(cli, "not queued", "broker is unreachable")
+        statuses = sorted(status for status, _ in _jobs(factory).values())
+        assert statuses == [JobStatus.FAILED, JobStatus.FAILED, JobStatus.QUEUED], statuses
+    finally:
+        factory.kw["bind"].dispose()
