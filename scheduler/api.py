@@ -2,18 +2,26 @@
 
 ``create_app(settings)`` builds the FastAPI app (OpenAPI docs at ``/docs``). Submission goes
 through :mod:`scheduler.submission`, exactly like the CLI. The process never imports torch.
+Request/response models live in :mod:`scheduler.api_models`, the ASGI guards in
+:mod:`scheduler.api_guards`.
 
 Security and robustness rules:
 - When ``settings.api_token`` is set every route except ``/health`` and the docs needs
   ``Authorization: Bearer <token>`` (401 with ``WWW-Authenticate`` otherwise; compared in
-  constant time).
+  constant time). The token is checked on the headers, before any byte of the body is read
+  (FastAPI parses bodies before dependencies run, so a dependency alone would let an
+  anonymous client make the server parse ~100 MB of JSON).
 - Input paths are confined to ``settings.data_roots`` (403, nothing read or stored; the
   message names the submitted path, never what a symlink or glob resolved to outside);
   artifact downloads are confined to the job and model folders under ``settings.data_dir``
-  (never the database or the broker's files).
-- Request bodies are bounded before they are parsed (413), as are classify inputs
-  (``settings.max_paths_per_job``) and every string; ids are bounded to the column range.
-  Bad input gives 4xx (404 unknown id, 422 malformed), never 500.
+  (never the database or the broker's files). Responses name no server path (checkpoint
+  files, artifact locations): ids and download URLs only.
+- Request bodies of authenticated clients are bounded before they are parsed (413), as are
+  classify inputs (``settings.max_paths_per_job``) and every string; ids are bounded to the
+  column range. Bad input gives 4xx (404 unknown id, 422 malformed), never 500.
+- An unavailable dependency is a 503 with ``Retry-After``, never a 500: the database down,
+  every pooled connection busy for ``settings.api_db_pool_timeout`` seconds, or the broker
+  refusing a new job (the job is then marked failed, not left queued).
 """
 
 from __future__ import annotations
@@ -22,8 +30,9 @@ import contextlib
 import csv
 import hmac
 import io
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
-from datetime import datetime
+import logging
+import math
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path as FsPath
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -31,11 +40,44 @@ from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from scheduler import repository, submission
+from scheduler.api_guards import (
+    UNAUTHORIZED_DETAIL,
+    WWW_AUTHENTICATE,
+    BodyLimitMiddleware,
+    TokenAuthMiddleware,
+)
+from scheduler.api_models import (
+    _ERRORS,
+    BODY_BYTES_BASE,
+    BODY_BYTES_PER_PATH,
+    CSV_FLUSH_BYTES,
+    MAX_ID,
+    MAX_PAGE,
+    ArtifactOut,
+    ClassifyRequest,
+    EpochOut,
+    ErrorOut,
+    EvaluateRequest,
+    EvaluationOut,
+    HealthOut,
+    JobCreated,
+    JobIdPath,
+    JobOut,
+    JobPage,
+    MetricsOut,
+    ModelIdPath,
+    ModelOut,
+    PredictionOut,
+    PredictionPage,
+    TrainRequest,
+    _printable,
+)
 from scheduler.database import (
     DatabaseNotMigratedError,
     ensure_migrated,
@@ -43,287 +85,37 @@ from scheduler.database import (
     make_session_factory,
 )
 from scheduler.paths import InvalidPathError, PathOutsideRootsError, confine
-from scheduler.schema import JobKind, JobStatus, ModelStage
+from scheduler.schema import JobKind, JobStatus
 
 if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
     from scheduler.dispatch import Dispatcher
     from scheduler.settings import Settings
 
 __all__ = ["create_app"]
 
-# Ids are INTEGER columns: a larger value would overflow in PostgreSQL (a 500), so refuse it.
-MAX_ID = 2**31 - 1
-# Budget per classify input when bounding the request body (paths average far less).
-BODY_BYTES_PER_PATH = 1024
-BODY_BYTES_BASE = 64 * 1024
-MAX_PAGE = 1000
-CSV_FLUSH_BYTES = 64 * 1024
+log = logging.getLogger(__name__)
+
+#: Seconds a client is told to wait after a 503 for an unreachable database or broker.
+RETRY_AFTER_DOWN_S = 5
 
 
-def _printable(value: Any) -> Any:
-    """``value`` safe to put in a JSON response: ints stay, text loses lone surrogates."""
-    if isinstance(value, int):
-        return value
-    return str(value).encode("utf-8", "backslashreplace").decode("utf-8")
+def _engine(settings: Settings) -> Engine:
+    """The API's engine, its pool bounded by the settings (a file or server database)."""
+    url = settings.resolved_database_url
+    if make_url(url).database in (None, "", ":memory:"):
+        return make_engine(url)  # one in-memory connection: no queue pool to size
+    size = int(settings.api_db_pool_size)
+    # Up to ``size`` more under a burst; a request that finds all busy for pool_timeout
+    # seconds gets 503 + Retry-After instead of a 500 or an unbounded wait.
+    return make_engine(url, pool_size=size, max_overflow=size,
+                       pool_timeout=float(settings.api_db_pool_timeout))
 
 
-def _clean_text(value: str) -> str:
-    # NUL bytes and lone surrogates pass JSON parsing but break os calls and UTF-8 columns.
-    if "\x00" in value:
-        raise ValueError("must not contain NUL characters")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("must be valid UTF-8 (no lone surrogates)") from None
-    return value
-
-
-PathText = Annotated[
-    str, Field(min_length=1, max_length=submission.MAX_PATH_CHARS), AfterValidator(_clean_text)
-]
-Id = Annotated[int, Field(ge=1, le=MAX_ID)]
-JobIdPath = Annotated[int, Path(ge=1, le=MAX_ID, description="Job id.")]
-ModelIdPath = Annotated[int, Path(ge=1, le=MAX_ID, description="Model version id.")]
-
-
-# --------------------------------------------------------------------------------------
-# Request / response models
-# --------------------------------------------------------------------------------------
-
-
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ClassifyRequest(_Request):
-    inputs: list[PathText] = Field(
-        ...,
-        min_length=1,
-        description=(
-            "Image files, folders (recursive), globs or @list.txt files on the server, inside "
-            "the data roots. At most settings.max_paths_per_job entries (413 beyond)."
-        ),
-    )
-    model_version_id: Id | None = Field(None, description="Default: the production model.")
-    top_k: int = Field(3, ge=1, le=44)
-
-
-class TrainRequest(_Request):
-    data: PathText = Field(..., description="Folder of class folders on the server.")
-    arch: Literal[
-        "efficientnet_b0", "efficientnet_b3", "resnet18", "resnet50", "densenet121",
-        "mobilenet_v3_large", "convnext_tiny",
-    ] = "efficientnet_b0"
-    epochs: int = Field(10, ge=1, le=10_000)
-    image_size: int = Field(224, ge=32, le=2048)
-    batch_size: int = Field(32, ge=1, le=4096)
-    lr: float = Field(1e-3, gt=0, le=10)
-    labels: Literal["15", "44"] = "15"
-    finetune: bool = False
-    weights: PathText = Field("auto", description="auto, none, imagenet or a checkpoint path.")
-    seed: int = Field(0, ge=0, le=2**32 - 1)
-    device: str | None = Field(
-        None, max_length=16, pattern=r"^(auto|cpu|cuda|mps|cuda:\d{1,3})$",
-        description="Default: settings.default_device.",
-    )
-    warm_start: bool = Field(False, description="Start from the production model's weights.")
-
-
-class EvaluateRequest(_Request):
-    model_version_id: Id
-    data: PathText = Field(..., description="Folder of class folders; every image is used.")
-
-
-class JobCreated(BaseModel):
-    id: int
-
-
-class JobOut(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
-    id: int
-    kind: JobKind
-    status: JobStatus
-    params: dict[str, Any]
-    progress_done: int
-    progress_total: int
-    submitter: str | None
-    error: str | None
-    cancel_requested: bool
-    model_version_id: int | None
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-
-
-class JobPage(BaseModel):
-    items: list[JobOut]
-    limit: int
-    offset: int
-    next_offset: int | None
-
-
-class PredictionOut(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
-    item_index: int
-    path: str
-    file_sha256: str | None
-    label: str | None
-    confidence: float | None
-    top_k: list[tuple[str, float]]
-    error: str | None
-
-
-class PredictionPage(BaseModel):
-    job_id: int
-    total: int
-    offset: int
-    limit: int
-    items: list[PredictionOut]
-
-
-class EpochOut(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
-    epoch: int
-    train_loss: float | None
-    val_loss: float | None
-    val_accuracy: float | None
-    val_macro_f1: float | None
-    lr: float | None
-    seconds: float | None
-
-
-class EvaluationOut(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
-    model_version_id: int | None
-    dataset: str | None
-    accuracy: float | None
-    macro_f1: float | None
-    report: dict[str, Any]
-
-
-class MetricsOut(BaseModel):
-    job_id: int
-    epochs: list[EpochOut]
-    evaluation: EvaluationOut | None
-
-
-class ArtifactOut(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
-    id: int
-    job_id: int
-    model_version_id: int | None
-    kind: str
-    path: str
-    created_at: datetime
-    url: str = ""
-
-
-class ModelOut(BaseModel):
-    model_config = ConfigDict(from_attributes=True, protected_namespaces=())
-
-    id: int
-    arch: str
-    label_mode: str
-    classes: list[str]
-    checkpoint_path: str
-    checkpoint_sha256: str
-    training_job_id: int | None
-    metrics: dict[str, Any]
-    stage: ModelStage
-    created_at: datetime
-    promoted_at: datetime | None
-
-
-class HealthOut(BaseModel):
-    status: Literal["ok", "degraded"]
-    database: bool
-    broker: bool
-
-
-class ErrorOut(BaseModel):
-    detail: str
-
-
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorOut, "description": "Missing or wrong bearer token."},
-    404: {"model": ErrorOut, "description": "Unknown job, model version or artifact."},
-}
-
-
-# --------------------------------------------------------------------------------------
-# Body size limit (before parsing)
-# --------------------------------------------------------------------------------------
-
-
-class _BodyTooLarge(HTTPException):
-    # An HTTPException, because FastAPI turns any other error raised while it reads the
-    # body into "400 error parsing the body"; this way a streamed (chunked) body over the
-    # limit gets its 413 from the app's own handler.
-    def __init__(self, limit: int) -> None:
-        super().__init__(status_code=413, detail=f"request body larger than {limit} bytes")
-
-
-ASGIApp = Callable[[MutableMapping[str, Any], Any, Any], Awaitable[None]]
-
-
-class BodyLimitMiddleware:
-    """Refuse request bodies above ``limit`` bytes with 413 before they are parsed.
-
-    Checks Content-Length up front and also counts streamed (chunked) bodies, so a client
-    cannot make the server buffer an unbounded JSON document.
-    """
-
-    def __init__(self, app: ASGIApp, *, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                try:
-                    too_big = int(value) > self.limit
-                except ValueError:
-                    too_big = False  # the server rejects malformed lengths itself
-                if too_big:
-                    await self._reject(scope, receive, send)
-                    return
-        seen = 0
-        started = False
-
-        async def counting_receive() -> Any:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _BodyTooLarge(self.limit)
-            return message
-
-        async def tracking_send(message: Any) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, counting_receive, tracking_send)
-        except _BodyTooLarge:
-            if not started:
-                await self._reject(scope, receive, send)
-
-    async def _reject(self, scope: Any, receive: Any, send: Any) -> None:
-        response = JSONResponse(
-            {"detail": f"request body larger than {self.limit} bytes"}, status_code=413
-        )
-        await response(scope, receive, send)
+def _unavailable(detail: str, retry_after: float) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=503,
+                        headers={"Retry-After": str(max(1, math.ceil(retry_after)))})
 
 
 # --------------------------------------------------------------------------------------
@@ -334,7 +126,7 @@ class BodyLimitMiddleware:
 def create_app(settings: Settings) -> FastAPI:
     """Build the API for ``settings``; stops with DatabaseNotMigratedError on an unmigrated
     database (every process checks the schema before serving)."""
-    engine = make_engine(settings.resolved_database_url)
+    engine = _engine(settings)
     ensure_migrated(engine)
     sessions = make_session_factory(engine)
     state: dict[str, Dispatcher] = {}
@@ -358,6 +150,8 @@ def create_app(settings: Settings) -> FastAPI:
     token = settings.api_token.get_secret_value() if settings.api_token is not None else None
     bearer = HTTPBearer(auto_error=False, description="Required when MRIQ_API_TOKEN is set.")
 
+    # TokenAuthMiddleware refuses a wrong token before the body is read; this dependency
+    # declares the scheme in the OpenAPI document and checks again behind it.
     # Depends() as a default, not inside Annotated: with postponed annotations FastAPI
     # resolves annotation strings in module globals, where this closure's ``bearer`` is not.
     def require_token(
@@ -369,8 +163,8 @@ def create_app(settings: Settings) -> FastAPI:
         if not given or not hmac.compare_digest(given.encode(), token.encode()):
             raise HTTPException(
                 status_code=401,
-                detail="missing or invalid bearer token",
-                headers={"WWW-Authenticate": 'Bearer realm="mriq"'},
+                detail=UNAUTHORIZED_DETAIL,
+                headers={"WWW-Authenticate": WWW_AUTHENTICATE},
             )
 
     app = FastAPI(
@@ -384,6 +178,12 @@ def create_app(settings: Settings) -> FastAPI:
     )
     limit = BODY_BYTES_BASE + BODY_BYTES_PER_PATH * int(settings.max_paths_per_job)
     app.add_middleware(BodyLimitMiddleware, limit=limit)
+    if token is not None:
+        # Added last, so it runs first: the token before the body limit, before the body.
+        public = {"/health", app.docs_url, app.redoc_url, app.openapi_url,
+                  app.swagger_ui_oauth2_redirect_url}
+        app.add_middleware(TokenAuthMiddleware, token=token,
+                           public={p for p in public if p is not None})
     auth = [Depends(require_token)]
     max_paths = int(settings.max_paths_per_job)
 
@@ -435,17 +235,29 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.exception_handler(submission.DispatchError)
     async def _dispatch(_r: Request, exc: submission.DispatchError) -> JSONResponse:
-        return _json_error(503, exc)
+        # The reason names the broker's host and port: the log gets it, the client does not.
+        log.warning("%s", exc)
+        return _unavailable(exc.public_message, RETRY_AFTER_DOWN_S)
 
     @app.exception_handler(DatabaseNotMigratedError)
     async def _unmigrated(_r: Request, exc: DatabaseNotMigratedError) -> JSONResponse:
         return _json_error(503, exc)
 
+    @app.exception_handler(PoolTimeoutError)
+    async def _pool_exhausted(_r: Request, exc: PoolTimeoutError) -> JSONResponse:
+        # Every pooled connection stayed busy for pool_timeout seconds: the database is up
+        # but slow or overloaded; a client that comes back shortly will likely get through.
+        size = int(settings.api_db_pool_size)
+        return _unavailable(
+            f"database busy: all {2 * size} connections of the API stayed in use for "
+            f"{settings.api_db_pool_timeout:g} s (settings.api_db_pool_size); retry later",
+            settings.api_db_pool_timeout,
+        )
+
     @app.exception_handler(SQLAlchemyError)
     async def _db_down(_r: Request, exc: SQLAlchemyError) -> JSONResponse:
         # Inputs are validated before SQL; what reaches here is the database being unavailable.
-        return JSONResponse({"detail": f"database unavailable: {type(exc).__name__}"},
-                            status_code=503)
+        return _unavailable(f"database unavailable: {type(exc).__name__}", RETRY_AFTER_DOWN_S)
 
     # ---------------------------------------------------------------- jobs
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import getpass
+import ipaddress
 import json
 import logging
 import os
@@ -77,7 +78,8 @@ def _stdout() -> Console:
 
 def _error_exit_code(exc: BaseException) -> tuple[int, str] | None:
     """Map known exceptions to (exit code, message); None for unknown ones."""
-    from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
+    from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
     if isinstance(exc, CliError):
         return exc.code, str(exc)
@@ -88,6 +90,12 @@ def _error_exit_code(exc: BaseException) -> tuple[int, str] | None:
         exc, submission.DispatchError
     ):
         return 1, str(exc)
+    if isinstance(exc, OperationalError | InterfaceError | PoolTimeoutError):
+        # The server is down, unreachable or refusing: say so, in the driver's own words
+        # (psycopg names the host and port), on one line.
+        cause = getattr(exc, "orig", None) or exc
+        lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+        return 1, f"database unavailable: {lines[0] if lines else type(cause).__name__}"
     if isinstance(exc, SQLAlchemyError):
         return 1, f"database error: {exc.__class__.__name__}: {str(exc).splitlines()[0]}"
     if isinstance(exc, ValueError | OSError):
@@ -965,21 +973,48 @@ def api(
     port: int | None = typer.Option(
         None, min=1, max=65535, help="Port (default settings.api_port)."
     ),
+    insecure: bool = typer.Option(
+        False, "--insecure",
+        help="Serve on a non-loopback address without MRIQ_API_TOKEN (anyone who can reach "
+        "the port can submit jobs and read results).",
+    ),
 ) -> None:
     """Serve the HTTP API (OpenAPI docs at /docs)."""
+    rt = _rt(ctx)
+    settings = rt.settings
+    bind = host or settings.api_host
+    if settings.api_token is None and not is_loopback(bind):
+        if not insecure:
+            raise CliError(
+                f"refusing to serve on {bind} without a token: set MRIQ_API_TOKEN (or "
+                "MRIQ_API_TOKEN_FILE), bind to 127.0.0.1, or pass --insecure", code=2
+            )
+        _stderr().print(f"[yellow]warning:[/] serving on {escape(bind)} without a token "
+                        "(--insecure): anyone who reaches the port controls the jobs",
+                        highlight=False)
     import uvicorn
 
     from scheduler.api import create_app
 
-    rt = _rt(ctx)
     rt.check_migrated()
-    settings = rt.settings
     uvicorn.run(
         create_app(settings),
-        host=host or settings.api_host,
+        host=bind,
         port=port or settings.api_port,
         log_level=settings.log_level.lower(),
     )
+
+
+def is_loopback(host: str) -> bool:
+    """True when ``host`` names only this machine (127.0.0.0/8, ::1, localhost); any
+    other name or address (0.0.0.0, ::, a hostname) may be reachable from outside."""
+    name = host.strip().strip("[]").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def _secret(value: Any) -> str | None:

@@ -161,12 +161,44 @@ def _task_id(kind: str, job_id: int, chunk_index: int | None = None) -> str:
     return f"mriq-{kind}-{job_id}{suffix}-{time.time_ns():x}"
 
 
+#: Seconds a producer waits on one broker socket operation (connect, publish). Without it a
+#: broker that stops answering but keeps the TCP connection (a hung or SIGSTOPped Redis, a
+#: dead NAT entry) blocks ``send_task`` forever: API request threads pile up, the CLI hangs.
+#: A healthy Redis answers in milliseconds, so this only bounds the hung case.
+PRODUCER_SOCKET_TIMEOUT_S = 5.0
+#: Publish retries of a producer (Celery's default is 3): with the timeout above a hung
+#: broker fails a submission after about 20 s (each retry reconnects, and the new
+#: connection's handshake times out too).
+PRODUCER_PUBLISH_RETRIES = 2
+
+
+def _bound_producer(app: Celery, settings: Settings) -> None:
+    """Timeouts for a producer-only app (the worker's consuming app keeps its own)."""
+    if uses_filesystem_broker(settings):
+        return  # local files: no socket to hang on
+    options = dict(app.conf.broker_transport_options or {})
+    options.setdefault("socket_timeout", PRODUCER_SOCKET_TIMEOUT_S)
+    options.setdefault("socket_connect_timeout", PRODUCER_SOCKET_TIMEOUT_S)
+    app.conf.broker_transport_options = options
+    policy = dict(app.conf.task_publish_retry_policy or {})
+    policy["max_retries"] = PRODUCER_PUBLISH_RETRIES
+    app.conf.task_publish_retry_policy = policy
+
+
 class Dispatcher:
-    """Sends mriq tasks by name; one per process is enough (it pools broker connections)."""
+    """Sends mriq tasks by name; one per process is enough (it pools broker connections).
+
+    Built from settings (the API, the CLI, the worker's recovery sweep), its broker socket
+    operations are bounded (:data:`PRODUCER_SOCKET_TIMEOUT_S`), so a hung broker fails a
+    submission instead of blocking it; an ``app`` passed in is used as it is.
+    """
 
     def __init__(self, settings: Settings, *, app: Celery | None = None) -> None:
         self.settings = settings
-        self.app = app if app is not None else make_celery(settings)
+        if app is None:
+            app = make_celery(settings)
+            _bound_producer(app, settings)
+        self.app = app
 
     def _send(self, name: str, args: list[Any], job_id: int, task_id: str) -> str:
         self.app.send_task(

@@ -171,6 +171,24 @@ class Settings(BaseSettings):
     )
     api_host: str = Field(default="127.0.0.1", description="Interface the HTTP API binds to.")
     api_port: int = Field(default=8000, ge=1, le=65535, description="Port of the HTTP API.")
+    api_db_pool_size: int = Field(
+        default=10,
+        ge=1,
+        le=1000,
+        description=(
+            "Database connections the HTTP API keeps open; as many again are opened under a "
+            "burst, so at most twice this many at once."
+        ),
+    )
+    api_db_pool_timeout: float = Field(
+        default=5.0,
+        gt=0,
+        le=300,
+        description=(
+            "Seconds an API request waits for a free database connection before it is "
+            "answered 503 with Retry-After (pool exhausted)."
+        ),
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Log level of the API, CLI and workers."
     )

@@ -105,7 +105,26 @@ class NoProductionModelError(SubmissionError):
 
 
 class DispatchError(RuntimeError):
-    """The job was stored but could not be handed to the broker; it has been marked failed."""
+    """The job was stored but could not be handed to the broker; it has been marked failed.
+
+    ``reason`` is the broker's error (for operators: it names the broker's address);
+    ``public_message`` leaves it out, for API clients.
+    """
+
+    def __init__(self, job_id: int, reason: str) -> None:
+        self.job_id = job_id
+        self.reason = reason
+        super().__init__(
+            f"job {job_id} not queued: the broker is unreachable ({reason}); the job is marked "
+            "failed, submit it again once the broker is back"
+        )
+
+    @property
+    def public_message(self) -> str:
+        return (
+            f"job {self.job_id} not queued: the task broker is unavailable; the job is marked "
+            "failed, submit it again later"
+        )
 
 
 class DispatcherLike(Protocol):
@@ -648,15 +667,24 @@ def _dispatch_or_fail(
     session_factory: SessionFactory, job_id: int, send: Callable[[], Any]
 ) -> None:
     """Send the job's tasks; if the broker refuses, fail the stored job so it never hangs
-    as "queued" without any task behind it."""
+    as "queued" without any task behind it.
+
+    Interruptions (Ctrl-C, SIGTERM's SystemExit) mid-send fail the job too, then propagate:
+    some chunks may be sent and others not, and a job nobody will complete must not look
+    queued. Chunks that did reach the broker are skipped by workers (the job is terminal).
+    """
     try:
         send()
-    except Exception as exc:
+    except BaseException as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
         with session_factory() as session, session.begin():
             repository.finish_job(
-                session, job_id, JobStatus.FAILED, error=f"could not dispatch: {exc}"
+                session, job_id, JobStatus.FAILED,
+                error=f"not dispatched: the broker refused the tasks ({reason})",
             )
-        raise DispatchError(f"job {job_id}: could not reach the broker: {exc}") from exc
+        if not isinstance(exc, Exception):
+            raise
+        raise DispatchError(job_id, reason) from exc
 
 
 def submit_classify(

@@ -144,3 +144,22 @@ def test_expansion_smoke(tmp_path: Path) -> None:
     # The limit refuses the glob in both variants; mriq never walks the loops for ever.
     assert data["flat/mriq"]["refused"] and data["flat/old"]["refused"]  # type: ignore[index]
     assert not data["loops/mriq"].get("timed_out")  # type: ignore[attr-defined]
+
+
+@pytest.mark.slow
+@pytest.mark.services
+def test_api_load_smoke(tmp_path: Path) -> None:
+    """3 locust clients for 10 s against a real ``mriq api`` with a worker: every request
+    and job accounted for (the full run is 50 clients for 5 minutes)."""
+    stdout, data = _run("bench.api_load", tmp_path)
+    ratios = _ratio_lines(stdout)
+    for name in ("reads p99 / 500 ms", "server errors (5xx) / requests",
+                 "jobs lost / accepted", "pool-exhausted 503s / requests"):
+        assert name in ratios and not ratios[name].startswith("skipped"), (name, stdout)
+    assert _ratio_value(ratios, "server errors (5xx) / requests") == 0
+    assert _ratio_value(ratios, "jobs lost / accepted") == 0
+    rows = {row["name"]: row for row in data["rows"]}  # type: ignore[attr-defined]
+    assert rows["POST /jobs/classify"]["items"] > 0, rows
+    assert data["failed"] == []
+    notes: list[str] = data["notes"]  # type: ignore[assignment]
+    assert any(n.startswith("jobs: ") and " 0 lost" in n for n in notes), notes

@@ -11,6 +11,7 @@ import io
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -346,6 +347,33 @@ def test_metrics_artifacts_and_download(
     assert refused.status_code == 403 and "root:x" not in refused.text
 
 
+def test_responses_name_no_server_path(
+    client: TestClient, settings: Settings, sessions: sessionmaker[Session]
+) -> None:
+    """Checkpoint files and artifact locations are the server's: clients get ids and
+    download URLs (the old responses carried ``checkpoint_path`` and ``path``)."""
+    model_id = _model(sessions)  # its checkpoint_path is /m/best.pt
+    plot = Path(settings.jobs_dir) / "7" / "curves.png"
+    plot.parent.mkdir(parents=True)
+    plot.write_bytes(b"PNG")
+    with sessions() as s, s.begin():
+        job = repository.create_job(s, kind=JobKind.TRAIN, params={"data": "/d"})
+        artifact = repository.record_artifact(s, job_id=job.id, kind="curves", path=str(plot))
+        job_id, artifact_id = int(job.id), int(artifact.id)
+    bodies = [client.get("/models").text, client.get(f"/models/{model_id}").text,
+              client.post(f"/models/{model_id}/promote").text,
+              client.get(f"/jobs/{job_id}/artifacts").text]
+    for body in bodies:
+        assert "/m/best.pt" not in body and str(settings.data_dir) not in body, body
+        assert '"path"' not in body and "checkpoint_path" not in body, body
+    model = client.get(f"/models/{model_id}").json()
+    assert model["checkpoint_sha256"] == "c" * 64
+    assert client.get(f"/jobs/{job_id}/artifacts").json()[0]["url"] == f"/artifacts/{artifact_id}"
+    assert client.get(f"/artifacts/{artifact_id}").content == b"PNG"
+    schema = json.dumps(client.get("/openapi.json").json()["components"]["schemas"])
+    assert "checkpoint_path" not in schema
+
+
 # ----------------------------------------------------------------------------- models, health
 
 
@@ -399,3 +427,63 @@ def test_classify_on_postgresql(tmp_path: Path, root: Path, postgres_url: str) -
             assert c.post("/jobs/classify", json={"inputs": ["\u0000"]}).status_code == 422
     finally:
         engine.dispose()
+
+
+@pytest.mark.services
+def test_pool_exhausted_is_503_with_retry_after(
+    tmp_path: Path, root: Path, postgres_url: str
+) -> None:
+    """Every pooled connection held by requests stuck behind a table lock: the next request
+    waits settings.api_db_pool_timeout, then gets 503 + Retry-After (not a 500, not an
+    unbounded wait); the stuck ones complete once the lock goes."""
+    import threading
+
+    from sqlalchemy import text
+
+    upgrade(postgres_url)
+    settings = _settings(tmp_path, root, postgres_url, api_db_pool_size=1,
+                         api_db_pool_timeout=0.5)
+    locker = make_engine(postgres_url)
+    results: dict[str, Any] = {}
+    try:
+        with TestClient(create_app(settings), raise_server_exceptions=False) as c:
+            assert c.get("/jobs").status_code == 200
+            lock = locker.connect()
+            transaction = lock.begin()
+            lock.execute(text("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE"))
+
+            def get(name: str, url: str) -> None:
+                results[name] = c.get(url)
+
+            # pool_size 1 + overflow 1: two requests take both connections and wait.
+            stuck = [threading.Thread(target=get, args=(f"stuck{i}", "/jobs")) for i in (0, 1)]
+            for thread in stuck:
+                thread.start()
+
+            def waiting_on_lock() -> int:
+                with locker.connect() as conn:
+                    return int(conn.execute(text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                        " AND wait_event_type = 'Lock'"
+                    )).scalar_one())
+
+            deadline = time.monotonic() + 60
+            while waiting_on_lock() < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert waiting_on_lock() == 2
+            third = threading.Thread(target=get, args=("third", "/jobs/1"))
+            third.start()
+            third.join(timeout=60)  # liveness bound: the old pool waited behind the lock
+            answered = not third.is_alive()
+            transaction.commit()
+            lock.close()
+            for thread in [*stuck, third]:
+                thread.join(timeout=60)
+        assert answered, "the request found no connection and did not get an answer"
+        response = results["third"]
+        assert response.status_code == 503, response.text
+        assert response.headers["retry-after"] == "1"
+        assert "database busy" in response.json()["detail"]
+        assert [results[f"stuck{i}"].status_code for i in (0, 1)] == [200, 200]
+    finally:
+        locker.dispose()

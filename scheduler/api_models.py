@@ -1,0 +1,219 @@
+"""Request and response models of the HTTP API (:mod:`scheduler.api`), and its bounds.
+
+Responses carry ids and download URLs, never server paths: a model's checkpoint file and an
+artifact's location on the host are the server's business (``/artifacts/{id}`` serves the
+file). Paths a client submitted itself (inputs, ``params.data``) are echoed back as given.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import Path
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from scheduler import submission
+from scheduler.schema import JobKind, JobStatus, ModelStage
+
+# Ids are INTEGER columns: a larger value would overflow in PostgreSQL (a 500), so refuse it.
+MAX_ID = 2**31 - 1
+# Budget per classify input when bounding the request body (paths average far less).
+BODY_BYTES_PER_PATH = 1024
+BODY_BYTES_BASE = 64 * 1024
+MAX_PAGE = 1000
+CSV_FLUSH_BYTES = 64 * 1024
+
+
+def _printable(value: Any) -> Any:
+    """``value`` safe to put in a JSON response: ints stay, text loses lone surrogates."""
+    if isinstance(value, int):
+        return value
+    return str(value).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _clean_text(value: str) -> str:
+    # NUL bytes and lone surrogates pass JSON parsing but break os calls and UTF-8 columns.
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid UTF-8 (no lone surrogates)") from None
+    return value
+
+
+PathText = Annotated[
+    str, Field(min_length=1, max_length=submission.MAX_PATH_CHARS), AfterValidator(_clean_text)
+]
+Id = Annotated[int, Field(ge=1, le=MAX_ID)]
+JobIdPath = Annotated[int, Path(ge=1, le=MAX_ID, description="Job id.")]
+ModelIdPath = Annotated[int, Path(ge=1, le=MAX_ID, description="Model version id.")]
+
+
+# --------------------------------------------------------------------------------------
+# Request / response models
+# --------------------------------------------------------------------------------------
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ClassifyRequest(_Request):
+    inputs: list[PathText] = Field(
+        ...,
+        min_length=1,
+        description=(
+            "Image files, folders (recursive), globs or @list.txt files on the server, inside "
+            "the data roots. At most settings.max_paths_per_job entries (413 beyond)."
+        ),
+    )
+    model_version_id: Id | None = Field(None, description="Default: the production model.")
+    top_k: int = Field(3, ge=1, le=44)
+
+
+class TrainRequest(_Request):
+    data: PathText = Field(..., description="Folder of class folders on the server.")
+    arch: Literal[
+        "efficientnet_b0", "efficientnet_b3", "resnet18", "resnet50", "densenet121",
+        "mobilenet_v3_large", "convnext_tiny",
+    ] = "efficientnet_b0"
+    epochs: int = Field(10, ge=1, le=10_000)
+    image_size: int = Field(224, ge=32, le=2048)
+    batch_size: int = Field(32, ge=1, le=4096)
+    lr: float = Field(1e-3, gt=0, le=10)
+    labels: Literal["15", "44"] = "15"
+    finetune: bool = False
+    weights: PathText = Field("auto", description="auto, none, imagenet or a checkpoint path.")
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    device: str | None = Field(
+        None, max_length=16, pattern=r"^(auto|cpu|cuda|mps|cuda:\d{1,3})$",
+        description="Default: settings.default_device.",
+    )
+    warm_start: bool = Field(False, description="Start from the production model's weights.")
+
+
+class EvaluateRequest(_Request):
+    model_version_id: Id
+    data: PathText = Field(..., description="Folder of class folders; every image is used.")
+
+
+class JobCreated(BaseModel):
+    id: int
+
+
+class JobOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    kind: JobKind
+    status: JobStatus
+    params: dict[str, Any]
+    progress_done: int
+    progress_total: int
+    submitter: str | None
+    error: str | None
+    cancel_requested: bool
+    model_version_id: int | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class JobPage(BaseModel):
+    items: list[JobOut]
+    limit: int
+    offset: int
+    next_offset: int | None
+
+
+class PredictionOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    item_index: int
+    path: str
+    file_sha256: str | None
+    label: str | None
+    confidence: float | None
+    top_k: list[tuple[str, float]]
+    error: str | None
+
+
+class PredictionPage(BaseModel):
+    job_id: int
+    total: int
+    offset: int
+    limit: int
+    items: list[PredictionOut]
+
+
+class EpochOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    epoch: int
+    train_loss: float | None
+    val_loss: float | None
+    val_accuracy: float | None
+    val_macro_f1: float | None
+    lr: float | None
+    seconds: float | None
+
+
+class EvaluationOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    model_version_id: int | None
+    dataset: str | None
+    accuracy: float | None
+    macro_f1: float | None
+    report: dict[str, Any]
+
+
+class MetricsOut(BaseModel):
+    job_id: int
+    epochs: list[EpochOut]
+    evaluation: EvaluationOut | None
+
+
+class ArtifactOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    job_id: int
+    model_version_id: int | None
+    kind: str
+    created_at: datetime
+    url: str = Field("", description="Download URL of the file (GET, same authentication).")
+
+
+class ModelOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True, protected_namespaces=())
+
+    id: int
+    arch: str
+    label_mode: str
+    classes: list[str]
+    checkpoint_sha256: str
+    training_job_id: int | None
+    metrics: dict[str, Any]
+    stage: ModelStage
+    created_at: datetime
+    promoted_at: datetime | None
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok", "degraded"]
+    database: bool
+    broker: bool
+
+
+class ErrorOut(BaseModel):
+    detail: str
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorOut, "description": "Missing or wrong bearer token."},
+    404: {"model": ErrorOut, "description": "Unknown job, model version or artifact."},
+}
+
