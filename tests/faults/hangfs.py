@@ -130,6 +130,7 @@ def hanging_file(folder: Path, name: str = "stuck.png", size: int = 4096) -> Ite
     folder.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.faults.hangfs", str(folder), name, str(size)],
+        cwd=str(Path(__file__).resolve().parents[2]),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
