@@ -484,6 +484,7 @@ def take_stale_chunks(
     statuses: Sequence[ChunkStatus],
     before: datetime,
     exclude_workers: Iterable[str] = (),
+    unowned_only: bool = False,
 ) -> list[int]:
     """Indices of the job's chunks in ``statuses`` whose ``updated_at`` is older than
     ``before``; in the same statement they become ``pending`` stamped with the current time
@@ -494,7 +495,8 @@ def take_stale_chunks(
     A compare-and-set: of several callers racing for a stale chunk exactly one gets it
     (PostgreSQL re-checks the WHERE clause after a concurrent update commits; SQLite has one
     writer), so a recovery sweep re-sends each chunk once per stale period. Chunks held by
-    one of ``exclude_workers`` (workers known to be alive) are left alone.
+    one of ``exclude_workers`` (workers known to be alive) are left alone; with
+    ``unowned_only`` so is every chunk that records its worker.
     """
     if not statuses:
         return []
@@ -504,7 +506,9 @@ def take_stale_chunks(
         JobChunk.status.in_(list(statuses)),
         JobChunk.updated_at < before,
     ]
-    if excluded:
+    if unowned_only:
+        conditions.append(JobChunk.worker.is_(None))
+    elif excluded:
         conditions.append(or_(JobChunk.worker.is_(None), JobChunk.worker.not_in(excluded)))
     rows = session.execute(
         update(JobChunk)

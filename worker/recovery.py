@@ -49,7 +49,10 @@ Mechanism (all tasks are idempotent, so sending one twice is always safe, never 
     only the staleness rule above applies;
   - a running chunk held by a worker that **answers** is never re-sent, however old its
     stamp: a slow chunk or a database outage (heartbeats failing) keeps its single run. A
-    chunk stuck in a live worker is that worker's to abandon (worker/liveness.py).
+    chunk stuck in a live worker is that worker's to abandon (worker/liveness.py). While
+    the answers cannot be trusted, no chunk that names its holder is re-sent for
+    staleness either (the staleness rule then only covers chunks claimed by a worker that
+    recorded no name).
 
 Knobs (``python -m worker --heartbeat-interval/--dead-after/--stale-after/
 --recovery-interval``): ``dead_after_s`` and ``stale_after_s`` must be several heartbeats;
@@ -302,12 +305,16 @@ def sweep(
 
             def take(session: Session, job_id: int = job_id) -> list[int]:
                 # Running chunks of workers that answer ping are theirs, however stale.
+                # Without trusted answers (e.g. the first sweep, before our own pidbox
+                # answers) a holder's liveness is unknown: only chunks that name no holder
+                # fall back to staleness; the others wait for a sweep that can tell.
                 indices = repository.take_stale_chunks(
                     session,
                     job_id,
                     statuses=[ChunkStatus.RUNNING],
                     before=before,
                     exclude_workers=live or (),
+                    unowned_only=live is None,
                 )
                 if queue_empty:
                     indices += repository.take_stale_chunks(

@@ -135,6 +135,18 @@ def test_stale_sweep_spares_chunks_of_live_workers(setup) -> None:  # type: igno
             exclude_workers=[ME, OTHER],
         )
     assert taken == [1, 2]
+    # Without trusted ping answers only the chunk that names no holder would go.
+    _hold(factory, job_id, 1, GONE, age_s=400)
+    with factory.begin() as session:
+        session.execute(
+            update(JobChunk)
+            .where(JobChunk.job_id == job_id, JobChunk.chunk_index == 2)
+            .values(status=ChunkStatus.RUNNING, updated_at=utcnow() - timedelta(seconds=400))
+        )
+        taken = repository.take_stale_chunks(
+            session, job_id, statuses=[ChunkStatus.RUNNING], before=before, unowned_only=True
+        )
+    assert taken == [2]
 
 
 def test_recovery_config_rejects_a_dead_window_under_two_heartbeats() -> None:
