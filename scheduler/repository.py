@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, and_, func, select, update
+from sqlalchemy import Table, and_, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -478,7 +478,13 @@ def touch_chunk(session: Session, job_id: int, chunk_index: int) -> bool:
 
 
 def take_stale_chunks(
-    session: Session, job_id: int, *, statuses: Sequence[ChunkStatus], before: datetime
+    session: Session,
+    job_id: int,
+    *,
+    statuses: Sequence[ChunkStatus],
+    before: datetime,
+    exclude_workers: Iterable[str] = (),
+    unowned_only: bool = False,
 ) -> list[int]:
     """Indices of the job's chunks in ``statuses`` whose ``updated_at`` is older than
     ``before``; in the same statement they become ``pending`` stamped with the current time
@@ -488,17 +494,25 @@ def take_stale_chunks(
 
     A compare-and-set: of several callers racing for a stale chunk exactly one gets it
     (PostgreSQL re-checks the WHERE clause after a concurrent update commits; SQLite has one
-    writer), so a recovery sweep re-sends each chunk once per stale period.
+    writer), so a recovery sweep re-sends each chunk once per stale period. Chunks held by
+    one of ``exclude_workers`` (workers known to be alive) are left alone; with
+    ``unowned_only`` so is every chunk that records its worker.
     """
     if not statuses:
         return []
+    excluded = list(exclude_workers)
+    conditions = [
+        JobChunk.job_id == job_id,
+        JobChunk.status.in_(list(statuses)),
+        JobChunk.updated_at < before,
+    ]
+    if unowned_only:
+        conditions.append(JobChunk.worker.is_(None))
+    elif excluded:
+        conditions.append(or_(JobChunk.worker.is_(None), JobChunk.worker.not_in(excluded)))
     rows = session.execute(
         update(JobChunk)
-        .where(
-            JobChunk.job_id == job_id,
-            JobChunk.status.in_(list(statuses)),
-            JobChunk.updated_at < before,
-        )
+        .where(*conditions)
         .values(status=ChunkStatus.PENDING, updated_at=utcnow())
         .returning(JobChunk.chunk_index),
         execution_options={"synchronize_session": False},
@@ -522,6 +536,57 @@ def release_chunk(session: Session, job_id: int, chunk_index: int, *, not_before
     )
 
 
+def running_chunks(session: Session) -> list[tuple[int, int, str | None, datetime]]:
+    """``(job_id, chunk_index, worker, updated_at)`` of every running chunk of an open job."""
+    rows = session.execute(
+        select(JobChunk.job_id, JobChunk.chunk_index, JobChunk.worker, JobChunk.updated_at)
+        .join(Job, Job.id == JobChunk.job_id)
+        .where(
+            JobChunk.status == ChunkStatus.RUNNING,
+            Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]),
+        )
+        .order_by(JobChunk.job_id, JobChunk.chunk_index)
+    )
+    return [(int(j), int(c), w, u) for j, c, w, u in rows]
+
+
+def take_dead_chunk(
+    session: Session, job_id: int, chunk_index: int, *, worker: str | None, before: datetime
+) -> bool:
+    """Compare-and-set for one chunk the caller found held by a dead worker: a chunk still
+    ``running``, still held by ``worker`` and not stamped since ``before`` becomes
+    ``pending`` (stamped now); True when this caller took it and must send it again. Of
+    several sweeps racing, one wins; a chunk a live worker re-claimed in between is kept."""
+    held = JobChunk.worker.is_(None) if worker is None else JobChunk.worker == worker
+    result = session.execute(
+        update(JobChunk)
+        .where(
+            JobChunk.job_id == job_id,
+            JobChunk.chunk_index == chunk_index,
+            JobChunk.status == ChunkStatus.RUNNING,
+            held,
+            JobChunk.updated_at < before,
+        )
+        .values(status=ChunkStatus.PENDING, updated_at=utcnow()),
+        execution_options={"synchronize_session": False},
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def abandon_chunk(session: Session, job_id: int, chunk_index: int) -> int:
+    """The chunk's worker gave up on it (deadline missed, worker/liveness.py): a running
+    chunk goes back to ``pending`` with ``abandons += 1``; returns the new count (0 when the
+    chunk was no longer running, e.g. cancelled meanwhile: nothing to re-send)."""
+    chunk = _get_chunk_for_update(session, job_id, chunk_index)
+    if ChunkStatus(chunk.status) != ChunkStatus.RUNNING:
+        return 0
+    chunk.abandons = int(chunk.abandons or 0) + 1
+    chunk.status = ChunkStatus.PENDING
+    chunk.updated_at = utcnow()
+    session.flush()
+    return int(chunk.abandons)
+
+
 def _unrecorded_items(session: Session, chunk: JobChunk) -> list[tuple[int, str]]:
     rows = session.execute(
         select(JobItem.item_index, JobItem.path)
@@ -543,7 +608,9 @@ def _unrecorded_items(session: Session, chunk: JobChunk) -> list[tuple[int, str]
     return [(int(index), str(path)) for index, path in rows]
 
 
-def claim_chunk(session: Session, job_id: int, chunk_index: int) -> list[tuple[int, str]] | None:
+def claim_chunk(
+    session: Session, job_id: int, chunk_index: int, *, worker: str | None = None
+) -> list[tuple[int, str]] | None:
     """Start (or restart) work on a chunk.
 
     Marks the chunk running, ``attempts += 1``, moves a queued job to running, and returns the
@@ -551,6 +618,7 @@ def claim_chunk(session: Session, job_id: int, chunk_index: int) -> list[tuple[i
     redoes what is missing). Returns None when the chunk is already terminal or the job is
     terminal or being cancelled: the task should then just return. (A chunk redelivered
     after cancel was requested is marked cancelled here, finishing the job if it was the last.)
+    ``worker`` (the claiming Celery node name) is recorded on the chunk for the recovery sweep.
     """
     job = _lock_job(session, job_id)
     chunk = _get_chunk_for_update(session, job_id, chunk_index)
@@ -566,6 +634,7 @@ def claim_chunk(session: Session, job_id: int, chunk_index: int) -> list[tuple[i
     chunk.status = ChunkStatus.RUNNING
     chunk.attempts += 1
     chunk.updated_at = now
+    chunk.worker = worker
     if job.status == JobStatus.QUEUED:
         job.status = JobStatus.RUNNING
         job.started_at = now

@@ -232,6 +232,11 @@ class JobChunk(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    #: Celery node name of the worker that last claimed the chunk: tells a dead holder from
+    #: a slow one, and a restarted worker which chunks its previous incarnation held.
+    worker: Mapped[str | None] = mapped_column(String(255))
+    #: Times the chunk missed its deadline and was abandoned (re-sent once, then failed).
+    abandons: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
 
 
 class PredictionRow(Base):

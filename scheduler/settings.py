@@ -155,7 +155,19 @@ class Settings(BaseSettings):
     chunk_time_limit: int = Field(
         default=1_800,
         ge=1,
-        description="Hard time limit of one classify chunk task in seconds.",
+        description=(
+            "Hard time limit of one classify chunk task in seconds, on every pool (threads/solo: "
+            "the chunk is abandoned, re-sent once, then failed; prefork: the child is killed)."
+        ),
+    )
+    chunk_stall_timeout: float = Field(
+        default=300.0,
+        gt=0,
+        description=(
+            "Seconds a running classify chunk may go without recording a prediction before its "
+            "worker abandons it (e.g. a read hung on a dead mount): re-sent once, then failed "
+            "with the reason. Must exceed the time one batch of images takes."
+        ),
     )
     visibility_timeout: int = Field(
         default=43_200,

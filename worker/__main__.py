@@ -3,7 +3,8 @@
     python -m worker [--queues gpu,cpu] [--concurrency N] [--pool threads|solo|prefork]
                      [--loglevel INFO] [--hostname NAME] [--beat]
                      [--data-dir DIR] [--database-url URL] [--broker-url URL]
-                     [--heartbeat-interval S] [--stale-after S] [--recovery-interval S]
+                     [--heartbeat-interval S] [--dead-after S] [--stale-after S]
+                     [--recovery-interval S]
 
 Settings come from ``scheduler.settings.load_settings()`` (``MRIQ_*`` environment), with the
 ``--data-dir/--database-url/--broker-url`` flags as overrides, so ``mriq worker`` can spawn
@@ -15,9 +16,11 @@ revokes and Flower keep working during an hours-long training; with ``solo`` the
 on the consumer's thread and the worker is deaf until it returns. Prefetch is 1 per
 concurrency slot either way, so an idle worker is never starved by a busy one.
 
-Recovery: every worker sweeps for chunks/jobs whose worker died (heartbeat older than
-``--stale-after``) at start-up and every ``--recovery-interval`` seconds and re-sends them;
-see ``worker/recovery.py``.
+Recovery: every worker sweeps for chunks/jobs whose worker died at start-up and every
+``--recovery-interval`` seconds and re-sends them: chunks its own previous incarnation (same
+``--hostname``) held at once, chunks of a worker that no longer answers ping after
+``--dead-after``, others after ``--stale-after``; see ``worker/recovery.py``. Give each
+worker a stable, unique ``--hostname`` (compose: the container's) for the first rule.
 
 Before anything else the process re-execs itself once with glibc's allocator tuned
 (``MALLOC_MMAP_MAX_``/``MALLOC_TRIM_THRESHOLD_``, read only at process start; see
@@ -80,6 +83,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="seconds between liveness stamps of a running task (default: %(default)s)",
     )
     parser.add_argument(
+        "--dead-after",
+        type=float,
+        default=DEFAULT_RECOVERY.dead_after_s,
+        help="a running chunk whose worker does not answer ping and has not stamped it for "
+        "this long is re-sent (default: %(default)s; see worker/recovery.py)",
+    )
+    parser.add_argument(
         "--stale-after",
         type=float,
         default=DEFAULT_RECOVERY.stale_after_s,
@@ -114,6 +124,7 @@ def _recovery_config(args: argparse.Namespace) -> Any:
     return RecoveryConfig(
         heartbeat_s=float(args.heartbeat_interval),
         stale_after_s=float(args.stale_after),
+        dead_after_s=float(args.dead_after),
         interval_s=float(args.recovery_interval),
     )
 

@@ -36,9 +36,29 @@ Mechanism (all tasks are idempotent, so sending one twice is always safe, never 
   is skipped by the per-job lock in ``worker.tasks.train_job``; a re-run of a killed one
   resumes from ``last.pt``.
 
-Knobs (``python -m worker --heartbeat-interval/--stale-after/--recovery-interval``):
-``stale_after_s`` must be several heartbeats, and longer than a database outage you want to
-ride out without a (harmless) duplicate run.
+* **Identity** (what makes recovery take seconds, not the staleness window). A claimed
+  chunk records its worker's Celery node name (``job_chunks.worker``). Each sweep:
+
+  - a worker re-sends at once the running chunks held under **its own name** whose last
+    stamp predates its own start: its previous incarnation (same ``--hostname``, e.g. the
+    container a restart policy brought back) died holding them;
+  - it asks ``inspect ping`` which workers answer. A running chunk whose holder does not
+    answer and whose heartbeat is older than ``dead_after_s`` (a few heartbeats) is dead
+    and re-sent. The ping answers are trusted only when they include this worker's own
+    reply (else the broker is away, or this worker is deaf in a solo-pool task) and then
+    only the staleness rule above applies;
+  - a running chunk held by a worker that **answers** is never re-sent, however old its
+    stamp: a slow chunk or a database outage (heartbeats failing) keeps its single run. A
+    chunk stuck in a live worker is that worker's to abandon (worker/liveness.py). While
+    the answers cannot be trusted, no chunk that names its holder is re-sent for
+    staleness either (the staleness rule then only covers chunks claimed by a worker that
+    recorded no name).
+
+Knobs (``python -m worker --heartbeat-interval/--dead-after/--stale-after/
+--recovery-interval``): ``dead_after_s`` and ``stale_after_s`` must be several heartbeats;
+``stale_after_s`` (used only where the holder's liveness is unknown) must also be longer
+than a database outage you want to ride out without a (harmless) duplicate run. Node names
+must be unique among running workers (Celery warns about duplicates).
 """
 
 from __future__ import annotations
@@ -50,7 +70,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -73,10 +93,14 @@ HEARTBEAT_FILE = ".heartbeat"
 class RecoveryConfig:
     """Heartbeat period, staleness threshold and sweep period, in seconds."""
 
-    heartbeat_s: float = 30.0
+    heartbeat_s: float = 10.0
     stale_after_s: float = 300.0
     #: 0 disables the sweep (heartbeats still run, so other workers can recover our work).
-    interval_s: float = 60.0
+    interval_s: float = 15.0
+    #: A running chunk whose holder does not answer ping is dead after this long unstamped.
+    dead_after_s: float = 30.0
+    #: How long a sweep waits for ``inspect ping`` replies.
+    ping_timeout_s: float = 1.0
 
     def __post_init__(self) -> None:
         if self.heartbeat_s <= 0:
@@ -85,6 +109,11 @@ class RecoveryConfig:
             raise ValueError(
                 f"stale_after_s ({self.stale_after_s}) must be at least two heartbeats "
                 f"({2 * self.heartbeat_s}), or live tasks would look dead"
+            )
+        if self.dead_after_s < 2 * self.heartbeat_s:
+            raise ValueError(
+                f"dead_after_s ({self.dead_after_s}) must be at least two heartbeats "
+                f"({2 * self.heartbeat_s}), or a worker that misses one ping looks dead"
             )
         if self.interval_s < 0:
             raise ValueError(f"interval_s must be >= 0, got {self.interval_s}")
@@ -185,33 +214,121 @@ def _open_jobs(settings: Settings) -> list[tuple[int, JobKind, JobStatus, float]
     return runtime.with_session(settings, fn, attempts=1)
 
 
-def sweep(settings: Settings, config: RecoveryConfig, dispatcher: Dispatcher) -> SweepResult:
-    """Re-send stale work once (see the module docstring); returns what was re-sent."""
+@dataclass(frozen=True)
+class Identity:
+    """Who is sweeping: the worker's node name and when this incarnation started."""
+
+    hostname: str
+    started: datetime
+
+
+def live_workers(
+    dispatcher: Dispatcher, identity: Identity | None, timeout: float
+) -> set[str] | None:
+    """Node names that answer ``inspect ping``; None when the answers cannot be trusted
+    (our own reply is missing: broker away, or this worker deaf in a solo-pool task)."""
+    if identity is None:
+        return None
+    live = set(dispatcher.ping(timeout=timeout))
+    return live if identity.hostname in live else None
+
+
+def _take_dead_chunks(
+    settings: Settings,
+    config: RecoveryConfig,
+    dispatcher: Dispatcher,
+    identity: Identity | None,
+    live: set[str] | None,
+) -> list[tuple[int, int, str]]:
+    """Re-send running chunks whose holder is known to be dead (module docstring)."""
+    from worker import runtime
+
+    if identity is None:
+        return []
+    dead_before = utcnow() - timedelta(seconds=config.dead_after_s)
+    taken: list[tuple[int, int, str]] = []
+    running = runtime.with_session(settings, repository.running_chunks, attempts=1)
+    for job_id, index, holder, stamp in running:
+        if holder is None:
+            continue
+        if holder == identity.hostname:
+            if stamp >= identity.started:
+                continue  # claimed by this incarnation: alive
+            before, why = identity.started, "held by this worker's previous incarnation"
+        elif live is not None and holder not in live:
+            if stamp >= dead_before:
+                continue
+            before, why = dead_before, f"held by {holder}, which does not answer ping"
+        else:
+            continue
+
+        def take(
+            session: Session,
+            job_id: int = job_id,
+            index: int = index,
+            holder: str = holder,
+            before: datetime = before,
+        ) -> bool:
+            won = repository.take_dead_chunk(session, job_id, index, worker=holder, before=before)
+            # Sent inside the transaction, as in sweep(): a failed send rolls the take back.
+            if won:
+                dispatcher.classify_chunks(job_id, [index])
+            return won
+
+        if runtime.with_session(settings, take, attempts=1):
+            taken.append((job_id, index, why))
+    return taken
+
+
+def sweep(
+    settings: Settings,
+    config: RecoveryConfig,
+    dispatcher: Dispatcher,
+    identity: Identity | None = None,
+) -> SweepResult:
+    """Re-send dead or stale work once (see the module docstring); returns what was re-sent."""
     from worker import runtime
 
     now = time.time()
     before = utcnow() - timedelta(seconds=config.stale_after_s)
+    live = live_workers(dispatcher, identity, config.ping_timeout_s)
+    dead = _take_dead_chunks(settings, config, dispatcher, identity, live)
+    for job_id, index, why in dead:
+        log.warning("recovery: re-sent chunk (%s, %s): %s", job_id, index, why)
     # None (broker unreachable) counts as "not empty": never re-send pending work blind.
     queue_empty = dispatcher.queue_size(GPU_QUEUE) == 0
-    chunks: list[tuple[int, int]] = []
+    chunks: list[tuple[int, int]] = [(j, i) for j, i, _ in dead]
+    stale: list[tuple[int, int]] = []
     jobs: list[int] = []
-    statuses = [ChunkStatus.RUNNING] + ([ChunkStatus.PENDING] if queue_empty else [])
     for job_id, kind, status, started in _open_jobs(settings):
         if kind == JobKind.CLASSIFY:
 
             def take(session: Session, job_id: int = job_id) -> list[int]:
+                # Running chunks of workers that answer ping are theirs, however stale.
+                # Without trusted answers (e.g. the first sweep, before our own pidbox
+                # answers) a holder's liveness is unknown: only chunks that name no holder
+                # fall back to staleness; the others wait for a sweep that can tell.
                 indices = repository.take_stale_chunks(
-                    session, job_id, statuses=statuses, before=before
+                    session,
+                    job_id,
+                    statuses=[ChunkStatus.RUNNING],
+                    before=before,
+                    exclude_workers=live or (),
+                    unowned_only=live is None,
                 )
+                if queue_empty:
+                    indices += repository.take_stale_chunks(
+                        session, job_id, statuses=[ChunkStatus.PENDING], before=before
+                    )
                 # Sent inside the transaction: if the broker is down the stamps roll back
                 # and the next sweep tries again. A commit lost after the send only means
                 # a duplicate message, which the tasks absorb.
                 if indices:
-                    dispatcher.classify_chunks(job_id, indices)
-                return indices
+                    dispatcher.classify_chunks(job_id, sorted(indices))
+                return sorted(indices)
 
             taken = runtime.with_session(settings, take, attempts=1)
-            chunks.extend((job_id, i) for i in taken)
+            stale.extend((job_id, i) for i in taken)
             continue
         # train / evaluate: the heartbeat file is the stamp (started_at before the first beat).
         path = job_heartbeat_path(settings, job_id)
@@ -230,23 +347,25 @@ def sweep(settings: Settings, config: RecoveryConfig, dispatcher: Dispatcher) ->
         else:
             dispatcher.evaluate(job_id)
         jobs.append(job_id)
-    result = SweepResult(tuple(chunks), tuple(jobs))
-    if result:
+    if stale or jobs:
         log.warning(
             "recovery: re-sent stale chunks %s and jobs %s (no heartbeat for %.0fs)",
-            list(result.chunks),
-            list(result.jobs),
+            stale,
+            jobs,
             config.stale_after_s,
         )
-    return result
+    return SweepResult(tuple(chunks + stale), tuple(jobs))
 
 
 class Sweeper:
     """The worker's recovery thread: :func:`sweep` at start-up, then every ``interval_s``."""
 
-    def __init__(self, settings: Settings, config: RecoveryConfig) -> None:
+    def __init__(
+        self, settings: Settings, config: RecoveryConfig, identity: Identity | None = None
+    ) -> None:
         self.settings = settings
         self.config = config
+        self.identity = identity
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -266,7 +385,7 @@ class Sweeper:
         try:
             while True:
                 try:
-                    sweep(self.settings, self.config, dispatcher)
+                    sweep(self.settings, self.config, dispatcher, self.identity)
                 except Exception as exc:  # database or broker away: try again next time
                     log.warning("recovery sweep failed: %s: %s", type(exc).__name__, exc)
                 if self._stop.wait(self.config.interval_s):

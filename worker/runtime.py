@@ -138,9 +138,20 @@ def inference_streams(device: str, requested: int | None = None) -> int:
     return split.streams
 
 
+_in_pool_child = False
+
+
+def pool_enforces_time_limits() -> bool:
+    """True in a prefork pool child, where Celery kills a task over its hard time limit;
+    solo/threads pools enforce none (worker/liveness.py does it there)."""
+    return _in_pool_child
+
+
 @worker_process_init.connect
 def _on_worker_process_init(**_: Any) -> None:
+    global _in_pool_child
     # A prefork child: forget anything inherited from the parent before the first task.
+    _in_pool_child = True
     _reset_after_fork()
     configure_threads()
     # Import the inference stack now, while the child starts, rather than in its first
@@ -304,6 +315,11 @@ class _RuntimeStep(bootsteps.StartStopStep):
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._sweeper: Any = None
+        from scheduler.schema import utcnow
+
+        # Before the consumer takes any task: chunks stamped under our node name before
+        # this instant were held by a previous incarnation (worker/recovery.py).
+        self._started = utcnow()
 
     def start(self, worker: Any) -> None:
         pool_cls = getattr(worker, "pool_cls", None)
@@ -316,9 +332,10 @@ class _RuntimeStep(bootsteps.StartStopStep):
         settings = worker.app.conf.mriq_settings
         # Recovery of work whose worker died (heartbeats go stale): one sweep now, at
         # start-up, then periodically; see worker/recovery.py.
-        from worker.recovery import Sweeper, recovery_of
+        from worker.recovery import Identity, Sweeper, recovery_of
 
-        self._sweeper = Sweeper(settings, recovery_of(worker.app))
+        identity = Identity(hostname=str(worker.hostname), started=self._started)
+        self._sweeper = Sweeper(settings, recovery_of(worker.app), identity)
         self._sweeper.start()
         if uses_filesystem_broker(settings):
             self._thread = threading.Thread(

@@ -41,7 +41,7 @@ from scheduler.dispatch import (
 )
 from scheduler.schema import ChunkStatus, JobKind, JobStatus, utcnow
 from scheduler.submission import filesystem_path, storable_text
-from worker import recovery, runtime
+from worker import liveness, recovery, runtime
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -59,6 +59,8 @@ RETRY_BASE_S = 2.0
 RETRY_MAX_S = 120.0
 #: Longest error text stored in the jobs/chunks tables.
 MAX_ERROR_CHARS = 2000
+#: A chunk that missed its deadline is re-sent this many times, then failed with the reason.
+MAX_ABANDONS = 1
 
 
 def _settings(task: Task) -> Settings:
@@ -124,9 +126,11 @@ class _PermanentError(Exception):
     """An error that a retry cannot fix (missing model, checksum mismatch): fail at once."""
 
 
-def _claim(settings: Settings, job_id: int, chunk_index: int) -> _ChunkWork | None:
+def _claim(
+    settings: Settings, job_id: int, chunk_index: int, worker: str | None = None
+) -> _ChunkWork | None:
     def fn(session: Session) -> _ChunkWork | None:
-        items = repository.claim_chunk(session, job_id, chunk_index)
+        items = repository.claim_chunk(session, job_id, chunk_index, worker=worker)
         if items is None:
             return None
         job = repository.get_job(session, job_id)
@@ -163,7 +167,8 @@ def classify_chunk(task: Task, job_id: int, chunk_index: int) -> str:
     settings = _settings(task)
     max_retries = int(settings.task_max_retries)
     try:
-        work = _claim(settings, job_id, chunk_index)
+        # The node name lets the recovery sweep tell a dead holder from a slow one.
+        work = _claim(settings, job_id, chunk_index, task.request.hostname)
         if work is None:
             return "skipped: chunk or job already finished"
         # attempts counts claims, including ones whose worker died (SIGKILL/OOM) without
@@ -178,9 +183,18 @@ def classify_chunk(task: Task, job_id: int, chunk_index: int) -> str:
         # a worker's recovery sweep re-sends the chunk (worker/recovery.py).
         beat = recovery.chunk_heartbeat(settings, job_id, chunk_index)
         with recovery.heartbeat(beat, _recovery(task).heartbeat_s, f"{job_id}-{chunk_index}"):
-            return _run_chunk(settings, job_id, chunk_index, work)
+            return liveness.run_with_deadline(
+                lambda progress: _run_chunk(settings, job_id, chunk_index, work, progress),
+                stall_s=float(settings.chunk_stall_timeout),
+                # Prefork children are killed by Celery's own hard limit (_on_chunk_failure).
+                limit_s=None if runtime.pool_enforces_time_limits() else settings.chunk_time_limit,
+                name=f"{job_id}-{chunk_index}",
+            )
     except Retry:
         raise
+    except liveness.ChunkAbandoned as exc:
+        assert work is not None  # only raised by the deadline around _run_chunk
+        return _abandoned(task, settings, job_id, chunk_index, work, exc)
     except _PermanentError as exc:
         return _fail_chunk(settings, job_id, chunk_index, str(exc))
     except Exception as exc:
@@ -241,13 +255,50 @@ def _complete(
     )
 
 
-def _run_chunk(settings: Settings, job_id: int, chunk_index: int, work: _ChunkWork) -> str:
+def _abandoned(
+    task: Task,
+    settings: Settings,
+    job_id: int,
+    chunk_index: int,
+    work: _ChunkWork,
+    exc: liveness.ChunkAbandoned,
+) -> str:
+    """The chunk missed its deadline (worker/liveness.py): re-send it once, then fail it."""
+    abandons = runtime.with_session(
+        settings, lambda s: repository.abandon_chunk(s, job_id, chunk_index)
+    )
+    if abandons == 0:
+        return f"abandoned ({exc.reason}); the chunk was no longer running"
+    # Batches are recorded in order, so the first unrecorded item is where it got stuck.
+    stuck_at = work.items[min(exc.progress_items, len(work.items) - 1)][1]
+    reason = (
+        f"chunk abandoned after missing its deadline: {exc.reason}; stuck at or after {stuck_at}"
+    )
+    if abandons > MAX_ABANDONS:
+        log.error("chunk %s/%s failed: %s", job_id, chunk_index, reason)
+        return _fail_chunk(settings, job_id, chunk_index, f"{reason} (abandoned {abandons} times)")
+    log.warning("chunk %s/%s re-sent once: %s", job_id, chunk_index, reason)
+    # Celery's own retry sends the chunk again; the abandoned run stays out of the way (it
+    # checks Progress.abandoned before every write).
+    raise task.retry(countdown=0, max_retries=None)
+
+
+def _run_chunk(
+    settings: Settings,
+    job_id: int,
+    chunk_index: int,
+    work: _ChunkWork,
+    progress: liveness.Progress | None = None,
+) -> str:
     from core.inference import Predictor
 
+    progress = progress or liveness.Progress()
     runtime.configure_threads()
     model = runtime.load_model(
         work.checkpoint_path, work.checkpoint_sha256, device=_inference_device(settings)
     )
+    # Loading a model (the first chunk of a process) is progress too, not a stall.
+    progress.advance()
     predictor = Predictor(
         model.checkpoint,
         device=model.device,
@@ -264,7 +315,9 @@ def _run_chunk(settings: Settings, job_id: int, chunk_index: int, work: _ChunkWo
     cancel = CancelCheck(settings, job_id)
     # Items hold storable_path() text (non-UTF-8 bytes as \\xNN); open the real file names.
     paths = [filesystem_path(path) for _, path in work.items]
-    predictions = predictor.predict(paths, should_stop=cancel)
+    predictions = predictor.predict(
+        paths, should_stop=lambda: progress.abandoned.is_set() or cancel()
+    )
     done = 0
     # predict() yields exactly one Prediction per input, in input order, so zip pairs each
     # with its item; per-file read errors come back as error predictions, not exceptions.
@@ -282,6 +335,9 @@ def _run_chunk(settings: Settings, job_id: int, chunk_index: int, work: _ChunkWo
             )
             for (index, stored), pred in batch
         ]
+        if progress.abandoned.is_set():
+            # Past the deadline: the task has re-sent or failed the chunk; write nothing.
+            return f"abandoned after {done} of {len(work.items)} items"
         # One write transaction per model batch: rows become visible (progress, results)
         # after every batch, and the cancellation and crash-recovery guarantees ("running
         # chunks stop at the next batch", "a killed chunk loses at most one batch") rely on
@@ -292,8 +348,11 @@ def _run_chunk(settings: Settings, job_id: int, chunk_index: int, work: _ChunkWo
         if runtime.with_session(settings, _recorder(job_id, records)):
             cancel.cancelled = True
         done += len(records)
+        progress.advance(len(records))
         if cancel():
             break
+    if progress.abandoned.is_set():
+        return f"abandoned after {done} of {len(work.items)} items"
     if done < len(work.items) and cancel.force():
         status = _complete(settings, job_id, chunk_index, ChunkStatus.CANCELLED)
         return f"cancelled after {done} of {len(work.items)} items ({status or 'job running'})"

@@ -7,8 +7,8 @@ suite's queues; databases are fresh PostgreSQL databases on the shared server
 (``postgres_url`` from tests/conftest.py) unless the test restarts PostgreSQL.
 
 Workers are real ``python -m worker`` processes with fast recovery knobs (heartbeat 0.5 s,
-stale after 3 s, sweep every 1 s; see worker/recovery.py), so a killed worker's chunk is
-recovered within seconds instead of the production minutes.
+dead after 3 s, stale after 3 s, sweep every 1 s; see worker/recovery.py). Tests about the
+production knobs pass ``--stale-after=300`` (later flags win).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from tests.worker.conftest import wait_for_ping as _wait_for_ping
 
 RECOVERY_ARGS: tuple[str, ...] = (
     "--heartbeat-interval=0.5",
+    "--dead-after=3",
     "--stale-after=3",
     "--recovery-interval=1",
 )
@@ -286,8 +287,10 @@ class Workers:
         env: dict[str, str] | None = None,
         wrapper: Sequence[str] = (),
         wait: bool = True,
+        hostname: str | None = None,
     ) -> Worker:
-        hostname = f"fault-{uuid.uuid4().hex[:8]}@localhost"
+        # A given hostname stands for a restarted worker (same node name, new process).
+        hostname = hostname or f"fault-{uuid.uuid4().hex[:8]}@localhost"
         log_path = self.tmp_path / f"worker-{len(self.started)}.log"
         full_env = worker_env(settings)
         full_env.update(env or {})
@@ -347,7 +350,10 @@ def fault_settings(
 
 def fault_env(settings: Settings) -> dict[str, str]:
     """Settings the worker needs beyond tests.worker.conftest.worker_env."""
-    return {"MRIQ_CHUNK_TIME_LIMIT": str(settings.chunk_time_limit)}
+    return {
+        "MRIQ_CHUNK_TIME_LIMIT": str(settings.chunk_time_limit),
+        "MRIQ_CHUNK_STALL_TIMEOUT": str(settings.chunk_stall_timeout),
+    }
 
 
 def write_small_images(folder: Path, n: int, *, size: int = 32, seed: int = 0) -> list[Path]:
@@ -411,6 +417,15 @@ def job_status(factory: sessionmaker[Session], job_id: int) -> JobStatus:
 def count_rows(factory: sessionmaker[Session], job_id: int) -> int:
     with factory() as session:
         return repository.count_predictions(session, job_id)
+
+
+def chunk_workers(factory: sessionmaker[Session], job_id: int) -> dict[int, tuple[str | None, int]]:
+    """chunk index -> (worker that last claimed it, abandons)."""
+    with factory() as session:
+        return {
+            c.chunk_index: (c.worker, int(c.abandons))
+            for c in repository.list_chunks(session, job_id)
+        }
 
 
 def chunk_table(

@@ -1,10 +1,12 @@
 """Chunks that fail: a lasting error (retried with backoff, then failed), a chunk over its
-hard time limit and a chunk whose worker process is OOM-killed (both: the pool replaces the
-process, the chunk is recorded as failed, the job goes on to ``partial``)."""
+hard time limit and a chunk whose worker process is OOM-killed (prefork: the pool replaces
+the child; threads: the restarted worker re-sends what its predecessor held; either way the
+chunk is recorded as failed and the job goes on to ``partial``)."""
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,11 +24,13 @@ from tests.faults.conftest import (
     create_classify_job,
     fault_env,
     fault_settings,
+    job_status,
     register_model,
     wait_job_done,
     wait_until,
     write_small_images,
 )
+from tests.faults.memlimit import MemoryGroup, join_and_exec, memory_group
 from tests.worker.conftest import migrated_factory
 
 pytestmark = [pytest.mark.faults, pytest.mark.services]
@@ -173,22 +177,17 @@ def test_chunk_over_time_limit_is_failed_and_process_replaced(
         factory.kw["bind"].dispose()
 
 
-CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
 OOM_LIMIT = 1000 * 1024 * 1024
 
 
-def _memory_cgroup(tmp_path: Path) -> Path:
-    """A cgroup v1 memory group with a hard limit: exceeding it makes the *kernel* OOM
+@pytest.fixture
+def oom_group(tmp_path: Path) -> Iterator[MemoryGroup]:
+    """A memory cgroup (v2 or v1) limited to 1000 MiB: exceeding it makes the *kernel* OOM
     killer SIGKILL the biggest process in it, exactly what a container limit does."""
-    if not (CGROUP_ROOT / "cgroup.procs").is_file():
-        pytest.skip("needs a writable cgroup v1 memory controller (/sys/fs/cgroup/memory)")
-    group = CGROUP_ROOT / f"mriq-fault-{tmp_path.name}"
-    try:
-        group.mkdir()
-        (group / "memory.limit_in_bytes").write_text(str(OOM_LIMIT))
-    except OSError as exc:
-        pytest.skip(f"cannot create a memory cgroup here: {exc}")
-    return group
+    with memory_group(f"mriq-fault-{tmp_path.name}", OOM_LIMIT) as group:
+        if group is None:
+            pytest.skip("needs a writable memory cgroup (v2 memory.max or v1 memory controller)")
+        yield group
 
 
 def test_chunk_oom_killed_is_failed_and_process_replaced(
@@ -197,13 +196,13 @@ def test_chunk_oom_killed_is_failed_and_process_replaced(
     own_redis: RedisServer,
     workers: Workers,
     tiny_model: TinyModel,
+    oom_group: MemoryGroup,
 ) -> None:
-    """Fault 8 (out of memory): the prefork worker runs in a memory cgroup limited to
-    1 GB (1000 MiB); decoding the chunk's 62 MP image needs more, so the kernel OOM-kills the pool
+    """Fault 8 (out of memory, prefork): the worker runs in a memory cgroup limited to
+    1000 MiB; decoding the chunk's 62 MP image needs more, so the kernel OOM-kills the pool
     child. Celery requeues the message (WorkerLostError, reject_on_worker_lost), the pool
     forks a new child, and after task_max_retries+1 claims the attempts cap fails the
     chunk. The other chunks succeed: the job ends partial."""
-    group = _memory_cgroup(tmp_path)
     settings = fault_settings(
         tmp_path, database_url=postgres_url, broker_url=own_redis.url, task_max_retries=1
     )
@@ -213,8 +212,7 @@ def test_chunk_oom_killed_is_failed_and_process_replaced(
     dispatcher.classify_chunks(job_id, range(n_chunks))
     # The shell puts itself into the group and execs the worker, so parent and children
     # are in it; the parent stays small, the child that decodes the image is the victim.
-    wrapper = ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "sh"]
-    worker = workers.start(settings, "--pool=prefork", wrapper=wrapper)
+    worker = workers.start(settings, "--pool=prefork", wrapper=join_and_exec(oom_group))
     try:
         status = wait_job_done(factory, job_id, worker.log, timeout=200)
         assert status == JobStatus.PARTIAL, chunk_table(factory, job_id)
@@ -230,13 +228,81 @@ def test_chunk_oom_killed_is_failed_and_process_replaced(
         log = worker.log()
         assert "signal 9 (SIGKILL)" in log, log
         assert worker.proc.poll() is None, "the worker's main process must survive"
-        assert int((group / "memory.failcnt").read_text()) > 0
+        assert oom_group.oom_kills() > 0
     finally:
         dispatcher.close()
         factory.kw["bind"].dispose()
         for worker in workers.started:
             worker.stop()
-        for pid in (group / "cgroup.procs").read_text().split():
-            with open(CGROUP_ROOT / "cgroup.procs", "w") as fh:  # noqa: PTH123
-                fh.write(pid)
-        group.rmdir()
+
+
+def test_threads_worker_oom_killed_is_restarted_and_chunk_failed(
+    tmp_path: Path,
+    postgres_url: str,
+    own_redis: RedisServer,
+    workers: Workers,
+    tiny_model: TinyModel,
+    oom_group: MemoryGroup,
+) -> None:
+    """Fault 8 (out of memory, threads pool, production's): the whole worker process is
+    the OOM killer's victim (there is no pool child). It is restarted under the same node
+    name, as a container restart policy does; each incarnation re-sends at start-up the
+    chunk its predecessor died holding (the message itself stays unacked in Redis for the
+    12 h visibility timeout), with the production 300 s staleness window never waited for.
+    After task_max_retries+1 claims the attempts cap fails the chunk; the others succeed."""
+    settings = fault_settings(
+        tmp_path, database_url=postgres_url, broker_url=own_redis.url, task_max_retries=1
+    )
+    factory = migrated_factory(postgres_url)
+    job_id, n_chunks = _heavy_job(tmp_path, factory, tiny_model, chunk=8, n_big=1)
+    dispatcher = Dispatcher(settings)
+    dispatcher.classify_chunks(job_id, range(n_chunks))
+    hostname = f"oom-{tmp_path.name[-8:]}@localhost"
+    incarnations = []
+    try:
+        for _ in range(settings.task_max_retries + 3):
+            worker = workers.start(
+                settings,
+                "--stale-after=300",
+                wrapper=join_and_exec(oom_group),
+                hostname=hostname,
+                wait=False,
+            )
+            incarnations.append(worker)
+            wait_until(
+                lambda w=worker: (
+                    w.proc.poll() is not None  # type: ignore[misc]
+                    or job_status(factory, job_id).is_terminal
+                ),
+                timeout=200,
+                what=f"an OOM kill or the job's end; chunks {chunk_table(factory, job_id)}",
+            )
+            if job_status(factory, job_id).is_terminal:
+                break
+            assert worker.proc.returncode == -9, worker.log()  # SIGKILL, by the kernel
+        logs = "\n".join(w.log() for w in incarnations)
+        status = wait_job_done(factory, job_id, lambda: logs, timeout=10)
+        assert status == JobStatus.PARTIAL, chunk_table(factory, job_id)
+        table = chunk_table(factory, job_id)
+        assert [s for _, s, _, _ in table] == [
+            ChunkStatus.SUCCEEDED,
+            ChunkStatus.FAILED,
+            ChunkStatus.SUCCEEDED,
+        ], table
+        assert "worker lost while running" in str(table[1][3])
+        assert table[1][2] == settings.task_max_retries + 2  # 2 kills, then the cap
+        # Two killed incarnations, a third that failed the chunk and lives on.
+        assert len(incarnations) == settings.task_max_retries + 2
+        assert incarnations[-1].proc.poll() is None
+        for later in incarnations[1:]:
+            assert (
+                f"recovery: re-sent chunk ({job_id}, 1): held by this worker's previous "
+                "incarnation" in later.log()
+            ), later.log()
+        assert_each_item_once(factory, job_id, 3 * 8)
+        assert oom_group.oom_kills() > 0
+    finally:
+        dispatcher.close()
+        factory.kw["bind"].dispose()
+        for worker in workers.started:
+            worker.stop()
