@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from scheduler import repository
+from scheduler.database import is_retryable
 from scheduler.dispatch import GPU_QUEUE, Dispatcher
 from scheduler.schema import ChunkStatus, JobKind, JobStatus, utcnow
 
@@ -185,8 +186,14 @@ def _open_jobs(settings: Settings) -> list[tuple[int, JobKind, JobStatus, float]
     return runtime.with_session(settings, fn, attempts=1)
 
 
-def sweep(settings: Settings, config: RecoveryConfig, dispatcher: Dispatcher) -> SweepResult:
-    """Re-send stale work once (see the module docstring); returns what was re-sent."""
+def sweep(
+    settings: Settings, config: RecoveryConfig, dispatcher: Dispatcher, *, running: bool = True
+) -> SweepResult:
+    """Re-send stale work once (see the module docstring); returns what was re-sent.
+
+    ``running=False`` leaves running chunks alone (see :class:`Sweeper`: right after a
+    database outage their stamps are stale because nobody could write them).
+    """
     from worker import runtime
 
     now = time.time()
@@ -195,8 +202,12 @@ def sweep(settings: Settings, config: RecoveryConfig, dispatcher: Dispatcher) ->
     queue_empty = dispatcher.queue_size(GPU_QUEUE) == 0
     chunks: list[tuple[int, int]] = []
     jobs: list[int] = []
-    statuses = [ChunkStatus.RUNNING] + ([ChunkStatus.PENDING] if queue_empty else [])
+    statuses = ([ChunkStatus.RUNNING] if running else []) + (
+        [ChunkStatus.PENDING] if queue_empty else []
+    )
     for job_id, kind, status, started in _open_jobs(settings):
+        if kind == JobKind.CLASSIFY and not statuses:
+            continue
         if kind == JobKind.CLASSIFY:
 
             def take(session: Session, job_id: int = job_id) -> list[int]:
@@ -242,11 +253,22 @@ def sweep(settings: Settings, config: RecoveryConfig, dispatcher: Dispatcher) ->
 
 
 class Sweeper:
-    """The worker's recovery thread: :func:`sweep` at start-up, then every ``interval_s``."""
+    """The worker's recovery thread: :func:`sweep` at start-up, then every ``interval_s``.
+
+    A chunk's stamp lives in the database, so a database outage longer than
+    ``stale_after_s`` makes every running chunk look dead though its task is alive and
+    waiting for the database (``worker.runtime.with_session``). After a sweep failed on a
+    database error, running chunks are therefore left alone until a sweep has succeeded
+    again and ``stale_after_s`` more have passed: their tasks' heartbeats come back by
+    then, and a chunk whose worker really died is re-sent one period later. Re-sending the
+    live ones would claim them twice and count outage time as lost workers.
+    """
 
     def __init__(self, settings: Settings, config: RecoveryConfig) -> None:
         self.settings = settings
         self.config = config
+        self._outage = False
+        self._quiet_until = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -265,9 +287,14 @@ class Sweeper:
         dispatcher = Dispatcher(self.settings)
         try:
             while True:
+                running = not self._outage and time.monotonic() >= self._quiet_until
                 try:
-                    sweep(self.settings, self.config, dispatcher)
+                    sweep(self.settings, self.config, dispatcher, running=running)
+                    if self._outage:
+                        self._outage = False
+                        self._quiet_until = time.monotonic() + self.config.stale_after_s
                 except Exception as exc:  # database or broker away: try again next time
+                    self._outage = self._outage or is_retryable(exc)
                     log.warning("recovery sweep failed: %s: %s", type(exc).__name__, exc)
                 if self._stop.wait(self.config.interval_s):
                     return

@@ -30,6 +30,7 @@ from celery import Celery, Task
 from celery.exceptions import Retry
 
 from scheduler import repository
+from scheduler.database import is_retryable
 from scheduler.dispatch import (
     BROKER_JANITOR_TASK,
     CLASSIFY_CHUNK_TASK,
@@ -184,6 +185,17 @@ def classify_chunk(task: Task, job_id: int, chunk_index: int) -> str:
     except _PermanentError as exc:
         return _fail_chunk(settings, job_id, chunk_index, str(exc))
     except Exception as exc:
+        if is_retryable(exc):
+            # The database stayed away longer than db_outage_limit. Nothing about the images
+            # is known, so no error rows (nor could they be written): the chunk stays running
+            # and the recovery sweep re-sends it once the database is back.
+            log.error(
+                "chunk %s/%s: database unreachable for over %.0fs; left to the recovery sweep",
+                job_id,
+                chunk_index,
+                runtime.outage_limit(settings),
+            )
+            raise
         retries = int(task.request.retries or 0)
         if _is_permanent(exc) or retries >= max_retries:
             log.exception("chunk %s/%s failed for good", job_id, chunk_index)
@@ -439,6 +451,17 @@ def train_job(task: Task, job_id: int) -> str:
             with _job_heartbeat(task, settings, job_id):
                 return _run_training(settings, job_id, job)
         except Exception as exc:
+            if is_retryable(exc):
+                # An outage longer than db_outage_limit is no verdict on the training: the
+                # job stays running, its heartbeat file stops, and the recovery sweep
+                # re-sends it once the database is back; the re-run resumes from last.pt.
+                log.error(
+                    "train job %s: database unreachable for over %.0fs; left to the recovery "
+                    "sweep (it resumes from last.pt)",
+                    job_id,
+                    runtime.outage_limit(settings),
+                )
+                raise
             log.exception("train job %s failed", job_id)
             _finish(settings, job_id, JobStatus.FAILED, _error_text(exc))
             return f"failed: {_error_text(exc)}"
@@ -497,7 +520,12 @@ def _run_training(settings: Settings, job_id: int, job: _TrainJob) -> str:
 
         runtime.with_session(settings, fn)
 
-    result = train(config, on_epoch=on_epoch, should_stop=cancel)
+    def on_log(message: str) -> None:
+        # Resume notices (e.g. a corrupt last.pt and what was used instead) belong in the
+        # worker's log, where whoever investigates the job looks.
+        log.info("train job %s: %s", job_id, message)
+
+    result = train(config, on_epoch=on_epoch, should_stop=cancel, on_log=on_log)
     if result.cancelled:
         _finish(settings, job_id, JobStatus.CANCELLED)
         return "cancelled"
@@ -632,6 +660,9 @@ def evaluate_job(task: Task, job_id: int) -> str:
         with _job_heartbeat(task, settings, job_id):
             return _run_evaluation(settings, job_id, job)
     except Exception as exc:
+        if is_retryable(exc):  # as in train_job: the recovery sweep re-sends it later
+            log.error("evaluate job %s: database unreachable; left to the recovery sweep", job_id)
+            raise
         log.exception("evaluate job %s failed", job_id)
         _finish(settings, job_id, JobStatus.FAILED, _error_text(exc))
         return f"failed: {_error_text(exc)}"
