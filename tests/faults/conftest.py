@@ -448,3 +448,33 @@ def assert_each_item_once(factory: sessionmaker[Session], job_id: int, n_items: 
     the listing), in item order."""
     assert item_indices(factory, job_id) == list(range(n_items))
     assert count_rows(factory, job_id) == n_items
+
+
+# --------------------------------------------------------------------------- disk full
+
+
+@contextlib.contextmanager
+def small_tmpfs(size: str) -> Iterator[Path]:
+    """A private tmpfs of ``size`` (mount's syntax, e.g. "100m"): a disk that fills up.
+
+    Needs root (CI runs as root); elsewhere the test is skipped, not faked.
+    """
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    root = Path(tempfile.mkdtemp(prefix="mriq-full-", dir="/tmp"))
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0777", "tmpfs", str(root)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    if mounted.returncode != 0:
+        root.rmdir()
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
+    try:
+        yield root
+    finally:
+        # Lazy: a worker that has not quite exited must not keep the mount alive.
+        subprocess.run(["umount", "-l", str(root)], check=False, timeout=30)
+        with contextlib.suppress(OSError):
+            root.rmdir()
