@@ -86,3 +86,46 @@ def test_disk_full_during_training_fails_the_job_naming_the_file(
             factory.kw["bind"].dispose()
             for w in workers.started:
                 w.stop()
+
+
+def test_disk_full_during_csv_export_names_the_file_and_leaves_nothing(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    from typer.testing import CliRunner
+
+    from scheduler import cli
+    from scheduler.database import make_engine, make_session_factory, upgrade
+
+    upgrade(sqlite_url)
+    engine = make_engine(sqlite_url)
+    n = 2000  # ~200 bytes a row: ~400 kB of CSV for a 64 kB disk
+    try:
+        with make_session_factory(engine).begin() as session:
+            job_id = int(repository.create_job(session, kind=JobKind.CLASSIFY, params={}).id)
+            paths = [f"{tmp_path}/images/{'long-name-' * 8}{i:05d}.png" for i in range(n)]
+            repository.add_job_items(session, job_id, paths, chunk_size=500)
+            repository.record_predictions(
+                session,
+                job_id,
+                [
+                    repository.PredictionRecord(
+                        item_index=i,
+                        path=path,
+                        file_sha256="a" * 64,
+                        label="Normal",
+                        confidence=0.5,
+                        top_k=(("Normal", 0.5),),
+                        error=None,
+                    )
+                    for i, path in enumerate(paths)
+                ],
+            )
+    finally:
+        engine.dispose()
+    env = {"MRIQ_DATA_DIR": str(tmp_path / "state"), "MRIQ_DATABASE_URL": sqlite_url}
+    with small_tmpfs("64k") as disk:
+        out = disk / "preds.csv"
+        result = CliRunner().invoke(cli.app, ["results", str(job_id), "--out", str(out)], env=env)
+        assert result.exit_code == 1, result.output
+        assert f"{out}: cannot write the export (No space left on device)" in result.stderr
+        assert list(disk.iterdir()) == [], "no half-written export, under any name"
