@@ -258,12 +258,16 @@ def retrying(
                 # Never sleep past the deadline: the last try comes right at it.
                 delay = max(0.0, min(delay, first_failure + give_up_after - now))
             limit = f"of {attempts}" if attempts is not None else f"within {give_up_after:.0f}s"
+            # The first line says why (refused, shutting down, disk full); the SQL and its
+            # parameters, on the lines after it, stay out of the log.
+            first_line = (str(exc).splitlines() or [""])[0][:300]
             log.warning(
-                "database error (attempt %d %s), retrying in %.1fs: %s",
+                "database error (attempt %d %s), retrying in %.1fs: %s: %s",
                 attempt,
                 limit,
                 delay,
                 exc.__class__.__name__,
+                first_line,
             )
             sleep(delay)
 

@@ -668,6 +668,24 @@ def evaluate_job(task: Task, job_id: int) -> str:
         return f"failed: {_error_text(exc)}"
 
 
+@contextlib.contextmanager
+def _written_atomically(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path`` (same suffix, for writers that pick the format
+    from it) to write; it replaces ``path`` when the block succeeds and is removed when it
+    fails. A full disk thus leaves no half-written artifact, and the error names the file."""
+    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        reason = exc.strerror or str(exc)
+        raise OSError(exc.errno, f"cannot write {path.name} ({reason})", str(path)) from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def _relabel(samples: list[Any], mode: str, classes: tuple[str, ...]) -> list[Any]:
     """Map scan_folder's label indices (over ``classes_for(mode)``) onto the checkpoint's."""
     from dataclasses import replace
@@ -727,10 +745,11 @@ def _run_evaluation(settings: Settings, job_id: int, job: _EvalJob) -> str:
     out_dir.mkdir(parents=True, exist_ok=True)
     report_dict = report.to_dict()
     report_path = out_dir / "evaluation_report.json"
-    tmp = report_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report_dict, indent=2), encoding="utf-8")
-    os.replace(tmp, report_path)
-    cm_path = plot_confusion_matrix(report, out_dir / "confusion_matrix.png")
+    with _written_atomically(report_path) as tmp:
+        tmp.write_text(json.dumps(report_dict, indent=2), encoding="utf-8")
+    cm_path = out_dir / "confusion_matrix.png"
+    with _written_atomically(cm_path) as tmp:
+        plot_confusion_matrix(report, tmp)
 
     def fn(session: Session) -> None:
         repository.record_evaluation(

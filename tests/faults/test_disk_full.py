@@ -16,8 +16,10 @@ from scheduler.dispatch import Dispatcher
 from scheduler.schema import JobKind, JobStatus
 from tests.faults.conftest import (
     RedisServer,
+    TinyModel,
     Workers,
     fault_settings,
+    register_model,
     small_tmpfs,
     wait_job_done,
 )
@@ -129,3 +131,64 @@ def test_disk_full_during_csv_export_names_the_file_and_leaves_nothing(
         assert result.exit_code == 1, result.output
         assert f"{out}: cannot write the export (No space left on device)" in result.stderr
         assert list(disk.iterdir()) == [], "no half-written export, under any name"
+
+
+def _fill(disk: Path, leave: int) -> None:
+    """Fill ``disk`` to the last byte, then free ``leave`` bytes of it."""
+    filler = disk / "filler"
+    block = b"\0" * (1 << 16)
+    with filler.open("wb") as fh, pytest.raises(OSError, match="No space left"):
+        while True:
+            fh.write(block)
+            fh.flush()
+    size = filler.stat().st_size
+    with filler.open("r+b") as fh:
+        fh.truncate(max(0, size - leave))
+
+
+@pytest.mark.slow
+def test_disk_full_while_writing_evaluation_artifacts(
+    tmp_path: Path, sqlite_url: str, tiny_model: TinyModel
+) -> None:
+    """The report and the confusion matrix go through a temporary that a full disk leaves
+    behind no more than the file itself; the job fails naming the file, nothing is
+    registered. (The task runs in this process through Celery's ``apply``.)"""
+    from core.synth import synthesize
+    from scheduler.dispatch import EVALUATE_TASK
+    from worker.app import create_celery_app
+
+    data = tmp_path / "synth"
+    synthesize(data, per_folder=4, seed=1, image_size_range=(40, 48), folders=list(FOLDERS))
+    factory = migrated_factory(sqlite_url)
+    version_id = register_model(factory, tiny_model)
+    with factory.begin() as session:
+        job_id = int(
+            repository.create_job(
+                session,
+                kind=JobKind.EVALUATE,
+                params={"data": str(data)},
+                model_version_id=version_id,
+            ).id
+        )
+    with small_tmpfs("1m") as disk:
+        settings = fault_settings(
+            tmp_path, database_url=sqlite_url, broker_url="memory://", data_dir=disk
+        )
+        out = disk / "jobs" / str(job_id)
+        out.mkdir(parents=True)
+        _fill(disk, leave=8192)  # room for the report (a few kB), not for the plot as well
+        create_celery_app(settings).tasks[EVALUATE_TASK].apply(args=[job_id])
+        with factory() as session:
+            job = repository.get_job(session, job_id)
+            assert JobStatus(job.status) == JobStatus.FAILED, job.error
+            error = str(job.error)
+            assert repository.list_artifacts(session, job_id) == []
+            with pytest.raises(repository.NotFoundError):
+                repository.get_evaluation(session, job_id)
+        assert "No space left on device" in error and str(out) in error, error
+        left = sorted(p.name for p in out.iterdir())
+        assert [n for n in left if "partial" in n or n.endswith(".tmp")] == [], left
+        for name in left:
+            if name.endswith((".json", ".png")):
+                assert (out / name).stat().st_size > 0, f"{name} is half-written"
+    factory.kw["bind"].dispose()
