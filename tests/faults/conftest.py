@@ -179,37 +179,47 @@ class PostgresServer:
         self.pg_ctl("-m", "fast", "-w", "stop")
         self.running = False
 
-
-@pytest.fixture
-def own_postgres() -> Iterator[PostgresServer]:
-    root = Path(tempfile.mkdtemp(prefix="mriq-pg-", dir="/tmp"))
-    try:
-        if os.geteuid() == 0:
-            shutil.chown(root, "postgres", "postgres")
-        server = PostgresServer(
-            port=free_port(),
-            datadir=root / "data",
-            sockdir=root,
-            logfile=root / "postgres.log",
-        )
-        subprocess.run(
-            _as_postgres(
-                [
-                    _pg_bin("initdb"),
-                    "-D",
-                    str(server.datadir),
-                    "-U",
-                    "postgres",
-                    "--auth=trust",
-                    "--no-sync",
-                ]
-            ),
-            check=True,
-            timeout=120,
+    def is_up(self) -> bool:
+        """Whether the server process runs (it shuts itself down on some faults)."""
+        status = subprocess.run(
+            _as_postgres([_pg_bin("pg_ctl"), "-D", str(self.datadir), "status"]),
+            timeout=30,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        server.start()
+        return status.returncode == 0
+
+
+@contextlib.contextmanager
+def private_postgres(root: Path) -> Iterator[PostgresServer]:
+    """A fresh PostgreSQL cluster under ``root`` (e.g. a small tmpfs), with database mriq."""
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres", "postgres")
+    server = PostgresServer(
+        port=free_port(),
+        datadir=root / "data",
+        sockdir=root,
+        logfile=root / "postgres.log",
+    )
+    subprocess.run(
+        _as_postgres(
+            [
+                _pg_bin("initdb"),
+                "-D",
+                str(server.datadir),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--no-sync",
+            ]
+        ),
+        check=True,
+        timeout=120,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    server.start()
+    try:
         subprocess.run(
             [
                 _pg_bin("createdb"),
@@ -224,12 +234,19 @@ def own_postgres() -> Iterator[PostgresServer]:
             check=True,
             timeout=60,
         )
-        try:
+        yield server
+    finally:
+        if server.running:
+            with contextlib.suppress(Exception):
+                server.pg_ctl("-m", "immediate", "-w", "stop")
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresServer]:
+    root = Path(tempfile.mkdtemp(prefix="mriq-pg-", dir="/tmp"))
+    try:
+        with private_postgres(root) as server:
             yield server
-        finally:
-            if server.running:
-                with contextlib.suppress(Exception):
-                    server.pg_ctl("-m", "immediate", "-w", "stop")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -478,3 +495,16 @@ def small_tmpfs(size: str) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(root)], check=False, timeout=30)
         with contextlib.suppress(OSError):
             root.rmdir()
+
+
+def fill_disk(disk: Path, leave: int) -> None:
+    """Fill ``disk`` to the last byte, then free ``leave`` bytes of it."""
+    filler = disk / "filler"
+    block = b"\0" * (1 << 16)
+    with filler.open("wb") as fh, pytest.raises(OSError, match="No space left"):
+        while True:
+            fh.write(block)
+            fh.flush()
+    size = filler.stat().st_size
+    with filler.open("r+b") as fh:
+        fh.truncate(max(0, size - leave))

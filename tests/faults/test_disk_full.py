@@ -18,10 +18,18 @@ from tests.faults.conftest import (
     RedisServer,
     TinyModel,
     Workers,
+    assert_each_item_once,
+    chunk_table,
+    count_rows,
+    create_classify_job,
     fault_settings,
+    fill_disk,
+    private_postgres,
     register_model,
     small_tmpfs,
     wait_job_done,
+    wait_until,
+    write_small_images,
 )
 from tests.worker.conftest import migrated_factory
 
@@ -133,19 +141,6 @@ def test_disk_full_during_csv_export_names_the_file_and_leaves_nothing(
         assert list(disk.iterdir()) == [], "no half-written export, under any name"
 
 
-def _fill(disk: Path, leave: int) -> None:
-    """Fill ``disk`` to the last byte, then free ``leave`` bytes of it."""
-    filler = disk / "filler"
-    block = b"\0" * (1 << 16)
-    with filler.open("wb") as fh, pytest.raises(OSError, match="No space left"):
-        while True:
-            fh.write(block)
-            fh.flush()
-    size = filler.stat().st_size
-    with filler.open("r+b") as fh:
-        fh.truncate(max(0, size - leave))
-
-
 @pytest.mark.slow
 def test_disk_full_while_writing_evaluation_artifacts(
     tmp_path: Path, sqlite_url: str, tiny_model: TinyModel
@@ -176,7 +171,7 @@ def test_disk_full_while_writing_evaluation_artifacts(
         )
         out = disk / "jobs" / str(job_id)
         out.mkdir(parents=True)
-        _fill(disk, leave=8192)  # room for the report (a few kB), not for the plot as well
+        fill_disk(disk, leave=8192)  # room for the report (a few kB), not for the plot as well
         create_celery_app(settings).tasks[EVALUATE_TASK].apply(args=[job_id])
         with factory() as session:
             job = repository.get_job(session, job_id)
@@ -192,3 +187,51 @@ def test_disk_full_while_writing_evaluation_artifacts(
             if name.endswith((".json", ".png")):
                 assert (out / name).stat().st_size > 0, f"{name} is half-written"
     factory.kw["bind"].dispose()
+
+
+def test_database_disk_full_pauses_the_classify_job(
+    tmp_path: Path, own_redis: RedisServer, workers: Workers, tiny_model: TinyModel
+) -> None:
+    """The database's own disk fills up while predictions are recorded: the worker retries
+    with the reason in its log (paused, not failed: no error rows, no failed chunk), and
+    once space is freed the job completes with every row exactly once."""
+    n, chunk = 200, 50
+    with small_tmpfs("128m") as disk, private_postgres(disk) as pg:
+        settings = fault_settings(tmp_path, database_url=pg.url, broker_url=own_redis.url)
+        factory = migrated_factory(pg.url)
+        paths = write_small_images(tmp_path / "images", n)
+        job_id, n_chunks = create_classify_job(
+            factory, register_model(factory, tiny_model), paths, chunk_size=chunk, batch_size=4
+        )
+        dispatcher = Dispatcher(settings)
+        worker = workers.start(settings)
+        dispatcher.classify_chunks(job_id, range(n_chunks))
+        try:
+            wait_until(
+                lambda: 0 < count_rows(factory, job_id) < n // 2,
+                timeout=120,
+                interval=0.02,
+                what=f"the job to be under way:\n{worker.log()}",
+            )
+            fill_disk(disk, leave=0)
+            wait_until(
+                lambda: "No space left on device" in worker.log(),
+                timeout=120,
+                interval=0.5,
+                what=f"the worker to hit the full disk:\n{worker.log()}",
+            )
+            (disk / "filler").unlink()
+            if not pg.is_up():  # PostgreSQL may stop itself when it cannot write its WAL
+                pg.start()
+            factory.kw["bind"].dispose()
+            status = wait_job_done(factory, job_id, worker.log, timeout=300)
+            assert status == JobStatus.SUCCEEDED, f"{chunk_table(factory, job_id)}\n{worker.log()}"
+            assert_each_item_once(factory, job_id, n)
+            with factory() as session:
+                errors = [r for r in repository.iter_predictions(session, job_id) if r.error]
+            assert errors == [], "a full disk must never become error rows"
+        finally:
+            dispatcher.close()
+            factory.kw["bind"].dispose()
+            for w in workers.started:
+                w.stop()
