@@ -212,7 +212,16 @@ def is_retryable(exc: BaseException) -> bool:
     programming errors are not retried."""
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return True
-    return isinstance(exc, OperationalError)
+    if isinstance(exc, OperationalError):
+        return True
+    # Bulk paths that use the driver directly (COPY in scheduler.repository) see psycopg's
+    # own exceptions, not SQLAlchemy's wrappers: a lost connection or a full disk there is
+    # just as transient.
+    try:
+        import psycopg
+    except ImportError:  # pragma: no cover (psycopg is a dependency)
+        return False
+    return isinstance(exc, psycopg.OperationalError)
 
 
 def retrying(
@@ -223,7 +232,7 @@ def retrying(
     max_delay: float = 15.0,
     give_up_after: float | None = None,
     sleep: Callable[[float], None] = time.sleep,
-    clock: Callable[[], float] = time.monotonic,
+    clock: Callable[[], float] | None = None,
 ) -> T:
     """Call ``fn()``; on a retryable database error call it again with exponential backoff
     (jittered; 0.5 s, 1 s, 2 s, ... capped at ``max_delay``), at most ``attempts`` times and,
@@ -237,6 +246,7 @@ def retrying(
         raise ValueError("retrying needs attempts or give_up_after")
     if attempts is not None and attempts < 1:
         raise ValueError(f"attempts must be >= 1, got {attempts}")
+    now_of = clock or time.monotonic
     first_failure: float | None = None
     attempt = 0
     while True:
@@ -246,7 +256,7 @@ def retrying(
         except Exception as exc:
             if not is_retryable(exc):
                 raise
-            now = clock()
+            now = now_of()
             first_failure = now if first_failure is None else first_failure
             delay = min(max_delay, base_delay * 2 ** min(attempt - 1, 30))
             delay *= random.uniform(0.8, 1.2)

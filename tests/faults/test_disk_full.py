@@ -194,10 +194,13 @@ def test_database_disk_full_pauses_the_classify_job(
 ) -> None:
     """The database's own disk fills up while predictions are recorded: the worker retries
     with the reason in its log (paused, not failed: no error rows, no failed chunk), and
-    once space is freed the job completes with every row exactly once."""
+    once space is freed the job completes with every row exactly once. No retries to spare
+    (task_max_retries=0): waiting for the database's disk is not a failure of the chunk."""
     n, chunk = 200, 50
     with small_tmpfs("128m") as disk, private_postgres(disk) as pg:
-        settings = fault_settings(tmp_path, database_url=pg.url, broker_url=own_redis.url)
+        settings = fault_settings(
+            tmp_path, database_url=pg.url, broker_url=own_redis.url, task_max_retries=0
+        )
         factory = migrated_factory(pg.url)
         paths = write_small_images(tmp_path / "images", n)
         job_id, n_chunks = create_classify_job(
