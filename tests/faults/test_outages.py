@@ -156,3 +156,71 @@ def test_classify_job_survives_a_long_database_outage(
     finally:
         dispatcher.close()
         factory.kw["bind"].dispose()
+
+
+def test_train_job_outlasting_the_limit_resumes_from_last_epoch(
+    tmp_path: Path, own_postgres: PostgresServer, own_redis: RedisServer, workers: Workers
+) -> None:
+    """An outage longer than db_outage_limit (here 15 s of a 45 s outage): the task gives
+    up without marking the job failed, and once the database is back the recovery sweep
+    re-sends it; the re-run resumes after the last completed epoch."""
+    from core.synth import synthesize
+
+    data = tmp_path / "synth"
+    synthesize(data, per_folder=10, seed=1, image_size_range=(40, 56), folders=list(FOLDERS))
+    url = own_postgres.url
+    settings = fault_settings(tmp_path, database_url=url, broker_url=own_redis.url)
+    factory = migrated_factory(url)
+    params = {
+        "data": str(data),
+        "arch": "resnet18",
+        "epochs": EPOCHS,
+        "image_size": 32,
+        "batch_size": 8,
+        "labels": "15",
+        "weights": "none",
+        "seed": 0,
+        "device": "cpu",
+        "warm_start": False,
+        "early_stopping_patience": 100,
+    }
+    with factory.begin() as session:
+        job_id = int(repository.create_job(session, kind=JobKind.TRAIN, params=params).id)
+    dispatcher = Dispatcher(settings)
+    worker = workers.start(settings, env={"MRIQ_DB_OUTAGE_LIMIT": "15"})
+    dispatcher.train(job_id)
+
+    def epochs() -> list[int]:
+        with factory() as session:
+            return [m.epoch for m in repository.list_epoch_metrics(session, job_id)]
+
+    try:
+        wait_until(
+            lambda: len(epochs()) >= 1, timeout=240, interval=0.1, what=f"epoch 1:\n{worker.log()}"
+        )
+        done_before = len(epochs())
+        assert done_before < EPOCHS, "training finished before the outage"
+        factory.kw["bind"].dispose()
+        own_postgres.stop()
+        wait_until(
+            lambda: "left to the recovery sweep" in worker.log(),
+            timeout=120,
+            interval=0.5,
+            what=f"the task to give up:\n{worker.log()}",
+        )
+        time.sleep(5)  # down a while longer after the task gave up
+        own_postgres.start()
+        status = wait_job_done(factory, job_id, worker.log, timeout=400)
+        assert status == JobStatus.SUCCEEDED, worker.log()
+        assert epochs() == list(range(1, EPOCHS + 1))
+        with factory() as session:
+            versions = [
+                v for v in repository.list_model_versions(session) if v.training_job_id == job_id
+            ]
+        assert len(versions) == 1
+        # Resumed from last.pt, after at least the epochs recorded before the outage.
+        assert versions[0].metrics["resumed_from_epoch"] >= done_before, versions[0].metrics
+        assert f"jobs [{job_id}]" in worker.log(), "the recovery sweep did not re-send it"
+    finally:
+        dispatcher.close()
+        factory.kw["bind"].dispose()
