@@ -39,9 +39,12 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR, ReduceLR
 from torch.utils.data import DataLoader
 
 from core.checkpoint import (
+    CheckpointError,
     CheckpointMeta,
     LoadedCheckpoint,
     load_checkpoint,
+    move_checkpoint,
+    read_sidecar,
     save_checkpoint,
 )
 from core.config import TrainConfig
@@ -69,6 +72,7 @@ from core.transforms import EvalPreset, PresetParams, TrainPreset
 __all__ = [
     "BEST_CHECKPOINT",
     "LAST_CHECKPOINT",
+    "PREVIOUS_CHECKPOINT",
     "EpochMetrics",
     "TrainResult",
     "TrainingDataError",
@@ -79,6 +83,8 @@ __all__ = [
 
 BEST_CHECKPOINT = "best.pt"
 LAST_CHECKPOINT = "last.pt"
+#: The epoch before last.pt's, kept so a corrupt last.pt costs one epoch, not the run.
+PREVIOUS_CHECKPOINT = "last.prev.pt"
 METRICS_JSON = "metrics.json"
 TEST_REPORT_JSON = "test_report.json"
 CONFUSION_PNG = "confusion_matrix.png"
@@ -297,6 +303,7 @@ class _Run:
         self.out_dir = Path(config.out_dir)
         self.best_path = self.out_dir / BEST_CHECKPOINT
         self.last_path = self.out_dir / LAST_CHECKPOINT
+        self.previous_path = self.out_dir / PREVIOUS_CHECKPOINT
         self.mode = as_label_mode(config.labels)
         self.classes = classes_for(self.mode)
         self.preset = PresetParams(
@@ -401,8 +408,42 @@ class _Run:
         if resume is None:
             return None
         if resume == "auto":
-            return self.last_path if self.last_path.is_file() else None
+            for path in (self.last_path, self.previous_path):
+                if path.is_file():
+                    return path
+            return None
         return Path(resume)
+
+    def load_resume(self) -> tuple[Path, LoadedCheckpoint] | None:
+        """The checkpoint to resume from, verified against its sha256 sidecar.
+
+        An explicit ``resume`` path must load. With ``resume="auto"`` a corrupt or
+        unreadable ``last.pt`` (a crash mid-write on storage that ignores fsync, a bad disk)
+        falls back to ``last.prev.pt``, the epoch before, and without a usable one the run
+        starts fresh; either way ``on_log`` says so. An unusable file is renamed to
+        ``<name>.corrupt`` so the next epoch's rotation cannot replace the good previous one.
+        """
+        path = self.resume_path()
+        if path is None:
+            return None
+        if self.config.resume != "auto":
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: resume checkpoint not found")
+            return path, load_checkpoint(path, expected_sha256=read_sidecar(path))
+        for candidate in (self.last_path, self.previous_path):
+            if not candidate.is_file():
+                continue
+            try:
+                ckpt = load_checkpoint(candidate, expected_sha256=read_sidecar(candidate))
+            except CheckpointError as exc:
+                self.log(f"warning: cannot resume from {exc}; renamed to {candidate.name}.corrupt")
+                move_checkpoint(candidate, candidate.with_name(candidate.name + ".corrupt"))
+                continue
+            if candidate != self.last_path:
+                self.log(f"warning: resuming from {candidate}, the epoch before the lost last.pt")
+            return candidate, ckpt
+        self.log("warning: no usable checkpoint to resume from: starting fresh")
+        return None
 
     def build_model(self, resuming: bool) -> None:
         cfg = self.config
@@ -538,8 +579,7 @@ class _Run:
             "config": self.config.to_dict(),
         }
 
-    def restore(self, path: Path) -> None:
-        ckpt = load_checkpoint(path)
+    def restore(self, path: Path, ckpt: LoadedCheckpoint) -> None:
         state = ckpt.training_state
         if state is None:
             raise ValueError(
@@ -606,6 +646,8 @@ class _Run:
         )
 
     def save_last(self, metrics: dict[str, Any]) -> None:
+        # Renames, so keeping the previous epoch needs no extra space until the new write.
+        move_checkpoint(self.last_path, self.previous_path)
         save_checkpoint(
             self.last_path,
             model=self.model,
@@ -839,14 +881,14 @@ def train(
         np.random.seed(config.seed % 2**32)
         random.seed(config.seed)
         run.load_data()
-        resume_path = run.resume_path()
-        if resume_path is not None and not resume_path.is_file():
-            raise FileNotFoundError(f"{resume_path}: resume checkpoint not found")
-        run.build_model(resuming=resume_path is not None)
+        resume = run.load_resume()
+        run.build_model(resuming=resume is not None)
         run.build_optimization()
         resumed_from = 0
-        if resume_path is not None:
-            run.restore(resume_path)
+        if resume is not None:
+            resume_path, ckpt = resume
+            run.restore(resume_path, ckpt)
+            del ckpt
             resumed_from = run.start_epoch
             run.log(f"resumed from {resume_path} after epoch {resumed_from}")
             if on_epoch is not None:

@@ -828,6 +828,10 @@ def results(
         with tmp.open("w", encoding="utf-8", newline="") as fh:
             n = writer(rt, job_id, fh)
         os.replace(tmp, out)  # never leave a half-written export under the real name
+    except OSError as exc:
+        # A full disk's ENOSPC names no file; say which and that nothing half-written stays.
+        reason = exc.strerror or str(exc)
+        raise CliError(f"{out}: cannot write the export ({reason}); nothing was written") from exc
     finally:
         tmp.unlink(missing_ok=True)
     _stderr().print(f"wrote {n} predictions to {out}", highlight=False)

@@ -212,41 +212,74 @@ def is_retryable(exc: BaseException) -> bool:
     programming errors are not retried."""
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return True
-    return isinstance(exc, OperationalError)
+    if isinstance(exc, OperationalError):
+        return True
+    # Bulk paths that use the driver directly (COPY in scheduler.repository) see psycopg's
+    # own exceptions, not SQLAlchemy's wrappers: a lost connection or a full disk there is
+    # just as transient.
+    try:
+        import psycopg
+    except ImportError:  # pragma: no cover (psycopg is a dependency)
+        return False
+    return isinstance(exc, psycopg.OperationalError)
 
 
 def retrying(
     fn: Callable[[], T],
     *,
-    attempts: int = 6,
+    attempts: int | None = 6,
     base_delay: float = 0.5,
     max_delay: float = 15.0,
+    give_up_after: float | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] | None = None,
 ) -> T:
     """Call ``fn()``; on a retryable database error call it again with exponential backoff
-    (jittered; 0.5 s, 1 s, 2 s, ... capped at ``max_delay``), at most ``attempts`` times.
+    (jittered; 0.5 s, 1 s, 2 s, ... capped at ``max_delay``), at most ``attempts`` times and,
+    with ``give_up_after``, for at most that many seconds after the first failure (then
+    ``attempts=None`` means no count limit: the outage's duration is what bounds it).
 
     ``fn`` must run a *whole* transaction (open a session, do the writes, commit), because a
     transaction interrupted by a lost connection is gone; see :func:`run_in_transaction`.
     """
-    if attempts < 1:
+    if attempts is None and give_up_after is None:
+        raise ValueError("retrying needs attempts or give_up_after")
+    if attempts is not None and attempts < 1:
         raise ValueError(f"attempts must be >= 1, got {attempts}")
-    for attempt in range(1, attempts + 1):
+    now_of = clock or time.monotonic
+    first_failure: float | None = None
+    attempt = 0
+    while True:
+        attempt += 1
         try:
             return fn()
         except Exception as exc:
-            if attempt == attempts or not is_retryable(exc):
+            if not is_retryable(exc):
                 raise
-            delay = min(max_delay, base_delay * 2 ** (attempt - 1)) * random.uniform(0.8, 1.2)
+            now = now_of()
+            first_failure = now if first_failure is None else first_failure
+            delay = min(max_delay, base_delay * 2 ** min(attempt - 1, 30))
+            delay *= random.uniform(0.8, 1.2)
+            out_of_attempts = attempts is not None and attempt >= attempts
+            out_of_time = give_up_after is not None and now - first_failure >= give_up_after
+            if out_of_attempts or out_of_time:
+                raise
+            if give_up_after is not None:
+                # Never sleep past the deadline: the last try comes right at it.
+                delay = max(0.0, min(delay, first_failure + give_up_after - now))
+            limit = f"of {attempts}" if attempts is not None else f"within {give_up_after:.0f}s"
+            # The first line says why (refused, shutting down, disk full); the SQL and its
+            # parameters, on the lines after it, stay out of the log.
+            first_line = (str(exc).splitlines() or [""])[0][:300]
             log.warning(
-                "database error (attempt %d of %d), retrying in %.1fs: %s",
+                "database error (attempt %d %s), retrying in %.1fs: %s: %s",
                 attempt,
-                attempts,
+                limit,
                 delay,
                 exc.__class__.__name__,
+                first_line,
             )
             sleep(delay)
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def run_in_transaction(

@@ -142,6 +142,15 @@ class Settings(BaseSettings):
         ge=0,
         description="Retries of a failed task (with backoff) before it is given up.",
     )
+    db_outage_limit: float = Field(
+        default=600.0,
+        ge=0,
+        description=(
+            "Seconds a worker keeps retrying a database transaction (with backoff, up to 15 s "
+            "apart) while the database is unreachable, e.g. restarting or failing over, "
+            "before the task gives up; jobs pause meanwhile instead of failing."
+        ),
+    )
     train_time_limit: int = Field(
         default=36_000,
         ge=1,

@@ -75,6 +75,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from scheduler import repository
+from scheduler.database import is_retryable
 from scheduler.dispatch import GPU_QUEUE, Dispatcher
 from scheduler.schema import ChunkStatus, JobKind, JobStatus, utcnow
 
@@ -285,8 +286,15 @@ def sweep(
     config: RecoveryConfig,
     dispatcher: Dispatcher,
     identity: Identity | None = None,
+    *,
+    running: bool = True,
 ) -> SweepResult:
-    """Re-send dead or stale work once (see the module docstring); returns what was re-sent."""
+    """Re-send dead or stale work once (see the module docstring); returns what was re-sent.
+
+    ``running=False`` leaves running chunks alone for staleness (see :class:`Sweeper`: right
+    after a database outage their stamps are stale because nobody could write them); chunks
+    whose holder is known dead by ping or incarnation are still re-sent.
+    """
     from worker import runtime
 
     now = time.time()
@@ -301,6 +309,8 @@ def sweep(
     stale: list[tuple[int, int]] = []
     jobs: list[int] = []
     for job_id, kind, status, started in _open_jobs(settings):
+        if kind == JobKind.CLASSIFY and not (running or queue_empty):
+            continue
         if kind == JobKind.CLASSIFY:
 
             def take(session: Session, job_id: int = job_id) -> list[int]:
@@ -308,14 +318,16 @@ def sweep(
                 # Without trusted answers (e.g. the first sweep, before our own pidbox
                 # answers) a holder's liveness is unknown: only chunks that name no holder
                 # fall back to staleness; the others wait for a sweep that can tell.
-                indices = repository.take_stale_chunks(
-                    session,
-                    job_id,
-                    statuses=[ChunkStatus.RUNNING],
-                    before=before,
-                    exclude_workers=live or (),
-                    unowned_only=live is None,
-                )
+                indices: list[int] = []
+                if running:
+                    indices += repository.take_stale_chunks(
+                        session,
+                        job_id,
+                        statuses=[ChunkStatus.RUNNING],
+                        before=before,
+                        exclude_workers=live or (),
+                        unowned_only=live is None,
+                    )
                 if queue_empty:
                     indices += repository.take_stale_chunks(
                         session, job_id, statuses=[ChunkStatus.PENDING], before=before
@@ -358,7 +370,16 @@ def sweep(
 
 
 class Sweeper:
-    """The worker's recovery thread: :func:`sweep` at start-up, then every ``interval_s``."""
+    """The worker's recovery thread: :func:`sweep` at start-up, then every ``interval_s``.
+
+    A chunk's stamp lives in the database, so a database outage longer than
+    ``stale_after_s`` makes every running chunk look dead though its task is alive and
+    waiting for the database (``worker.runtime.with_session``). After a sweep failed on a
+    database error, running chunks are therefore left alone until a sweep has succeeded
+    again and ``stale_after_s`` more have passed: their tasks' heartbeats come back by
+    then, and a chunk whose worker really died is re-sent one period later. Re-sending the
+    live ones would claim them twice and count outage time as lost workers.
+    """
 
     def __init__(
         self, settings: Settings, config: RecoveryConfig, identity: Identity | None = None
@@ -366,6 +387,8 @@ class Sweeper:
         self.settings = settings
         self.config = config
         self.identity = identity
+        self._outage = False
+        self._quiet_until = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -384,9 +407,14 @@ class Sweeper:
         dispatcher = Dispatcher(self.settings)
         try:
             while True:
+                running = not self._outage and time.monotonic() >= self._quiet_until
                 try:
-                    sweep(self.settings, self.config, dispatcher, self.identity)
+                    sweep(self.settings, self.config, dispatcher, self.identity, running=running)
+                    if self._outage:
+                        self._outage = False
+                        self._quiet_until = time.monotonic() + self.config.stale_after_s
                 except Exception as exc:  # database or broker away: try again next time
+                    self._outage = self._outage or is_retryable(exc)
                     log.warning("recovery sweep failed: %s: %s", type(exc).__name__, exc)
                 if self._stop.wait(self.config.interval_s):
                     return

@@ -50,9 +50,9 @@ ALLOCATOR_ENV: dict[str, str] = {
     "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
 }
 
-#: DB writes are retried on connection errors (a PostgreSQL restart takes seconds): this many
-#: attempts with exponential backoff capped at DB_RETRY_MAX_DELAY_S (about a minute in all).
-DB_RETRY_ATTEMPTS = 8
+#: DB transactions are retried on connection errors with exponential backoff capped at
+#: DB_RETRY_MAX_DELAY_S, for ``settings.db_outage_limit`` seconds (a restart takes seconds,
+#: a failover or maintenance minutes). Best-effort callers pass a small ``attempts`` instead.
 DB_RETRY_BASE_DELAY_S = 0.5
 DB_RETRY_MAX_DELAY_S = 15.0
 
@@ -211,16 +211,18 @@ def with_session(
     settings: Settings,
     fn: Callable[[Session], T],
     *,
-    attempts: int = DB_RETRY_ATTEMPTS,
+    attempts: int | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> T:
     """Run ``fn`` in one transaction, re-running it on connection errors with backoff.
 
-    A PostgreSQL restart mid-job must not fail the job, so the whole transaction is retried
-    (``scheduler.database.retrying``: lost/refused connections, locked SQLite). ``fn`` must be
-    safe to run again: repository writes are idempotent by contract, and a commit whose
-    acknowledgement was lost may have happened. Return plain values (ids, tuples) where you
-    can; ORM objects come back detached.
+    A database outage mid-job must not fail the job, so the whole transaction is retried
+    (``scheduler.database.retrying``: lost/refused connections, locked SQLite) for up to
+    ``settings.db_outage_limit`` seconds, the task waiting meanwhile; with ``attempts`` (a
+    heartbeat, a best-effort note) only that many times. ``fn`` must be safe to run again:
+    repository writes are idempotent by contract, and a commit whose acknowledgement was lost
+    may have happened. Return plain values (ids, tuples) where you can; ORM objects come back
+    detached.
     """
     from scheduler.database import retrying
 
@@ -233,10 +235,16 @@ def with_session(
     return retrying(
         once,
         attempts=attempts,
+        give_up_after=None if attempts is not None else outage_limit(settings),
         base_delay=DB_RETRY_BASE_DELAY_S,
         max_delay=DB_RETRY_MAX_DELAY_S,
         sleep=sleep,
     )
+
+
+def outage_limit(settings: Settings) -> float:
+    """``settings.db_outage_limit`` (seconds), tolerating settings objects without it."""
+    return float(getattr(settings, "db_outage_limit", 600.0))
 
 
 # --------------------------------------------------------------------------------------

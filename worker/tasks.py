@@ -30,6 +30,7 @@ from celery import Celery, Task
 from celery.exceptions import Retry
 
 from scheduler import repository
+from scheduler.database import is_retryable
 from scheduler.dispatch import (
     BROKER_JANITOR_TASK,
     CLASSIFY_CHUNK_TASK,
@@ -198,6 +199,17 @@ def classify_chunk(task: Task, job_id: int, chunk_index: int) -> str:
     except _PermanentError as exc:
         return _fail_chunk(settings, job_id, chunk_index, str(exc))
     except Exception as exc:
+        if is_retryable(exc):
+            # The database stayed away longer than db_outage_limit. Nothing about the images
+            # is known, so no error rows (nor could they be written): the chunk stays running
+            # and the recovery sweep re-sends it once the database is back.
+            log.error(
+                "chunk %s/%s: database unreachable for over %.0fs; left to the recovery sweep",
+                job_id,
+                chunk_index,
+                runtime.outage_limit(settings),
+            )
+            raise
         retries = int(task.request.retries or 0)
         if _is_permanent(exc) or retries >= max_retries:
             log.exception("chunk %s/%s failed for good", job_id, chunk_index)
@@ -504,6 +516,17 @@ def train_job(task: Task, job_id: int) -> str:
             with _job_heartbeat(task, settings, job_id):
                 return _run_training(settings, job_id, job)
         except Exception as exc:
+            if is_retryable(exc):
+                # An outage longer than db_outage_limit is no verdict on the training: the
+                # job stays running, its heartbeat file stops, and the recovery sweep
+                # re-sends it once the database is back; the re-run resumes from last.pt.
+                log.error(
+                    "train job %s: database unreachable for over %.0fs; left to the recovery "
+                    "sweep (it resumes from last.pt)",
+                    job_id,
+                    runtime.outage_limit(settings),
+                )
+                raise
             log.exception("train job %s failed", job_id)
             _finish(settings, job_id, JobStatus.FAILED, _error_text(exc))
             return f"failed: {_error_text(exc)}"
@@ -562,7 +585,12 @@ def _run_training(settings: Settings, job_id: int, job: _TrainJob) -> str:
 
         runtime.with_session(settings, fn)
 
-    result = train(config, on_epoch=on_epoch, should_stop=cancel)
+    def on_log(message: str) -> None:
+        # Resume notices (e.g. a corrupt last.pt and what was used instead) belong in the
+        # worker's log, where whoever investigates the job looks.
+        log.info("train job %s: %s", job_id, message)
+
+    result = train(config, on_epoch=on_epoch, should_stop=cancel, on_log=on_log)
     if result.cancelled:
         _finish(settings, job_id, JobStatus.CANCELLED)
         return "cancelled"
@@ -697,9 +725,30 @@ def evaluate_job(task: Task, job_id: int) -> str:
         with _job_heartbeat(task, settings, job_id):
             return _run_evaluation(settings, job_id, job)
     except Exception as exc:
+        if is_retryable(exc):  # as in train_job: the recovery sweep re-sends it later
+            log.error("evaluate job %s: database unreachable; left to the recovery sweep", job_id)
+            raise
         log.exception("evaluate job %s failed", job_id)
         _finish(settings, job_id, JobStatus.FAILED, _error_text(exc))
         return f"failed: {_error_text(exc)}"
+
+
+@contextlib.contextmanager
+def _written_atomically(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path`` (same suffix, for writers that pick the format
+    from it) to write; it replaces ``path`` when the block succeeds and is removed when it
+    fails. A full disk thus leaves no half-written artifact, and the error names the file."""
+    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        reason = exc.strerror or str(exc)
+        raise OSError(exc.errno, f"cannot write {path.name} ({reason})", str(path)) from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _relabel(samples: list[Any], mode: str, classes: tuple[str, ...]) -> list[Any]:
@@ -764,10 +813,11 @@ def _run_evaluation(settings: Settings, job_id: int, job: _EvalJob) -> str:
     out_dir.mkdir(parents=True, exist_ok=True)
     report_dict = report.to_dict()
     report_path = out_dir / "evaluation_report.json"
-    tmp = report_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report_dict, indent=2), encoding="utf-8")
-    os.replace(tmp, report_path)
-    cm_path = plot_confusion_matrix(report, out_dir / "confusion_matrix.png")
+    with _written_atomically(report_path) as tmp:
+        tmp.write_text(json.dumps(report_dict, indent=2), encoding="utf-8")
+    cm_path = out_dir / "confusion_matrix.png"
+    with _written_atomically(cm_path) as tmp:
+        plot_confusion_matrix(report, tmp)
 
     def fn(session: Session) -> None:
         repository.record_evaluation(

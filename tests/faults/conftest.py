@@ -180,37 +180,47 @@ class PostgresServer:
         self.pg_ctl("-m", "fast", "-w", "stop")
         self.running = False
 
-
-@pytest.fixture
-def own_postgres() -> Iterator[PostgresServer]:
-    root = Path(tempfile.mkdtemp(prefix="mriq-pg-", dir="/tmp"))
-    try:
-        if os.geteuid() == 0:
-            shutil.chown(root, "postgres", "postgres")
-        server = PostgresServer(
-            port=free_port(),
-            datadir=root / "data",
-            sockdir=root,
-            logfile=root / "postgres.log",
-        )
-        subprocess.run(
-            _as_postgres(
-                [
-                    _pg_bin("initdb"),
-                    "-D",
-                    str(server.datadir),
-                    "-U",
-                    "postgres",
-                    "--auth=trust",
-                    "--no-sync",
-                ]
-            ),
-            check=True,
-            timeout=120,
+    def is_up(self) -> bool:
+        """Whether the server process runs (it shuts itself down on some faults)."""
+        status = subprocess.run(
+            _as_postgres([_pg_bin("pg_ctl"), "-D", str(self.datadir), "status"]),
+            timeout=30,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        server.start()
+        return status.returncode == 0
+
+
+@contextlib.contextmanager
+def private_postgres(root: Path) -> Iterator[PostgresServer]:
+    """A fresh PostgreSQL cluster under ``root`` (e.g. a small tmpfs), with database mriq."""
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres", "postgres")
+    server = PostgresServer(
+        port=free_port(),
+        datadir=root / "data",
+        sockdir=root,
+        logfile=root / "postgres.log",
+    )
+    subprocess.run(
+        _as_postgres(
+            [
+                _pg_bin("initdb"),
+                "-D",
+                str(server.datadir),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--no-sync",
+            ]
+        ),
+        check=True,
+        timeout=120,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    server.start()
+    try:
         subprocess.run(
             [
                 _pg_bin("createdb"),
@@ -225,12 +235,19 @@ def own_postgres() -> Iterator[PostgresServer]:
             check=True,
             timeout=60,
         )
-        try:
+        yield server
+    finally:
+        if server.running:
+            with contextlib.suppress(Exception):
+                server.pg_ctl("-m", "immediate", "-w", "stop")
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresServer]:
+    root = Path(tempfile.mkdtemp(prefix="mriq-pg-", dir="/tmp"))
+    try:
+        with private_postgres(root) as server:
             yield server
-        finally:
-            if server.running:
-                with contextlib.suppress(Exception):
-                    server.pg_ctl("-m", "immediate", "-w", "stop")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -463,3 +480,46 @@ def assert_each_item_once(factory: sessionmaker[Session], job_id: int, n_items: 
     the listing), in item order."""
     assert item_indices(factory, job_id) == list(range(n_items))
     assert count_rows(factory, job_id) == n_items
+
+
+# --------------------------------------------------------------------------- disk full
+
+
+@contextlib.contextmanager
+def small_tmpfs(size: str) -> Iterator[Path]:
+    """A private tmpfs of ``size`` (mount's syntax, e.g. "100m"): a disk that fills up.
+
+    Needs root (CI runs as root); elsewhere the test is skipped, not faked.
+    """
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    root = Path(tempfile.mkdtemp(prefix="mriq-full-", dir="/tmp"))
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0777", "tmpfs", str(root)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    if mounted.returncode != 0:
+        root.rmdir()
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
+    try:
+        yield root
+    finally:
+        # Lazy: a worker that has not quite exited must not keep the mount alive.
+        subprocess.run(["umount", "-l", str(root)], check=False, timeout=30)
+        with contextlib.suppress(OSError):
+            root.rmdir()
+
+
+def fill_disk(disk: Path, leave: int) -> None:
+    """Fill ``disk`` to the last byte, then free ``leave`` bytes of it."""
+    filler = disk / "filler"
+    block = b"\0" * (1 << 16)
+    with filler.open("wb") as fh, pytest.raises(OSError, match="No space left"):
+        while True:
+            fh.write(block)
+            fh.flush()
+    size = filler.stat().st_size
+    with filler.open("r+b") as fh:
+        fh.truncate(max(0, size - leave))

@@ -205,6 +205,19 @@ def test_retrying_gives_up_and_never_retries_integrity_errors() -> None:
     assert len(calls) == 3
 
 
+def test_raw_driver_errors_of_an_outage_are_retryable() -> None:
+    """The COPY fast paths talk to psycopg directly; its lost-connection and disk-full
+    errors must be retried like SQLAlchemy's (they used to fail the chunk at once)."""
+    import psycopg
+
+    from scheduler.database import is_retryable
+
+    assert is_retryable(psycopg.errors.DiskFull("could not extend file"))
+    assert is_retryable(psycopg.OperationalError("server closed the connection unexpectedly"))
+    assert not is_retryable(psycopg.errors.UniqueViolation("duplicate key"))
+    assert not is_retryable(ValueError("not a database error"))
+
+
 def test_run_in_transaction_survives_a_killed_postgres_connection(postgres_url: str) -> None:
     """The server ends our backend mid-transaction (as a restart would); the whole
     transaction is re-run on a fresh connection and its idempotent writes land once."""

@@ -67,6 +67,47 @@ def test_with_session_retries_connection_errors(tmp_path: Path, sqlite_url: str)
     assert len(sleeps) == 2  # no retry for other errors
 
 
+def test_with_session_waits_out_an_outage_for_db_outage_limit(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """Retries are bounded by time (settings.db_outage_limit), not by a count: 20 failed
+    attempts (over a minute of backoff) still end in success within the 600 s default, and
+    the limit is where it stops."""
+    settings = make_settings(tmp_path, database_url=sqlite_url, broker_url=None)
+    migrated_factory(sqlite_url).kw["bind"].dispose()
+    slept: list[float] = []
+    calls: list[int] = []
+
+    def down_for(n: int) -> object:
+        def fn(session: Session) -> str:
+            calls.append(1)
+            if len(calls) <= n:
+                raise OperationalError("SELECT 1", {}, Exception("connection refused"))
+            return "ok"
+
+        return fn
+
+    clock = [0.0]
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock[0] += seconds
+
+    with pytest.MonkeyPatch.context() as mp:
+        # retrying() reads the time from time.monotonic; the test's sleeps advance it.
+        mp.setattr("scheduler.database.time.monotonic", lambda: clock[0])
+        assert runtime.with_session(settings, down_for(20), sleep=sleep) == "ok"  # type: ignore[arg-type]
+        assert len(calls) == 21 and sum(slept) > 60
+
+        calls.clear()
+        slept.clear()
+        clock[0] = 0.0
+        short = settings.model_copy(update={"db_outage_limit": 30.0})
+        with pytest.raises(OperationalError):
+            runtime.with_session(short, down_for(10**6), sleep=sleep)  # type: ignore[arg-type]
+        assert 30.0 <= clock[0] <= 31.0 and max(slept) <= runtime.DB_RETRY_MAX_DELAY_S * 1.2
+
+
 def test_threads_per_task() -> None:
     cores = runtime.available_cores()
     assert runtime.threads_per_task(1) == cores
