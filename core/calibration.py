@@ -128,27 +128,30 @@ def fit_temperature(
     import torch
     import torch.nn.functional as F
 
-    z = torch.as_tensor(np.asarray(logits, dtype=np.float64))
-    y = torch.as_tensor(np.asarray(labels, dtype=np.int64)).reshape(-1)
-    if z.ndim != 2 or z.shape[0] != y.shape[0]:
-        raise ValueError(f"logits must have shape (n={y.shape[0]}, C), got {tuple(z.shape)}")
-    if z.shape[0] == 0:
+    z_np = np.asarray(logits, dtype=np.float64)
+    y_np = np.asarray(labels, dtype=np.int64).reshape(-1)
+    if z_np.ndim != 2 or z_np.shape[0] != y_np.shape[0]:
+        raise ValueError(f"logits must have shape (n={y_np.shape[0]}, C), got {z_np.shape}")
+    if z_np.shape[0] == 0:
         return 1.0
-    if not bool(torch.isfinite(z).all()):
+    if not np.all(np.isfinite(z_np)):
         raise ValueError("logits contain NaN or infinite values")
-    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS(
-        [log_t], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe"
-    )
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = F.cross_entropy(z / log_t.exp(), y)
-        loss.backward()  # type: ignore[no-untyped-call]
-        return loss
-
-    # Run under grad even when the caller is in inference_mode (end of training, evaluation).
+    # Tensors are made inside the block: ones created under the caller's inference_mode
+    # (end of training, evaluation) could not take part in autograd.
     with torch.inference_mode(False), torch.enable_grad():
+        z = torch.tensor(z_np)
+        y = torch.tensor(y_np)
+        log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+        optimizer = torch.optim.LBFGS(
+            [log_t], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe"
+        )
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = F.cross_entropy(z / log_t.exp(), y)
+            loss.backward()  # type: ignore[no-untyped-call]
+            return loss
+
         optimizer.step(closure)
         with torch.no_grad():
             t = float(log_t.exp().clamp(T_MIN, T_MAX))
