@@ -1,23 +1,30 @@
-"""Evaluation plots beside the confusion matrix: reliability diagram, per-class bars, ROC
-curves and a gallery of the most confident mistakes (matplotlib Agg, one PNG each).
+"""Report plots (matplotlib Agg, one PNG each): the confusion matrix and training curves,
+and the reliability diagram, per-class bars, ROC curves and a gallery of the most confident
+mistakes.
 
-They need the per-sample data of an evaluation (:class:`core.evaluation.EvalOutputs`), not
-just the stored report, so training's test evaluation and evaluate jobs write them right
+The last four need the per-sample data of an evaluation (:class:`core.evaluation.EvalOutputs`),
+not just the stored report, so training's test evaluation and evaluate jobs write them right
 after evaluating. Every figure is bound to an Agg canvas without pyplot (safe in worker
-threads) and written atomically.
+threads) and written atomically. matplotlib is imported lazily, so importing this module
+(which :mod:`core.evaluation` does) stays light.
 """
 
 from __future__ import annotations
 
+import math
+import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from core.calibration import ECE_BINS, reliability_bins
 from core.errors import ImageReadError
-from core.evaluation import EvalOutputs, EvalReport, Mistake, _new_figure, _save_png
+
+if TYPE_CHECKING:
+    from core.evaluation import EvalOutputs, EvalReport, Mistake
 
 # Artifact kind -> file name; the worker records each written file under its kind.
 PLOT_FILES: dict[str, str] = {
@@ -33,12 +40,123 @@ _GALLERY_COLUMNS = 4
 
 __all__ = [
     "PLOT_FILES",
+    "plot_confusion_matrix",
+    "plot_training_curves",
     "plot_confident_mistakes",
     "plot_per_class_metrics",
     "plot_reliability_diagram",
     "plot_roc_curves",
     "write_evaluation_plots",
 ]
+
+
+class EpochLike(Protocol):
+    """What :func:`plot_training_curves` reads (``core.training.EpochMetrics`` fits)."""
+
+    @property
+    def epoch(self) -> int: ...
+    @property
+    def train_loss(self) -> float: ...
+    @property
+    def val_loss(self) -> float: ...
+    @property
+    def val_accuracy(self) -> float: ...
+    @property
+    def val_macro_f1(self) -> float: ...
+    @property
+    def lr(self) -> float: ...
+
+
+def _new_figure(width: float, height: float) -> Any:
+    # A Figure bound to an Agg canvas directly, without pyplot: no display is needed, the
+    # process-global pyplot backend/state is left alone, and it is safe in worker threads.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save_png(fig: Any, path: Path | str) -> Path:
+    """Write atomically so a reader (API download, artifact listing) never sees half a PNG."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fig.savefig(fh, format="png", bbox_inches="tight")
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def plot_confusion_matrix(report: EvalReport, path: Path | str) -> Path:
+    """PNG of the confusion matrix (rows = true class); colour = row-normalised share."""
+    cm = np.asarray(report.confusion_matrix, dtype=np.int64).reshape(
+        len(report.classes), len(report.classes)
+    )
+    n_classes = len(report.classes)
+    rows = cm.sum(axis=1, keepdims=True)
+    # Colour by recall share so small classes are as readable as big ones on imbalanced data.
+    share = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=np.float64), where=rows > 0)
+    side = max(4.0, 0.45 * n_classes + 2.5)
+    fig = _new_figure(side + 1.0, side)
+    ax = fig.add_subplot(1, 1, 1)
+    im = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of true class")
+    ax.set_xticks(range(n_classes))
+    ax.set_yticks(range(n_classes))
+    ax.set_xticklabels(report.classes, rotation=90, fontsize=8)
+    ax.set_yticklabels(report.classes, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(
+        f"n={report.n}  accuracy={report.accuracy:.3f}  macro F1={report.macro_f1:.3f}"
+    )
+    if n_classes <= 20:  # beyond that the numbers overlap and become noise
+        for i in range(n_classes):
+            for j in range(n_classes):
+                if cm[i, j]:
+                    ax.text(
+                        j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if share[i, j] > 0.5 else "black",
+                    )
+    return _save_png(fig, path)
+
+
+def plot_training_curves(epochs: Sequence[EpochLike], path: Path | str) -> Path:
+    """PNG with loss, validation accuracy / macro F1 and learning rate per epoch."""
+    fig = _new_figure(12.0, 3.8)
+    ax_loss, ax_score, ax_lr = (fig.add_subplot(1, 3, i) for i in (1, 2, 3))
+    xs = [e.epoch for e in epochs]
+
+    def finite(values: Sequence[float]) -> list[float]:
+        # NaN losses (diverged epochs) are plotted as gaps instead of breaking the axis.
+        return [v if v is not None and math.isfinite(v) else math.nan for v in values]
+
+    ax_loss.plot(xs, finite([e.train_loss for e in epochs]), marker="o", label="train")
+    ax_loss.plot(xs, finite([e.val_loss for e in epochs]), marker="o", label="val")
+    ax_loss.set_title("loss")
+    ax_score.plot(xs, finite([e.val_accuracy for e in epochs]), marker="o", label="val accuracy")
+    ax_score.plot(xs, finite([e.val_macro_f1 for e in epochs]), marker="o", label="val macro F1")
+    ax_score.set_ylim(0.0, 1.0)
+    ax_score.set_title("validation")
+    lrs = finite([e.lr for e in epochs])
+    ax_lr.plot(xs, lrs, marker="o")
+    if lrs and all(v > 0 for v in lrs):
+        ax_lr.set_yscale("log")
+    ax_lr.set_title("learning rate")
+    for ax in (ax_loss, ax_score, ax_lr):
+        ax.set_xlabel("epoch")
+        ax.grid(True, alpha=0.3)
+    ax_loss.legend()
+    ax_score.legend()
+    if not xs:
+        fig.suptitle("no epochs recorded")
+    return _save_png(fig, path)
 
 
 def write_evaluation_plots(outputs: EvalOutputs, out_dir: Path | str) -> dict[str, Path]:

@@ -519,7 +519,24 @@ _TRAIN_ARTIFACTS: tuple[tuple[str, str], ...] = (
     ("training_curves.png", "training_curves"),
     ("confusion_matrix.png", "confusion_matrix"),
     ("test_report.json", "report"),
+    # core.plots.PLOT_FILES, spelled out: this module must not import torch at import time.
+    ("reliability_diagram.png", "reliability_diagram"),
+    ("per_class_metrics.png", "per_class_metrics"),
+    ("roc_curves.png", "roc_curves"),
+    ("confident_mistakes.png", "confident_mistakes"),
 )
+
+
+def _calibration_record(meta: Any, report: dict[str, Any] | None) -> dict[str, Any]:
+    """What the model version records of its calibration: the checkpoint's temperature and
+    the test report's ECE/NLL after and before it."""
+    record: dict[str, Any] = {
+        "temperature": float(meta.calibration.temperature),
+        "calibrated": bool(meta.calibration.calibrated),
+    }
+    for key in ("ece", "ece_uncalibrated", "nll", "nll_uncalibrated"):
+        record[key] = _finite(report.get(key)) if report is not None else None
+    return record
 
 
 def _record_training(settings: Settings, job_id: int, config: Any, result: Any) -> None:
@@ -559,6 +576,7 @@ def _record_training(settings: Settings, job_id: int, config: Any, result: Any) 
             checkpoint_path=str(Path(result.best_checkpoint).resolve()),
             checkpoint_sha256=result.best_sha256,
             metrics=metrics,
+            calibration=_calibration_record(meta, report),
         )
         if report is not None:
             repository.record_evaluation(
@@ -658,7 +676,12 @@ def _relabel(samples: list[Any], mode: str, classes: tuple[str, ...]) -> list[An
 
 def _run_evaluation(settings: Settings, job_id: int, job: _EvalJob) -> str:
     from core.dataset import scan_folder
-    from core.evaluation import EvaluationCancelled, evaluate_checkpoint, plot_confusion_matrix
+    from core.evaluation import (
+        EvaluationCancelled,
+        evaluate_checkpoint_outputs,
+        plot_confusion_matrix,
+    )
+    from core.plots import write_evaluation_plots
 
     runtime.configure_threads()
     model = runtime.load_model(
@@ -681,7 +704,7 @@ def _run_evaluation(settings: Settings, job_id: int, job: _EvalJob) -> str:
             runtime.with_session(settings, lambda s: repository.set_progress(s, job_id, done))
 
     try:
-        report = evaluate_checkpoint(
+        outputs = evaluate_checkpoint_outputs(
             model.checkpoint,
             samples,
             batch_size=job.batch_size,
@@ -692,6 +715,7 @@ def _run_evaluation(settings: Settings, job_id: int, job: _EvalJob) -> str:
     except EvaluationCancelled:
         _finish(settings, job_id, JobStatus.CANCELLED)
         return "cancelled"
+    report = outputs.report
     out_dir = job_dir(settings, job_id)
     out_dir.mkdir(parents=True, exist_ok=True)
     report_dict = report.to_dict()
@@ -699,7 +723,10 @@ def _run_evaluation(settings: Settings, job_id: int, job: _EvalJob) -> str:
     tmp = report_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(report_dict, indent=2), encoding="utf-8")
     os.replace(tmp, report_path)
-    cm_path = plot_confusion_matrix(report, out_dir / "confusion_matrix.png")
+    plots: dict[str, Path] = {
+        "confusion_matrix": plot_confusion_matrix(report, out_dir / "confusion_matrix.png"),
+        **write_evaluation_plots(outputs, out_dir),
+    }
 
     def fn(session: Session) -> None:
         repository.record_evaluation(
@@ -709,7 +736,7 @@ def _run_evaluation(settings: Settings, job_id: int, job: _EvalJob) -> str:
             dataset=job.data,
             report=report_dict,
         )
-        for path, kind in ((report_path, "report"), (Path(cm_path), "confusion_matrix")):
+        for kind, path in (("report", report_path), *plots.items()):
             repository.record_artifact(
                 session,
                 job_id=job_id,
