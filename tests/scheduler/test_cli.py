@@ -402,3 +402,29 @@ def test_worker_and_flower_exec(
     assert calls[-1][1]["FLOWER_UNAUTHENTICATED_API"] == "true"
     assert "FLOWER_BASIC_AUTH" not in calls[-1][1] or not calls[-1][1]["FLOWER_BASIC_AUTH"]
     assert "without authentication" in result.stderr
+
+
+def test_models_show_json_has_calibration_fields(
+    env: dict[str, str], sessions: sessionmaker[Session]
+) -> None:
+    old = _model(sessions)  # registered without calibration: trained before it existed
+    with sessions() as s, s.begin():
+        train = repository.create_job(s, kind=JobKind.TRAIN, params={"data": "/d"})
+        new = int(repository.register_model_version(
+            s, training_job_id=train.id, arch="resnet18", label_mode="15",
+            classes=["Glioblastoma", "Normal"], checkpoint_path="/m/b.pt",
+            checkpoint_sha256="b" * 64, metrics={},
+            calibration={"temperature": 1.7, "calibrated": True, "ece": 0.02,
+                         "ece_uncalibrated": 0.09, "nll": 0.4, "nll_uncalibrated": 0.6},
+        ).id)
+    shown = json.loads(mriq(env, "models", "show", str(new), "--json").stdout)
+    assert {k: shown[k] for k in ("temperature", "calibrated", "ece", "ece_uncalibrated",
+                                  "nll", "nll_uncalibrated")} == {
+        "temperature": 1.7, "calibrated": True, "ece": 0.02, "ece_uncalibrated": 0.09,
+        "nll": 0.4, "nll_uncalibrated": 0.6,
+    }
+    legacy = json.loads(mriq(env, "models", "show", str(old), "--json").stdout)
+    assert legacy["temperature"] == 1.0 and legacy["calibrated"] is False
+    assert legacy["ece"] is None and legacy["nll"] is None
+    table = mriq(env, "models", "show", str(new))
+    assert table.exit_code == 0 and "temperature" in table.stdout
