@@ -23,6 +23,7 @@ import torch
 import torchvision
 from torch import nn
 
+from core.calibration import Calibration
 from core.labels import as_label_mode
 from core.models import build_model
 from core.transforms import PresetParams
@@ -92,6 +93,10 @@ class CheckpointMeta:
     # sha256 of the weights alone (see state_dict_sha256); filled in by save_checkpoint, so
     # best.pt and last.pt holding the same weights share it while their file hashes differ.
     weights_sha256: str = ""
+    # Temperature scaling fitted at the end of training; a checkpoint written before that
+    # existed has no "calibration" entry and loads as Calibration() (T = 1.0, calibrated
+    # False), so its confidences stay the raw softmax and its record says so.
+    calibration: Calibration = field(default_factory=Calibration)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "classes", tuple(self.classes))
@@ -112,6 +117,7 @@ class CheckpointMeta:
             "metrics": dict(self.metrics),
             "versions": dict(self.versions),
             "weights_sha256": self.weights_sha256,
+            "calibration": self.calibration.to_dict(),
         }
 
     @classmethod
@@ -125,6 +131,7 @@ class CheckpointMeta:
             metrics=dict(data.get("metrics") or {}),
             versions=dict(data.get("versions") or {}),
             weights_sha256=str(data.get("weights_sha256", "")),
+            calibration=Calibration.from_dict(data.get("calibration")),
         )
 
 

@@ -4,7 +4,9 @@ The folder is scanned with :func:`core.dataset.scan_folder` in the checkpoint's 
 (no split: every image counts) and evaluated with the checkpoint's deterministic eval preset.
 With ``--json`` stdout carries exactly one JSON object (the report plus checkpoint/data
 fields); otherwise a readable summary. Progress, warnings and errors go to stderr only.
-``--out DIR`` writes ``report.json`` and ``confusion_matrix.png``.
+``--out DIR`` writes ``report.json``, ``confusion_matrix.png`` and the plots of
+:mod:`core.plots` (reliability diagram, per-class bars, ROC curves, confident mistakes).
+Confidences use the checkpoint's temperature; ECE/NLL/Brier are reported before and after.
 
 Exit status: 0 success, 1 bad checkpoint/data/device, 2 usage error, 130 interrupted.
 """
@@ -36,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint file (.pt)")
     parser.add_argument("--data", required=True, type=Path, help="folder of class folders")
     parser.add_argument(
-        "--out", type=Path, default=None, help="write report.json and confusion_matrix.png here"
+        "--out", type=Path, default=None,
+        help="write report.json, confusion_matrix.png and the other plots here"
     )
     parser.add_argument(
         "--json", action="store_true", help="print the report as one JSON object on stdout"
@@ -99,6 +102,18 @@ def remap_to_checkpoint(
     return kept, dropped
 
 
+def _calibration_line(report: EvalReport) -> str:
+    if report.ece is None or report.ece_uncalibrated is None:
+        return "calibration   n/a"
+    if not report.calibrated:
+        return f"calibration   none (temperature 1.0)   ECE {report.ece:.4f}"
+    return (
+        f"calibration   temperature {report.temperature:.3f}   ECE "
+        f"{report.ece_uncalibrated:.4f} -> {report.ece:.4f}   NLL "
+        f"{report.nll_uncalibrated:.4f} -> {report.nll:.4f}"
+    )
+
+
 def format_summary(report: EvalReport) -> str:
     """A fixed-width table for terminals."""
     width = max([len("class"), *(len(c) for c in report.classes)])
@@ -111,6 +126,7 @@ def format_summary(report: EvalReport) -> str:
         f"weighted P/R/F1  {report.weighted_precision:.4f} / {report.weighted_recall:.4f} / "
         f"{report.weighted_f1:.4f}",
         f"ROC-AUC (one-vs-rest, macro)  {auc}",
+        _calibration_line(report),
         "",
         f"{'class':<{width}}  precision  recall     f1  support  roc_auc",
     ]
@@ -154,9 +170,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from core.checkpoint import CheckpointError, load_checkpoint
     from core.dataset import scan_folder
-    from core.evaluation import evaluate_checkpoint, plot_confusion_matrix
+    from core.evaluation import evaluate_checkpoint_outputs, plot_confusion_matrix
     from core.inference import DeviceUnavailableError, select_device
     from core.labels import UnknownFolderError
+    from core.plots import write_evaluation_plots
 
     err = sys.stderr
 
@@ -194,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             def advance(done: int, total: int) -> None:
                 bar.update(done - bar.n)
 
-            report = evaluate_checkpoint(
+            outputs = evaluate_checkpoint_outputs(
                 ckpt, samples, batch_size=args.batch_size, device=device,
                 num_workers=args.num_workers, on_batch=advance,
             )
@@ -202,6 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted", file=err)
         return 130
 
+    report = outputs.report
     payload: dict[str, Any] = {
         **report.to_dict(),
         "checkpoint": str(args.checkpoint),
@@ -214,8 +232,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         _write_json(args.out / "report.json", payload)
         plot_confusion_matrix(report, args.out / "confusion_matrix.png")
-        print(f"wrote {args.out / 'report.json'} and {args.out / 'confusion_matrix.png'}",
-              file=err)
+        plots = write_evaluation_plots(outputs, args.out)
+        names = ", ".join(p.name for p in plots.values())
+        print(f"wrote {args.out / 'report.json'}, confusion_matrix.png, {names}", file=err)
     if args.json:
         sys.stdout.write(json.dumps(payload) + "\n")
     else:

@@ -1,48 +1,65 @@
 """Classification metrics, checkpoint evaluation and report plots.
 
-The metric code is plain numpy (no scikit-learn in the environment) and this module imports
-neither torch nor matplotlib at import time, so light consumers (e.g. code that only reads a
-stored report) stay light; :func:`evaluate_checkpoint` and the plot functions import them lazily.
+The metrics come from ``sklearn.metrics``; this module imports neither torch, matplotlib nor
+scikit-learn at import time, so light consumers (e.g. code that only reads a stored report)
+stay light: :func:`compute_report`, :func:`evaluate_checkpoint` and the plot functions import
+them lazily.
 
-Conventions (they match scikit-learn's defaults, written down here because they matter for
-imbalanced data):
+Conventions (scikit-learn's, written down here because they matter for imbalanced data):
 
 * ``precision`` of a class that is never predicted and ``recall`` of a class with no true
-  samples are 0.0 (sklearn's ``zero_division`` fallback), and ``f1`` is 0.0 when P + R = 0.
+  samples are 0.0 (``zero_division=0``), and ``f1`` is 0.0 when P + R = 0.
 * Macro averages are taken over the labels that occur in ``y_true`` **or** in the
-  predictions (sklearn's ``labels=None`` behaviour): a class that is absent from the data and
-  never predicted says nothing about the model and would otherwise drag every macro score
-  towards 0 for a 15-class model evaluated on a 3-class folder. A class that is predicted
-  but absent from ``y_true`` *is* included (its precision is 0: every such prediction is a
-  false positive).
+  predictions (``labels=None``): a class that is absent from the data and never predicted
+  says nothing about the model and would otherwise drag every macro score towards 0 for a
+  15-class model evaluated on a 3-class folder. A class that is predicted but absent from
+  ``y_true`` *is* included (its precision is 0: every such prediction is a false positive).
 * Weighted averages weight each class by its support (so absent classes weigh 0).
-* One-vs-rest ROC-AUC per class uses the Mann-Whitney U statistic with average ranks for
-  ties; it is ``None`` when the class has no positives or no negatives (undefined), and the
-  macro ROC-AUC is the mean over the defined classes (``None`` when none is defined). Unlike
-  sklearn's ``roc_auc_score(multi_class="ovr")``, which refuses data where some class is
-  missing, this still reports the classes that can be scored.
+* One-vs-rest ROC-AUC per class is ``roc_auc_score`` of that class's column against the
+  rest; it is ``None`` when the class has no positives or no negatives (undefined), and the
+  macro ROC-AUC is the mean over the defined classes (``None`` when none is defined).
+  ``roc_auc_score(multi_class="ovr")`` itself refuses data where some class is missing;
+  scoring column by column still reports the classes that can be scored.
 * Top-3 accuracy uses ``k = min(3, n_classes)``; ties in scores are broken by class index
-  (stable sort), deterministically.
+  (the lower index ranks first, as argmax does), deterministically.
+* Confidences are the calibrated ones (the checkpoint's temperature, see
+  :mod:`core.calibration`); ECE, NLL and Brier score are reported before and after it.
 """
 
 from __future__ import annotations
 
-import math
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+# Re-exported: the plots moved to core.plots, which imports this module only for types.
+from core.plots import plot_confusion_matrix, plot_training_curves
 
 if TYPE_CHECKING:
     from core.checkpoint import LoadedCheckpoint
     from core.dataset import Sample
 
 
+__all__ = [
+    "ClassMetrics",
+    "EvalOutputs",
+    "EvalReport",
+    "EvaluationCancelled",
+    "Mistake",
+    "compute_report",
+    "evaluate_checkpoint",
+    "evaluate_checkpoint_outputs",
+    "plot_confusion_matrix",
+    "plot_training_curves",
+    "roc_auc_binary",
+    "top_k_accuracy",
+]
+
 TOP_K = 3
+# How many of the most confident mistakes a report lists (and the gallery shows).
+MAX_MISTAKES = 16
 
 
 class EvaluationCancelled(RuntimeError):
@@ -74,6 +91,28 @@ class ClassMetrics:
 
 
 @dataclass(frozen=True)
+class Mistake:
+    """A wrong prediction: the file, its true and predicted class and the confidence."""
+
+    path: str
+    true: str
+    predicted: str
+    confidence: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "true": self.true,
+            "predicted": self.predicted,
+            "confidence": self.confidence,
+        }
+
+
+def _opt_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+@dataclass(frozen=True)
 class EvalReport:
     """Everything we report about a model on a labelled set; JSON-ready via :meth:`to_dict`."""
 
@@ -92,6 +131,18 @@ class EvalReport:
     roc_auc_per_class: tuple[float | None, ...]
     confusion_matrix: tuple[tuple[int, ...], ...]
     errors: tuple[tuple[str, str], ...] = field(default=())
+    # Calibration (core.calibration): the temperature the confidences were computed with,
+    # whether the model was calibrated at all, and ECE/NLL/Brier after and before it. None
+    # where there were no samples (or in a report stored before calibration existed).
+    temperature: float = 1.0
+    calibrated: bool = False
+    ece: float | None = None
+    ece_uncalibrated: float | None = None
+    nll: float | None = None
+    nll_uncalibrated: float | None = None
+    brier: float | None = None
+    brier_uncalibrated: float | None = None
+    most_confident_mistakes: tuple[Mistake, ...] = field(default=())
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (plain floats/ints/None; no numpy scalars)."""
@@ -112,6 +163,15 @@ class EvalReport:
             "confusion_matrix": [list(row) for row in self.confusion_matrix],
             "n_errors": len(self.errors),
             "errors": [{"path": p, "reason": r} for p, r in self.errors],
+            "temperature": self.temperature,
+            "calibrated": self.calibrated,
+            "ece": self.ece,
+            "ece_uncalibrated": self.ece_uncalibrated,
+            "nll": self.nll,
+            "nll_uncalibrated": self.nll_uncalibrated,
+            "brier": self.brier,
+            "brier_uncalibrated": self.brier_uncalibrated,
+            "most_confident_mistakes": [m.to_dict() for m in self.most_confident_mistakes],
         }
 
     @classmethod
@@ -146,6 +206,23 @@ class EvalReport:
             ),
             confusion_matrix=tuple(tuple(int(v) for v in row) for row in data["confusion_matrix"]),
             errors=tuple((str(e["path"]), str(e["reason"])) for e in data.get("errors", [])),
+            temperature=float(data.get("temperature", 1.0)),
+            calibrated=bool(data.get("calibrated", False)),
+            ece=_opt_float(data.get("ece")),
+            ece_uncalibrated=_opt_float(data.get("ece_uncalibrated")),
+            nll=_opt_float(data.get("nll")),
+            nll_uncalibrated=_opt_float(data.get("nll_uncalibrated")),
+            brier=_opt_float(data.get("brier")),
+            brier_uncalibrated=_opt_float(data.get("brier_uncalibrated")),
+            most_confident_mistakes=tuple(
+                Mistake(
+                    path=str(m["path"]),
+                    true=str(m["true"]),
+                    predicted=str(m["predicted"]),
+                    confidence=float(m["confidence"]),
+                )
+                for m in data.get("most_confident_mistakes", [])
+            ),
         )
 
 
@@ -153,32 +230,85 @@ class EvalReport:
 # metrics
 
 
-def _safe_div(num: float, den: float) -> float:
-    return float(num) / float(den) if den > 0 else 0.0
-
-
-def _average_ranks(values: np.ndarray) -> np.ndarray:
-    """1-based ranks of ``values``; tied values share the mean of the ranks they span."""
-    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
-    # Unique values come out sorted; the last rank a group occupies is its cumulative count,
-    # so the group's average rank is that minus (count - 1) / 2.
-    avg = np.cumsum(counts).astype(np.float64) - (counts.astype(np.float64) - 1.0) / 2.0
-    return avg[inverse.reshape(-1)]
-
-
 def roc_auc_binary(positive: np.ndarray, scores: np.ndarray) -> float | None:
-    """ROC-AUC of ``scores`` for the boolean ``positive`` mask (Mann-Whitney, ties = 1/2).
+    """ROC-AUC of ``scores`` for the boolean ``positive`` mask (ties count 1/2).
 
     Returns None when there are no positives or no negatives (AUC is undefined).
     """
-    positive = np.asarray(positive, dtype=bool)
+    from sklearn.metrics import roc_auc_score
+
+    positive = np.asarray(positive, dtype=bool).reshape(-1)
     n_pos = int(positive.sum())
-    n_neg = int(positive.size - n_pos)
-    if n_pos == 0 or n_neg == 0:
+    if n_pos == 0 or n_pos == positive.size:
         return None
-    ranks = _average_ranks(np.asarray(scores, dtype=np.float64))
-    u = float(ranks[positive].sum()) - n_pos * (n_pos + 1) / 2.0
-    return u / (n_pos * n_neg)
+    return float(roc_auc_score(positive, np.asarray(scores, dtype=np.float64).reshape(-1)))
+
+
+def top_k_accuracy(y: np.ndarray, scores: np.ndarray, k: int) -> float:
+    """Share of rows whose true class is among the ``k`` highest scores; ties -> lower index.
+
+    ``top_k_accuracy_score`` ranks tied scores higher index first; scoring the columns in
+    reverse order turns that into lower index first, the tie-break argmax (and so top-1 of
+    this ranking) uses.
+    """
+    from sklearn.metrics import top_k_accuracy_score
+
+    n_classes = scores.shape[1]
+    if y.size == 0:
+        return 0.0
+    if k >= n_classes:
+        return 1.0  # every class is in the top k (sklearn warns and says the same)
+    return float(
+        top_k_accuracy_score(
+            n_classes - 1 - y, scores[:, ::-1], k=k, labels=list(range(n_classes))
+        )
+    )
+
+
+@dataclass(frozen=True)
+class _Calibration:
+    temperature: float
+    calibrated: bool
+    uncalibrated: np.ndarray | None
+
+
+def _calibration_fields(
+    y: np.ndarray, probs: np.ndarray, cal: _Calibration
+) -> dict[str, float | None]:
+    from core.calibration import brier, ece, nll
+
+    before = probs if cal.uncalibrated is None else cal.uncalibrated
+    if y.size == 0 or not (_is_distribution(probs) and _is_distribution(before)):
+        # Ranking scores (allowed for the other metrics) have no calibration to measure.
+        return {}
+    return {
+        "ece": ece(probs, y),
+        "ece_uncalibrated": ece(before, y),
+        "nll": nll(probs, y),
+        "nll_uncalibrated": nll(before, y),
+        "brier": brier(probs, y),
+        "brier_uncalibrated": brier(before, y),
+    }
+
+
+def _is_distribution(rows: np.ndarray) -> bool:
+    return bool(np.all(rows >= 0) and np.allclose(rows.sum(axis=1), 1.0, atol=1e-3))
+
+
+def _mistakes(
+    y: np.ndarray, probs: np.ndarray, classes: tuple[str, ...], paths: Sequence[str] | None
+) -> tuple[Mistake, ...]:
+    if paths is None or y.size == 0:
+        return ()
+    pred = probs.argmax(axis=1)
+    conf = probs[np.arange(y.size), pred]
+    wrong = np.flatnonzero(pred != y)
+    # Most confident first; stable so equal confidences keep input order.
+    wrong = wrong[np.argsort(-conf[wrong], kind="stable")][:MAX_MISTAKES]
+    return tuple(
+        Mistake(str(paths[int(i)]), classes[int(y[i])], classes[int(pred[i])], float(conf[i]))
+        for i in wrong
+    )
 
 
 def compute_report(
@@ -187,95 +317,114 @@ def compute_report(
     classes: Sequence[str],
     *,
     errors: Sequence[tuple[str, str]] = (),
+    uncalibrated_probs: np.ndarray | None = None,
+    temperature: float = 1.0,
+    calibrated: bool = False,
+    paths: Sequence[str] | None = None,
 ) -> EvalReport:
-    """Metrics for class scores ``probs`` (n x C, any monotone scores work) vs ``y_true``.
+    """Metrics for class scores ``probs`` (n x C) vs ``y_true``.
 
-    The prediction is ``argmax`` over a row (first maximum on ties). See the module docstring
-    for the averaging / zero-division / AUC conventions.
+    The prediction is ``argmax`` over a row (first maximum on ties). ``probs`` are the
+    reported (calibrated) probabilities; ``uncalibrated_probs`` (same shape) the raw softmax,
+    used only for the ``*_uncalibrated`` calibration metrics (absent: same as ``probs``).
+    ``paths`` (one per row) lets the report list its most confident mistakes. See the module
+    docstring for the averaging / zero-division / AUC conventions.
     """
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
     classes = tuple(classes)
     n_classes = len(classes)
     if n_classes == 0:
         raise ValueError("classes must not be empty")
     y = np.asarray(y_true, dtype=np.int64).reshape(-1)
-    scores = np.asarray(probs, dtype=np.float64)
-    if scores.ndim != 2 or scores.shape != (y.size, n_classes):
-        # An empty evaluation may legitimately come in as shape (0,) — normalise it.
-        if y.size == 0 and scores.size == 0:
-            scores = scores.reshape(0, n_classes)
-        else:
-            raise ValueError(
-                f"probs must have shape (n={y.size}, C={n_classes}), got {scores.shape}"
-            )
+    scores = _as_scores(probs, y.size, n_classes, "probs")
+    uncal = (
+        None
+        if uncalibrated_probs is None
+        else _as_scores(uncalibrated_probs, y.size, n_classes, "uncalibrated_probs")
+    )
     if y.size and (y.min() < 0 or y.max() >= n_classes):
         raise ValueError(f"y_true holds labels outside [0, {n_classes})")
-    if not np.all(np.isfinite(scores)):
-        raise ValueError("probs contains NaN or infinite values")
+    if paths is not None and len(paths) != y.size:
+        raise ValueError(f"paths has {len(paths)} entries for {y.size} samples")
 
     n = int(y.size)
-    y_pred = scores.argmax(axis=1) if n else np.zeros(0, dtype=np.int64)
-
-    cm = np.zeros((n_classes, n_classes), dtype=np.int64)
-    np.add.at(cm, (y, y_pred), 1)
-    tp = np.diag(cm)
-    support = cm.sum(axis=1)
-    predicted = cm.sum(axis=0)
-
-    per_class: list[ClassMetrics] = []
-    for i, name in enumerate(classes):
-        p = _safe_div(tp[i], predicted[i])
-        r = _safe_div(tp[i], support[i])
-        f1 = _safe_div(2 * p * r, p + r)
-        per_class.append(ClassMetrics(name, p, r, f1, int(support[i])))
-
-    present = (support > 0) | (predicted > 0)
-    if present.any():
-        idx = np.flatnonzero(present)
-        macro_p = float(np.mean([per_class[i].precision for i in idx]))
-        macro_r = float(np.mean([per_class[i].recall for i in idx]))
-        macro_f1 = float(np.mean([per_class[i].f1 for i in idx]))
-    else:
-        macro_p = macro_r = macro_f1 = 0.0
-    weights = support.astype(np.float64)
-    total = float(weights.sum())
-
-    def weighted(values: list[float]) -> float:
-        return float(np.dot(weights, values) / total) if total > 0 else 0.0
-
-    k = min(TOP_K, n_classes)
+    labels = list(range(n_classes))
     if n:
-        # Stable sort on -scores: among equal scores the lower class index ranks first, the
-        # same tie-break argmax uses, so top-1 of this ranking equals y_pred.
-        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        top3 = float(np.mean(np.any(order == y[:, None], axis=1)))
+        y_pred = scores.argmax(axis=1)
+        cm = confusion_matrix(y, y_pred, labels=labels)
+        p, r, f1, support = precision_recall_fscore_support(
+            y, y_pred, labels=labels, zero_division=0
+        )
+        macro = precision_recall_fscore_support(y, y_pred, average="macro", zero_division=0)
+        weighted = precision_recall_fscore_support(
+            y, y_pred, labels=labels, average="weighted", zero_division=0
+        )
     else:
-        top3 = 0.0
-
+        # sklearn refuses empty input; an empty evaluation is all zeros.
+        cm = np.zeros((n_classes, n_classes), dtype=np.int64)
+        p = r = f1 = np.zeros(n_classes)
+        support = np.zeros(n_classes, dtype=np.int64)
+        macro = weighted = (0.0, 0.0, 0.0, None)
+    per_class = tuple(
+        ClassMetrics(name, float(p[i]), float(r[i]), float(f1[i]), int(support[i]))
+        for i, name in enumerate(classes)
+    )
     aucs: list[float | None] = [roc_auc_binary(y == i, scores[:, i]) for i in range(n_classes)]
     defined = [a for a in aucs if a is not None]
-    auc_macro = float(np.mean(defined)) if defined else None
-
+    cal = _Calibration(float(temperature), bool(calibrated), uncal)
     return EvalReport(
         n=n,
         classes=classes,
-        accuracy=_safe_div(int(tp.sum()), n),
-        macro_precision=macro_p,
-        macro_recall=macro_r,
-        macro_f1=macro_f1,
-        weighted_precision=weighted([c.precision for c in per_class]),
-        weighted_recall=weighted([c.recall for c in per_class]),
-        weighted_f1=weighted([c.f1 for c in per_class]),
-        top3_accuracy=top3,
-        roc_auc_ovr_macro=auc_macro,
-        per_class=tuple(per_class),
+        accuracy=float(np.trace(cm)) / n if n else 0.0,
+        macro_precision=float(macro[0]),
+        macro_recall=float(macro[1]),
+        macro_f1=float(macro[2]),
+        weighted_precision=float(weighted[0]),
+        weighted_recall=float(weighted[1]),
+        weighted_f1=float(weighted[2]),
+        top3_accuracy=top_k_accuracy(y, scores, min(TOP_K, n_classes)),
+        roc_auc_ovr_macro=float(np.mean(defined)) if defined else None,
+        per_class=per_class,
         roc_auc_per_class=tuple(aucs),
         confusion_matrix=tuple(tuple(int(v) for v in row) for row in cm),
-        errors=tuple((str(p), str(r)) for p, r in errors),
+        errors=tuple((str(p_), str(r_)) for p_, r_ in errors),
+        temperature=cal.temperature,
+        calibrated=cal.calibrated,
+        most_confident_mistakes=_mistakes(y, scores, classes, paths),
+        **_calibration_fields(y, scores, cal),
     )
+
+
+def _as_scores(values: np.ndarray, n: int, n_classes: int, name: str) -> np.ndarray:
+    scores = np.asarray(values, dtype=np.float64)
+    if scores.ndim != 2 or scores.shape != (n, n_classes):
+        # An empty evaluation may legitimately come in as shape (0,) — normalise it.
+        if n == 0 and scores.size == 0:
+            return scores.reshape(0, n_classes)
+        raise ValueError(f"{name} must have shape (n={n}, C={n_classes}), got {scores.shape}")
+    if not np.all(np.isfinite(scores)):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return scores
 
 
 # --------------------------------------------------------------------------------------
 # checkpoint evaluation
+
+
+@dataclass(frozen=True)
+class EvalOutputs:
+    """A report and the per-sample data behind it (for plots that need more than the report).
+
+    ``probs`` are the calibrated probabilities, ``probs_uncalibrated`` the raw softmax; rows
+    follow ``paths`` / ``y_true`` (readable files only).
+    """
+
+    report: EvalReport
+    y_true: np.ndarray
+    probs: np.ndarray
+    probs_uncalibrated: np.ndarray
+    paths: tuple[str, ...]
 
 
 def evaluate_checkpoint(
@@ -296,8 +445,35 @@ def evaluate_checkpoint(
     is called after every batch (``done`` counts error files too); ``should_stop()`` is
     checked between batches and raises :class:`EvaluationCancelled`. ``roots`` confines
     every file when it is read (:mod:`core.safefile`); refused files are listed as errors.
+    Probabilities are calibrated with the checkpoint's temperature; the report has
+    ECE/NLL/Brier both ways.
     """
+    return evaluate_checkpoint_outputs(
+        ckpt,
+        samples,
+        batch_size=batch_size,
+        device=device,
+        num_workers=num_workers,
+        should_stop=should_stop,
+        on_batch=on_batch,
+        roots=roots,
+    ).report
+
+
+def evaluate_checkpoint_outputs(
+    ckpt: LoadedCheckpoint,
+    samples: Sequence[Sample],
+    *,
+    batch_size: int = 32,
+    device: Any = "cpu",
+    num_workers: int = 0,
+    should_stop: Callable[[], bool] | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
+    roots: Sequence[Path | str] | None = None,
+) -> EvalOutputs:
+    """:func:`evaluate_checkpoint` returning the per-sample arrays as well."""
     # Lazy: keeps torch out of this module's import (see module docstring).
+    from core.calibration import softmax
     from core.inference import Predictor
 
     classes = tuple(ckpt.meta.classes)
@@ -314,6 +490,7 @@ def evaluate_checkpoint(
     done = 0
     y_true: list[int] = []
     rows: list[np.ndarray] = []
+    paths: list[str] = []
     errors: list[tuple[str, str]] = []
 
     def count(n_batch: int) -> None:
@@ -329,132 +506,41 @@ def evaluate_checkpoint(
         stopped = bool(should_stop is not None and should_stop())
         return stopped
 
-    results = predictor.predict_proba(
+    results = predictor.predict_logits(
         (s.path for s in samples), should_stop=stop, on_batch=count
     )
-    # predict_proba yields exactly one result per input, in input order, so the running
+    # predict_logits yields exactly one result per input, in input order, so the running
     # index pairs each result with its sample.
-    for i, (path, prob, error) in enumerate(results):
+    for i, (path, logits, error) in enumerate(results):
         sample = samples[i]
-        if prob is None:
+        if logits is None:
             errors.append((path, error or "unknown error"))
         else:
             y_true.append(sample.label)
-            rows.append(prob)
+            rows.append(logits)
+            paths.append(str(path))
     if stopped:
         raise EvaluationCancelled(f"evaluation cancelled after {done} of {total} images")
-    probs = np.stack(rows) if rows else np.zeros((0, len(classes)), dtype=np.float32)
-    return compute_report(y_true, probs, classes, errors=errors)
-
-
-# --------------------------------------------------------------------------------------
-# plots
-
-
-class EpochLike(Protocol):
-    """What :func:`plot_training_curves` reads (``core.training.EpochMetrics`` fits)."""
-
-    @property
-    def epoch(self) -> int: ...
-    @property
-    def train_loss(self) -> float: ...
-    @property
-    def val_loss(self) -> float: ...
-    @property
-    def val_accuracy(self) -> float: ...
-    @property
-    def val_macro_f1(self) -> float: ...
-    @property
-    def lr(self) -> float: ...
-
-
-def _new_figure(width: float, height: float) -> Any:
-    # A Figure bound to an Agg canvas directly, without pyplot: no display is needed, the
-    # process-global pyplot backend/state is left alone, and it is safe in worker threads.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save_png(fig: Any, path: Path | str) -> Path:
-    """Write atomically so a reader (API download, artifact listing) never sees half a PNG."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", bbox_inches="tight")
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
-
-
-def plot_confusion_matrix(report: EvalReport, path: Path | str) -> Path:
-    """PNG of the confusion matrix (rows = true class); colour = row-normalised share."""
-    cm = np.asarray(report.confusion_matrix, dtype=np.int64).reshape(
-        len(report.classes), len(report.classes)
+    logits_all = (
+        np.stack(rows).astype(np.float64) if rows else np.zeros((0, len(classes)))
     )
-    n_classes = len(report.classes)
-    rows = cm.sum(axis=1, keepdims=True)
-    # Colour by recall share so small classes are as readable as big ones on imbalanced data.
-    share = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=np.float64), where=rows > 0)
-    side = max(4.0, 0.45 * n_classes + 2.5)
-    fig = _new_figure(side + 1.0, side)
-    ax = fig.add_subplot(1, 1, 1)
-    im = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of true class")
-    ax.set_xticks(range(n_classes))
-    ax.set_yticks(range(n_classes))
-    ax.set_xticklabels(report.classes, rotation=90, fontsize=8)
-    ax.set_yticklabels(report.classes, fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(
-        f"n={report.n}  accuracy={report.accuracy:.3f}  macro F1={report.macro_f1:.3f}"
+    calibration = ckpt.meta.calibration
+    probs = softmax(logits_all, calibration.temperature)
+    raw = softmax(logits_all)
+    report = compute_report(
+        y_true,
+        probs,
+        classes,
+        errors=errors,
+        uncalibrated_probs=raw,
+        temperature=calibration.temperature,
+        calibrated=calibration.calibrated,
+        paths=paths,
     )
-    if n_classes <= 20:  # beyond that the numbers overlap and become noise
-        for i in range(n_classes):
-            for j in range(n_classes):
-                if cm[i, j]:
-                    ax.text(
-                        j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
-                        color="white" if share[i, j] > 0.5 else "black",
-                    )
-    return _save_png(fig, path)
-
-
-def plot_training_curves(epochs: Sequence[EpochLike], path: Path | str) -> Path:
-    """PNG with loss, validation accuracy / macro F1 and learning rate per epoch."""
-    fig = _new_figure(12.0, 3.8)
-    ax_loss, ax_score, ax_lr = (fig.add_subplot(1, 3, i) for i in (1, 2, 3))
-    xs = [e.epoch for e in epochs]
-
-    def finite(values: Sequence[float]) -> list[float]:
-        # NaN losses (diverged epochs) are plotted as gaps instead of breaking the axis.
-        return [v if v is not None and math.isfinite(v) else math.nan for v in values]
-
-    ax_loss.plot(xs, finite([e.train_loss for e in epochs]), marker="o", label="train")
-    ax_loss.plot(xs, finite([e.val_loss for e in epochs]), marker="o", label="val")
-    ax_loss.set_title("loss")
-    ax_score.plot(xs, finite([e.val_accuracy for e in epochs]), marker="o", label="val accuracy")
-    ax_score.plot(xs, finite([e.val_macro_f1 for e in epochs]), marker="o", label="val macro F1")
-    ax_score.set_ylim(0.0, 1.0)
-    ax_score.set_title("validation")
-    lrs = finite([e.lr for e in epochs])
-    ax_lr.plot(xs, lrs, marker="o")
-    if lrs and all(v > 0 for v in lrs):
-        ax_lr.set_yscale("log")
-    ax_lr.set_title("learning rate")
-    for ax in (ax_loss, ax_score, ax_lr):
-        ax.set_xlabel("epoch")
-        ax.grid(True, alpha=0.3)
-    ax_loss.legend()
-    ax_score.legend()
-    if not xs:
-        fig.suptitle("no epochs recorded")
-    return _save_png(fig, path)
+    return EvalOutputs(
+        report=report,
+        y_true=np.asarray(y_true, dtype=np.int64),
+        probs=probs,
+        probs_uncalibrated=raw,
+        paths=tuple(paths),
+    )

@@ -711,6 +711,9 @@ class Predictor:
             raise ValueError(f"forward_streams must be >= 1, not {forward_streams}")
         self.meta = ckpt.meta
         self.classes: tuple[str, ...] = tuple(ckpt.meta.classes)
+        # Temperature scaling (core.calibration): every probability this class reports is
+        # softmax(logits / T); 1.0 for a checkpoint trained before calibration existed.
+        self.temperature = float(ckpt.meta.calibration.temperature)
         self.device = select_device(device)
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -748,7 +751,8 @@ class Predictor:
             persistent_workers=False,
         )
 
-    def _forward(self, images: torch.Tensor) -> np.ndarray:
+    def _forward(self, images: torch.Tensor, raw: bool = False) -> np.ndarray:
+        """Calibrated probabilities of a batch, or its raw logits with ``raw``."""
         x = images.to(self.device, non_blocking=True, memory_format=torch.channels_last)
         autocast = (
             torch.autocast("cuda", dtype=self._amp_dtype)
@@ -757,16 +761,23 @@ class Predictor:
         )
         with torch.inference_mode(), autocast:
             logits = self.model(x)
-        # Softmax in float32 even under autocast, so probabilities sum to 1 within 1e-6.
-        return torch.softmax(logits.float(), dim=1).cpu().numpy()
+        if raw:
+            return logits.float().cpu().numpy()
+        # The one place the temperature is applied. Softmax in float32 even under autocast,
+        # so probabilities sum to 1 within 1e-6.
+        return torch.softmax(logits.float() / self.temperature, dim=1).cpu().numpy()
 
     def _stream(
         self,
         paths: Iterable[Path | str],
         should_stop: Callable[[], bool] | None,
         on_batch: Callable[[int], None] | None,
+        raw: bool = False,
     ) -> Generator[tuple[str, np.ndarray | None, str | None, str | None], None, None]:
-        """(path, probs | None, error | None, sha256 | None) per input, in input order."""
+        """(path, probs | None, error | None, sha256 | None) per input, in input order.
+
+        With ``raw`` the vectors are the model's logits instead of calibrated probabilities.
+        """
         batches: Iterator[_Batch] = (
             _background_batches(
                 paths,
@@ -800,7 +811,7 @@ class Predictor:
                         break
                     # Without a pool (one stream) the forward pass runs below, on this thread.
                     future = (
-                        pool.submit(self._forward, batch.images)
+                        pool.submit(self._forward, batch.images, raw)
                         if pool is not None and batch.images is not None
                         else None
                     )
@@ -811,7 +822,7 @@ class Predictor:
                 if future is not None:
                     probs: np.ndarray | None = future.result()
                 elif batch.images is not None:
-                    probs = self._forward(batch.images)
+                    probs = self._forward(batch.images, raw)
                 else:
                     probs = None
                 # Reported before the rows are yielded so that it fires for every finished
@@ -862,6 +873,24 @@ class Predictor:
         try:
             for path, probs, error, _ in stream:
                 yield path, probs, error
+        finally:
+            stream.close()
+
+    def predict_logits(
+        self,
+        paths: Iterable[Path | str],
+        *,
+        should_stop: Callable[[], bool] | None = None,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> Iterator[ProbResult]:
+        """As :meth:`predict_proba` but yielding the raw (uncalibrated) float32 logits.
+
+        For evaluation, which reports calibration before and after the temperature.
+        """
+        stream = self._stream(paths, should_stop, on_batch, raw=True)
+        try:
+            for path, logits, error, _ in stream:
+                yield path, logits, error
         finally:
             stream.close()
 

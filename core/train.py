@@ -38,8 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m core.train",
         description=(
             "Train a CNN on brain MRI slices in class folders (15 classes or 44 class+sequence "
-            "labels). Writes best.pt, last.pt, metrics.json, test_report.json, "
-            "confusion_matrix.png and training_curves.png into --out."
+            "labels). Writes best.pt (with a temperature fitted on the validation split), "
+            "last.pt, metrics.json, test_report.json, confusion_matrix.png, "
+            "training_curves.png and the evaluation plots into --out."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -240,6 +241,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{report.macro_f1:.4f}  weighted_f1 {report.weighted_f1:.4f}  top3 "
             f"{report.top3_accuracy:.4f}"
         )
+        if report.ece is not None and report.ece_uncalibrated is not None:
+            print(
+                f"test: temperature {report.temperature:.3f}"
+                f"{'' if report.calibrated else ' (not calibrated)'}  ECE "
+                f"{report.ece_uncalibrated:.4f} -> {report.ece:.4f}  NLL "
+                f"{report.nll_uncalibrated:.4f} -> {report.nll:.4f}"
+            )
         if report.errors:
             print(f"test: {len(report.errors)} unreadable image(s) excluded")
     else:

@@ -25,7 +25,7 @@ import random
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from torch.optim import SGD, AdamW, Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR, ReduceLROnPlateau
 from torch.utils.data import DataLoader
 
+from core.calibration import Calibration, ece, fit_temperature, nll, softmax
 from core.checkpoint import (
     CheckpointError,
     CheckpointMeta,
@@ -60,13 +61,14 @@ from core.dataset import (
 from core.evaluation import (
     EvalReport,
     EvaluationCancelled,
-    evaluate_checkpoint,
+    evaluate_checkpoint_outputs,
     plot_confusion_matrix,
     plot_training_curves,
 )
 from core.inference import select_device
 from core.labels import as_label_mode, classes_for
 from core.models import build_model, head_name, resolve_weights
+from core.plots import write_evaluation_plots
 from core.transforms import EvalPreset, PresetParams, TrainPreset
 
 __all__ = [
@@ -97,6 +99,9 @@ _PLATEAU_FACTOR = 0.1
 _STEP_GAMMA = 0.1
 _COSINE_FLOOR = 0.01
 _TRAINING_STATE_VERSION = 1
+# Below this many validation images a fitted temperature is noise (two images can pull it
+# anywhere in [T_MIN, T_MAX]); the model then keeps the raw softmax and says so.
+CALIBRATION_MIN_VAL = 20
 
 
 class TrainingDataError(ValueError):
@@ -180,20 +185,12 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def macro_f1(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
-    """Mean F1 over the classes present in ``y_true`` or ``y_pred`` (scikit-learn's default)."""
-    true = np.asarray(y_true, dtype=np.int64)
-    pred = np.asarray(y_pred, dtype=np.int64)
-    labels = np.union1d(true, pred)
-    if labels.size == 0:
-        return 0.0
-    scores = []
-    for c in labels:
-        tp = int(np.sum((true == c) & (pred == c)))
-        fp = int(np.sum((true != c) & (pred == c)))
-        fn = int(np.sum((true == c) & (pred != c)))
-        denom = 2 * tp + fp + fn
-        scores.append(2 * tp / denom if denom else 0.0)
-    return float(np.mean(scores))
+    """Mean F1 over the classes present in ``y_true`` or ``y_pred`` (``sklearn.metrics``)."""
+    from sklearn.metrics import f1_score
+
+    if len(y_true) == 0 and len(y_pred) == 0:
+        return 0.0  # sklearn refuses empty input
+    return float(f1_score(y_true, y_pred, average="macro", zero_division=0))
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
@@ -797,6 +794,71 @@ class _Run:
         self.finished = True
         return True
 
+    # ---- calibration -------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _val_logits(self, model: nn.Module) -> tuple[np.ndarray, np.ndarray]:
+        """Raw logits and labels of the validation split; EvaluationCancelled on should_stop."""
+        model.eval()
+        logits: list[np.ndarray] = []
+        labels: list[np.ndarray] = []
+        for batch in self.val_loader:
+            if self.should_stop():
+                raise EvaluationCancelled("cancelled during calibration")
+            images, target = self._to_device(batch[0], batch[1])
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+                out = model(images)
+            logits.append(out.float().cpu().numpy())
+            labels.append(target.cpu().numpy())
+        if not logits:
+            return np.zeros((0, len(self.classes))), np.zeros(0, dtype=np.int64)
+        return np.concatenate(logits), np.concatenate(labels)
+
+    def calibrate(self) -> Calibration:
+        """Fit best.pt's temperature on the validation split and store it in best.pt.
+
+        Done once: a resumed run finds the calibration in best.pt and keeps it. best.pt gets a
+        new digest; last.pt is saved again right after so that a resume verifies best.pt
+        against it (a crash between those two writes leaves last.pt with the old digest).
+        """
+        ckpt = load_checkpoint(
+            self.best_path, expected_sha256=self.best_sha256 or None, device=self.device
+        )
+        done = ckpt.meta.calibration
+        if done.calibrated or done.n > 0:
+            return done  # a resumed run that had calibrated already: best.pt stays as it is
+        logits, labels = self._val_logits(ckpt.model)
+        if labels.size < CALIBRATION_MIN_VAL:
+            calibration = Calibration(n=int(labels.size))
+            self.log(
+                f"calibration skipped: {labels.size} validation images, fewer than "
+                f"{CALIBRATION_MIN_VAL}; confidences stay the raw softmax (temperature 1.0)"
+            )
+        else:
+            t = fit_temperature(logits, labels)
+            raw, scaled = softmax(logits), softmax(logits, t)
+            calibration = Calibration(
+                temperature=t,
+                calibrated=True,
+                n=int(labels.size),
+                val_nll=nll(scaled, labels),
+                val_nll_uncalibrated=nll(raw, labels),
+                val_ece=ece(scaled, labels),
+                val_ece_uncalibrated=ece(raw, labels),
+            )
+            self.log(
+                f"calibration: temperature {t:.3f} on {labels.size} validation images, "
+                f"ECE {calibration.val_ece_uncalibrated:.4f} -> {calibration.val_ece:.4f}"
+            )
+        if ckpt.meta.calibration != calibration:
+            self.best_sha256 = save_checkpoint(
+                self.best_path,
+                model=ckpt.model,
+                meta=replace(ckpt.meta, calibration=calibration),
+            )
+            self.save_last(self.history[-1].to_dict() if self.history else {})
+        return calibration
+
     # ---- final evaluation --------------------------------------------------------------
 
     def evaluate_test(self) -> EvalReport | None:
@@ -810,7 +872,7 @@ class _Run:
         ckpt = load_checkpoint(
             self.best_path, expected_sha256=self.best_sha256 or None, device=self.device
         )
-        report = evaluate_checkpoint(
+        outputs = evaluate_checkpoint_outputs(
             ckpt,
             self.splits.test,
             batch_size=self.config.batch_size,
@@ -819,10 +881,12 @@ class _Run:
             should_stop=self.should_stop,
             roots=self.config.data_roots,
         )
+        report = outputs.report
         _atomic_write_text(
             self.out_dir / TEST_REPORT_JSON, json.dumps(report.to_dict(), indent=2) + "\n"
         )
         plot_confusion_matrix(report, self.out_dir / CONFUSION_PNG)
+        write_evaluation_plots(outputs, self.out_dir)
         return report
 
     def result(self, *, report: EvalReport | None, cancelled: bool, resumed: int) -> TrainResult:
@@ -907,9 +971,10 @@ def train(
         if not run.best_path.is_file():
             raise FileNotFoundError(f"{run.best_path}: best checkpoint missing after training")
         try:
+            run.calibrate()
             report = run.evaluate_test()
         except EvaluationCancelled:
-            run.log("cancelled during the test evaluation")
+            run.log("cancelled during calibration or the test evaluation")
             return run.result(report=None, cancelled=True, resumed=resumed_from)
         return run.result(report=report, cancelled=False, resumed=resumed_from)
 

@@ -200,6 +200,16 @@ class ModelOut(BaseModel):
     stage: ModelStage
     created_at: datetime
     promoted_at: datetime | None
+    temperature: float = Field(
+        1.0, description="Temperature the reported confidences are scaled with (1.0: raw)."
+    )
+    calibrated: bool = Field(
+        False, description="False for a model trained before calibration (temperature 1.0)."
+    )
+    ece: float | None = Field(None, description="Test-split ECE after the temperature.")
+    ece_uncalibrated: float | None = Field(None, description="Test-split ECE before it.")
+    nll: float | None = Field(None, description="Test-split NLL after the temperature.")
+    nll_uncalibrated: float | None = Field(None, description="Test-split NLL before it.")
 
 
 class HealthOut(BaseModel):

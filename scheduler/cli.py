@@ -288,6 +288,13 @@ def model_dict(model: Any) -> dict[str, Any]:
         "metrics": model.metrics or {},
         "created_at": _plain(model.created_at),
         "promoted_at": _plain(model.promoted_at),
+        # calibrated False: trained before temperature scaling, confidences are the raw softmax
+        "temperature": model.temperature,
+        "calibrated": model.calibrated,
+        "ece": model.ece,
+        "ece_uncalibrated": model.ece_uncalibrated,
+        "nll": model.nll,
+        "nll_uncalibrated": model.nll_uncalibrated,
     }
 
 

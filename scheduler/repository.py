@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
@@ -967,6 +967,36 @@ def get_evaluation(session: Session, job_id: int) -> EvaluationReport:
 # --------------------------------------------------------------------------- model versions
 
 
+CALIBRATION_FIELDS = (
+    "temperature",
+    "calibrated",
+    "ece",
+    "ece_uncalibrated",
+    "nll",
+    "nll_uncalibrated",
+)
+
+
+def _calibration_columns(calibration: Mapping[str, Any] | None) -> dict[str, Any]:
+    data = dict(calibration or {})
+    unknown = set(data) - set(CALIBRATION_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown calibration fields: {sorted(unknown)}")
+
+    def opt(key: str) -> float | None:
+        value = data.get(key)
+        return None if value is None else float(value)
+
+    return {
+        "temperature": float(data.get("temperature", 1.0)),
+        "calibrated": bool(data.get("calibrated", False)),
+        "ece": opt("ece"),
+        "ece_uncalibrated": opt("ece_uncalibrated"),
+        "nll": opt("nll"),
+        "nll_uncalibrated": opt("nll_uncalibrated"),
+    }
+
+
 def register_model_version(
     session: Session,
     *,
@@ -977,12 +1007,16 @@ def register_model_version(
     checkpoint_path: str,
     checkpoint_sha256: str,
     metrics: dict[str, Any],
+    calibration: Mapping[str, Any] | None = None,
 ) -> ModelVersion:
     """Register a trained checkpoint as a candidate; idempotent per ``training_job_id``.
 
     A retry for the same training job returns the existing row; while it is still a candidate
     its checkpoint and metrics are refreshed (the retry's files are the current ones).
+    ``calibration`` holds any of ``CALIBRATION_FIELDS`` (absent: temperature 1.0, not
+    calibrated, no ECE/NLL).
     """
+    cal = _calibration_columns(calibration)
     if training_job_id is not None:
         existing = session.scalars(
             select(ModelVersion).where(ModelVersion.training_job_id == training_job_id)
@@ -995,6 +1029,8 @@ def register_model_version(
                 existing.checkpoint_path = checkpoint_path
                 existing.checkpoint_sha256 = checkpoint_sha256
                 existing.metrics = dict(metrics)
+                for key, value in cal.items():
+                    setattr(existing, key, value)
                 session.flush()
             return existing
     version = ModelVersion(
@@ -1007,6 +1043,7 @@ def register_model_version(
         metrics=dict(metrics),
         stage=ModelStage.CANDIDATE,
         created_at=utcnow(),
+        **cal,
     )
     session.add(version)
     session.flush()

@@ -32,6 +32,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
     text,
 )
 from sqlalchemy import Enum as SAEnum
@@ -334,6 +335,15 @@ class ModelVersion(Base):
     # archived version that had been production (promoted_at set).
     promoted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     archived_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Temperature scaling fitted on the validation split at the end of training; a version
+    # trained before calibration existed has temperature 1.0 and calibrated False. ECE/NLL
+    # are those of its test-split report, after and before the temperature.
+    temperature: Mapped[float] = mapped_column(Float, default=1.0, server_default="1.0")
+    calibrated: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    ece: Mapped[float | None] = mapped_column(Float)
+    ece_uncalibrated: Mapped[float | None] = mapped_column(Float)
+    nll: Mapped[float | None] = mapped_column(Float)
+    nll_uncalibrated: Mapped[float | None] = mapped_column(Float)
 
     def __repr__(self) -> str:
         return f"ModelVersion(id={self.id!r}, arch={self.arch!r}, stage={self.stage!s})"

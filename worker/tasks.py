@@ -612,7 +612,24 @@ _TRAIN_ARTIFACTS: tuple[tuple[str, str], ...] = (
     ("training_curves.png", "training_curves"),
     ("confusion_matrix.png", "confusion_matrix"),
     ("test_report.json", "report"),
+    # core.plots.PLOT_FILES, spelled out: this module must not import torch at import time.
+    ("reliability_diagram.png", "reliability_diagram"),
+    ("per_class_metrics.png", "per_class_metrics"),
+    ("roc_curves.png", "roc_curves"),
+    ("confident_mistakes.png", "confident_mistakes"),
 )
+
+
+def _calibration_record(meta: Any, report: dict[str, Any] | None) -> dict[str, Any]:
+    """What the model version records of its calibration: the checkpoint's temperature and
+    the test report's ECE/NLL after and before it."""
+    record: dict[str, Any] = {
+        "temperature": float(meta.calibration.temperature),
+        "calibrated": bool(meta.calibration.calibrated),
+    }
+    for key in ("ece", "ece_uncalibrated", "nll", "nll_uncalibrated"):
+        record[key] = _finite(report.get(key)) if report is not None else None
+    return record
 
 
 def _record_training(settings: Settings, job_id: int, config: Any, result: Any) -> None:
@@ -652,6 +669,7 @@ def _record_training(settings: Settings, job_id: int, config: Any, result: Any) 
             checkpoint_path=str(Path(result.best_checkpoint).resolve()),
             checkpoint_sha256=result.best_sha256,
             metrics=metrics,
+            calibration=_calibration_record(meta, report),
         )
         if report is not None:
             repository.record_evaluation(
@@ -772,7 +790,12 @@ def _relabel(samples: list[Any], mode: str, classes: tuple[str, ...]) -> list[An
 
 def _run_evaluation(settings: Settings, job_id: int, job: _EvalJob) -> str:
     from core.dataset import scan_folder
-    from core.evaluation import EvaluationCancelled, evaluate_checkpoint, plot_confusion_matrix
+    from core.evaluation import (
+        EvaluationCancelled,
+        evaluate_checkpoint_outputs,
+        plot_confusion_matrix,
+    )
+    from core.plots import write_evaluation_plots
 
     runtime.configure_threads()
     model = runtime.load_model(
@@ -797,7 +820,7 @@ def _run_evaluation(settings: Settings, job_id: int, job: _EvalJob) -> str:
             runtime.with_session(settings, lambda s: repository.set_progress(s, job_id, done))
 
     try:
-        report = evaluate_checkpoint(
+        outputs = evaluate_checkpoint_outputs(
             model.checkpoint,
             samples,
             batch_size=job.batch_size,
@@ -809,15 +832,17 @@ def _run_evaluation(settings: Settings, job_id: int, job: _EvalJob) -> str:
     except EvaluationCancelled:
         _finish(settings, job_id, JobStatus.CANCELLED)
         return "cancelled"
+    report = outputs.report
     out_dir = job_dir(settings, job_id)
     out_dir.mkdir(parents=True, exist_ok=True)
     report_dict = report.to_dict()
     report_path = out_dir / "evaluation_report.json"
     with _written_atomically(report_path) as tmp:
         tmp.write_text(json.dumps(report_dict, indent=2), encoding="utf-8")
-    cm_path = out_dir / "confusion_matrix.png"
-    with _written_atomically(cm_path) as tmp:
-        plot_confusion_matrix(report, tmp)
+    plots: dict[str, Path] = {
+        "confusion_matrix": plot_confusion_matrix(report, out_dir / "confusion_matrix.png"),
+        **write_evaluation_plots(outputs, out_dir),
+    }
 
     def fn(session: Session) -> None:
         repository.record_evaluation(
@@ -827,7 +852,7 @@ def _run_evaluation(settings: Settings, job_id: int, job: _EvalJob) -> str:
             dataset=job.data,
             report=report_dict,
         )
-        for path, kind in ((report_path, "report"), (Path(cm_path), "confusion_matrix")):
+        for kind, path in (("report", report_path), *plots.items()):
             repository.record_artifact(
                 session,
                 job_id=job_id,

@@ -123,3 +123,37 @@ def test_meta_validation() -> None:
         _meta(label_mode="16")
     with pytest.raises(ValueError, match="distinct"):
         _meta(classes=("a", "a"))
+
+
+def test_calibration_round_trips(tmp_path: Path, model: torch.nn.Module) -> None:
+    from core.calibration import Calibration
+
+    cal = Calibration(temperature=1.8, calibrated=True, n=40, val_nll=0.4, val_ece=0.03)
+    save_checkpoint(tmp_path / "c.pt", model=model, meta=_meta(calibration=cal))
+    assert load_checkpoint(tmp_path / "c.pt").meta.calibration == cal
+
+
+def test_checkpoint_from_before_calibration_loads_with_temperature_one(
+    tmp_path: Path, model: torch.nn.Module
+) -> None:
+    from core.calibration import Calibration
+
+    # The file layout written before calibration existed: a meta without "calibration".
+    meta = _meta().to_dict()
+    meta.pop("calibration", None)
+    path = tmp_path / "old.pt"
+    torch.save(
+        {
+            "format": "mriq-checkpoint",
+            "format_version": 1,
+            "meta": meta,
+            "model_state": model.state_dict(),
+            "training_state": None,
+        },
+        path,
+    )
+    loaded = load_checkpoint(path)
+    assert loaded.meta.calibration == Calibration()
+    assert loaded.meta.calibration.temperature == 1.0
+    assert loaded.meta.calibration.calibrated is False
+    assert loaded.meta.to_dict()["calibration"]["calibrated"] is False

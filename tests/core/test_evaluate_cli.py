@@ -63,6 +63,12 @@ def test_json_output_and_out_dir(setup: tuple[Path, str, Path, Path], tmp_path: 
     assert len(payload["classes"]) == 15
     assert json.loads((out / "report.json").read_text())["n"] == 6
     assert (out / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("reliability_diagram", "per_class_metrics", "roc_curves", "confident_mistakes"):
+        assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    # The tiny checkpoint predates calibration: temperature 1.0, ECE the same both ways.
+    assert payload["temperature"] == 1.0 and payload["calibrated"] is False
+    assert payload["ece"] == payload["ece_uncalibrated"] is not None
+    assert payload["nll"] == payload["nll_uncalibrated"] is not None
 
 
 def test_summary_table(

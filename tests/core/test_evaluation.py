@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import product
 from pathlib import Path
 
@@ -87,6 +87,73 @@ def test_predicted_class_absent_from_truth_counts_in_macro() -> None:
     assert r.macro_f1 == pytest.approx((6 / 7 + 0.0) / 2)
     assert r.weighted_f1 == pytest.approx(6 / 7)
     assert r.roc_auc_ovr_macro is None  # only one class in y_true: nothing has negatives+pos
+
+
+def test_single_class_batch_hand_computed() -> None:
+    # Every image is class b; one of four is called c. Only b and c occur: macro over them.
+    y = [1, 1, 1, 1]
+    r = compute_report(y, one_hot_scores([1, 1, 2, 1], 3), CLS3)
+    a, b, c = r.per_class
+    assert r.accuracy == pytest.approx(0.75)
+    assert (b.precision, b.recall, b.f1, b.support) == pytest.approx((1.0, 0.75, 6 / 7, 4))
+    assert (c.precision, c.recall, c.f1, c.support) == (0.0, 0.0, 0.0, 0)
+    assert (a.precision, a.recall, a.f1, a.support) == (0.0, 0.0, 0.0, 0)
+    assert r.macro_precision == pytest.approx(0.5)
+    assert r.macro_recall == pytest.approx(0.375)
+    assert r.macro_f1 == pytest.approx(3 / 7)
+    assert r.weighted_f1 == pytest.approx(6 / 7)
+    assert r.confusion_matrix == ((0, 0, 0), (0, 3, 1), (0, 0, 0))
+    # No class has both positives and negatives: AUC is undefined everywhere.
+    assert r.roc_auc_per_class == (None, None, None) and r.roc_auc_ovr_macro is None
+
+
+def test_all_classes_absent_but_one_and_a_single_sample() -> None:
+    r = compute_report([2], np.array([[0.1, 0.2, 0.7]]), CLS3)
+    assert r.accuracy == 1.0 and r.macro_f1 == 1.0 and r.top3_accuracy == 1.0
+    assert [c.support for c in r.per_class] == [0, 0, 1]
+    assert r.ece == pytest.approx(0.3) and r.nll == pytest.approx(-math.log(0.7))
+
+
+def test_calibration_fields_and_mistakes_hand_computed() -> None:
+    y = [0, 0, 1, 1]
+    calibrated = np.array([[0.6, 0.4], [0.3, 0.7], [0.2, 0.8], [0.55, 0.45]])
+    raw = np.array([[0.9, 0.1], [0.05, 0.95], [0.1, 0.9], [0.8, 0.2]])
+    r = compute_report(
+        y, calibrated, ("x", "y"), uncalibrated_probs=raw, temperature=2.0, calibrated=True,
+        paths=["p0", "p1", "p2", "p3"],
+    )
+    assert r.temperature == 2.0 and r.calibrated
+    # calibrated: bins (.53,.6]: p0 right conf .6, p3 wrong conf .55 -> |.5 - .575| * 2/4;
+    # (.67,.73]: p1 wrong .7 -> .7 * 1/4; (.8-eps,.8]: p2 right .8 -> .2 * 1/4
+    assert r.ece == pytest.approx(0.075 / 2 + 0.7 / 4 + 0.2 / 4)
+    # raw: p0 right .9 and p2 right .9 share a bin -> .1 * 2/4; p1 wrong .95 -> .95/4;
+    # p3 wrong .8 -> .8/4
+    assert r.ece_uncalibrated == pytest.approx(0.1 / 2 + 0.95 / 4 + 0.8 / 4)
+    assert r.nll == pytest.approx(-np.mean(np.log([0.6, 0.3, 0.8, 0.45])))
+    assert r.nll_uncalibrated == pytest.approx(-np.mean(np.log([0.9, 0.05, 0.9, 0.2])))
+    assert r.brier == pytest.approx(np.mean([0.32, 0.98, 0.08, 0.605]))
+    # Most confident mistake first; the argmax (and so the mistakes) ignore the temperature.
+    assert [(m.path, m.true, m.predicted) for m in r.most_confident_mistakes] == [
+        ("p1", "x", "y"), ("p3", "y", "x"),
+    ]
+    assert [m.confidence for m in r.most_confident_mistakes] == pytest.approx([0.7, 0.55])
+    assert EvalReport.from_dict(json.loads(json.dumps(r.to_dict()))) == r
+
+
+def test_calibration_fields_absent_for_ranking_scores() -> None:
+    # Scores that are no probability distribution rank fine but have no calibration.
+    r = compute_report([0, 1], np.array([[3.0, 1.0], [0.0, 2.0]]), ("x", "y"))
+    assert r.accuracy == 1.0 and r.ece is None and r.nll is None
+
+
+def test_report_from_before_calibration_reads_as_uncalibrated() -> None:
+    r = compute_report([0, 1], one_hot_scores([0, 1], 3), CLS3)
+    old = r.to_dict()
+    for key in ("temperature", "calibrated", "ece", "ece_uncalibrated", "nll",
+                "nll_uncalibrated", "brier", "brier_uncalibrated", "most_confident_mistakes"):
+        del old[key]
+    back = EvalReport.from_dict(old)
+    assert back.temperature == 1.0 and not back.calibrated and back.ece is None
 
 
 def test_roc_auc_with_ties_hand_computed() -> None:
@@ -173,6 +240,7 @@ def test_to_dict_is_json_with_required_keys_and_round_trips() -> None:
     )
     d = json.loads(json.dumps(r.to_dict()))
     for key in (
+        "temperature", "ece", "ece_uncalibrated", "nll", "nll_uncalibrated",
         "n", "accuracy", "macro_f1", "per_class", "confusion_matrix", "classes",
         "macro_precision", "macro_recall", "weighted_precision", "weighted_recall",
         "weighted_f1", "top3_accuracy", "roc_auc_ovr_macro", "roc_auc_per_class", "errors",
@@ -241,8 +309,22 @@ def test_evaluate_checkpoint_records_errors_and_reports(tmp_path: Path) -> None:
     assert [p for p, _ in report.errors] == [str(empty)]
     assert sum(sum(row) for row in report.confusion_matrix) == 5
     assert calls[-1] == (6, 6)
-    # eval preset is deterministic: the same data gives the same report
-    assert evaluate_checkpoint(ckpt, samples, batch_size=4) == report
+    # eval preset is deterministic: the same data gives the same report (the likelihood-based
+    # calibration numbers up to float rounding, which differs with the batch size)
+    again = evaluate_checkpoint(ckpt, samples, batch_size=4)
+    fuzzy = ("ece", "ece_uncalibrated", "nll", "nll_uncalibrated", "brier", "brier_uncalibrated")
+    for name in fuzzy:
+        assert getattr(again, name) == pytest.approx(getattr(report, name), abs=1e-6), name
+    mistakes = report.most_confident_mistakes
+    assert [(m.path, m.true, m.predicted) for m in again.most_confident_mistakes] == [
+        (m.path, m.true, m.predicted) for m in mistakes
+    ]
+    assert [m.confidence for m in again.most_confident_mistakes] == pytest.approx(
+        [m.confidence for m in mistakes], abs=1e-6
+    )
+    exact = {name: getattr(report, name) for name in fuzzy}
+    assert replace(again, most_confident_mistakes=mistakes, **exact) == report
+    assert report.nll is not None and report.temperature == 1.0 and not report.calibrated
 
 
 def test_evaluate_checkpoint_cancel(tmp_path: Path) -> None:

@@ -498,3 +498,36 @@ def test_batches_are_built_channels_last_with_the_same_values() -> None:
     # mismatched shapes fail as torch.stack fails, never by silent broadcasting
     with pytest.raises(RuntimeError):
         _stack_channels_last([torch.rand(3, 9, 7), torch.rand(1, 9, 7)])
+
+
+def test_confidences_are_temperature_scaled_and_argmax_unchanged(
+    tmp_path: Path, images: list[Path]
+) -> None:
+    from dataclasses import replace
+
+    from core.calibration import Calibration, softmax
+    from core.checkpoint import load_checkpoint, save_checkpoint
+
+    path, _ = make_tiny_checkpoint_file(tmp_path)
+    raw_ckpt = load_checkpoint(path)
+    hot = tmp_path / "hot.pt"
+    save_checkpoint(
+        hot,
+        model=raw_ckpt.model,
+        meta=replace(raw_ckpt.meta, calibration=Calibration(temperature=0.25, calibrated=True)),
+    )
+    scaled = Predictor(load_checkpoint(hot), batch_size=3)
+    raw = Predictor(raw_ckpt, batch_size=3)
+    assert scaled.temperature == 0.25 and raw.temperature == 1.0
+    logits = np.stack([row for _, row, _ in raw.predict_logits(images)])
+    expected = softmax(logits, 0.25)
+    got = list(scaled.predict(images))
+    plain = list(raw.predict(images))
+    for i, (p, q) in enumerate(zip(got, plain, strict=True)):
+        assert p.label == q.label == scaled.classes[int(logits[i].argmax())]
+        assert p.confidence == pytest.approx(float(expected[i].max()), abs=1e-5)
+        assert [c for c, _ in p.top_k] == [c for c, _ in q.top_k]
+    # A temperature below 1 sharpens: every confidence rises.
+    assert all(p.confidence > q.confidence for p, q in zip(got, plain, strict=True))  # type: ignore[operator]
+    probs = np.stack([row for _, row, _ in scaled.predict_proba(images)])
+    np.testing.assert_allclose(probs, expected, atol=1e-5)

@@ -96,6 +96,8 @@ def observed(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(training, "CrossEntropyLoss", SpyLoss)
         mp.setattr(training, "ImageDataset", SpyDataset)
+        # The tiny split has 2 validation images; calibrate anyway to cover that step.
+        mp.setattr(training, "CALIBRATION_MIN_VAL", 1)
         seen_epochs: list[EpochMetrics] = []
         batches: list[tuple[int, int]] = []
         logs: list[str] = []
@@ -128,6 +130,38 @@ def test_run_writes_all_files(observed: Observed) -> None:
     report = json.loads((out / "test_report.json").read_text())
     assert report["n"] == len(splits_of(observed.config).test) == result.test_report.n  # type: ignore[union-attr]
     assert "Glioblastoma" in result.class_table and "Glioblastoma" in observed.logs[0]
+
+
+@pytest.mark.slow
+def test_run_stores_a_fitted_temperature(observed: Observed) -> None:
+    from core.calibration import fit_temperature
+    from core.evaluation import EvalReport
+
+    out = observed.config.out_dir
+    best = load_checkpoint(out / "best.pt", expected_sha256=observed.result.best_sha256)
+    cal = best.meta.calibration
+    n_val = len(splits_of(observed.config).val)
+    assert cal.calibrated and cal.n == n_val and cal.temperature != 1.0
+    assert cal.val_nll is not None and cal.val_nll_uncalibrated is not None
+    assert cal.val_nll <= cal.val_nll_uncalibrated
+    # The temperature is the one fitted on the validation split's raw logits.
+    val = training.ImageDataset(
+        splits_of(observed.config).val, EvalPreset(params=best.meta.preset)
+    )
+    with torch.inference_mode():
+        images = torch.stack([val[i][0] for i in range(len(val))])
+        logits = best.model(images).numpy()
+    labels = [val[i][1] for i in range(len(val))]
+    assert cal.temperature == pytest.approx(fit_temperature(logits, labels), rel=1e-4)
+    # The test report was made with it, and last.pt knows best.pt's new digest.
+    report = EvalReport.from_dict(json.loads((out / "test_report.json").read_text()))
+    assert report.calibrated and report.temperature == cal.temperature
+    assert report.ece is not None and report.ece_uncalibrated is not None
+    last = load_checkpoint(out / "last.pt")
+    assert last.training_state is not None
+    assert last.training_state["best_sha256"] == observed.result.best_sha256
+    for name in ("reliability_diagram", "per_class_metrics", "roc_curves", "confident_mistakes"):
+        assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG", name
 
 
 @pytest.mark.slow
@@ -178,8 +212,9 @@ def test_validation_is_disjoint_and_never_augmented(observed: Observed) -> None:
     augmented = {p for kind, p in observed.loaded if kind == "TrainPreset"}
     evaluated = [p for kind, p in observed.loaded if kind == "EvalPreset"]
     assert augmented <= train_paths
-    # Every validation image is evaluated once per epoch, without augmentation.
-    assert sorted(evaluated) == sorted(list(val_paths) * 2)
+    # Every validation image is evaluated once per epoch and once to fit the temperature,
+    # without augmentation.
+    assert sorted(evaluated) == sorted(list(val_paths) * 3)
 
 
 @pytest.mark.slow

@@ -487,3 +487,24 @@ def test_pool_exhausted_is_503_with_retry_after(
         assert [results[f"stuck{i}"].status_code for i in (0, 1)] == [200, 200]
     finally:
         locker.dispose()
+
+
+def test_model_out_has_calibration_fields(
+    client: TestClient, sessions: sessionmaker[Session]
+) -> None:
+    legacy = _model(sessions, promote=False)
+    with sessions() as s, s.begin():
+        version = repository.register_model_version(
+            s, training_job_id=None, arch="resnet18", label_mode="15",
+            classes=["Glioblastoma", "Normal"], checkpoint_path="/m/c.pt",
+            checkpoint_sha256="d" * 64, metrics={},
+            calibration={"temperature": 2.5, "calibrated": True, "ece": 0.03, "nll": 0.5},
+        )
+        calibrated = int(version.id)
+    body = client.get(f"/models/{calibrated}").json()
+    assert (body["temperature"], body["calibrated"], body["ece"], body["nll"]) == (
+        2.5, True, 0.03, 0.5
+    )
+    assert body["ece_uncalibrated"] is None
+    old = client.get(f"/models/{legacy}").json()
+    assert old["temperature"] == 1.0 and old["calibrated"] is False and old["ece"] is None

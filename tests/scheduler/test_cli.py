@@ -452,3 +452,29 @@ def test_api_serves_non_loopback_with_token_or_insecure(
     with running_api(env, tmp_path, "--host", "0.0.0.0", "--insecure") as api:
         assert httpx.get(api.url + "/jobs", timeout=10).status_code == 200
         assert "without a token (--insecure)" in api.log()
+
+
+def test_models_show_json_has_calibration_fields(
+    env: dict[str, str], sessions: sessionmaker[Session]
+) -> None:
+    old = _model(sessions)  # registered without calibration: trained before it existed
+    with sessions() as s, s.begin():
+        train = repository.create_job(s, kind=JobKind.TRAIN, params={"data": "/d"})
+        new = int(repository.register_model_version(
+            s, training_job_id=train.id, arch="resnet18", label_mode="15",
+            classes=["Glioblastoma", "Normal"], checkpoint_path="/m/b.pt",
+            checkpoint_sha256="b" * 64, metrics={},
+            calibration={"temperature": 1.7, "calibrated": True, "ece": 0.02,
+                         "ece_uncalibrated": 0.09, "nll": 0.4, "nll_uncalibrated": 0.6},
+        ).id)
+    shown = json.loads(mriq(env, "models", "show", str(new), "--json").stdout)
+    assert {k: shown[k] for k in ("temperature", "calibrated", "ece", "ece_uncalibrated",
+                                  "nll", "nll_uncalibrated")} == {
+        "temperature": 1.7, "calibrated": True, "ece": 0.02, "ece_uncalibrated": 0.09,
+        "nll": 0.4, "nll_uncalibrated": 0.6,
+    }
+    legacy = json.loads(mriq(env, "models", "show", str(old), "--json").stdout)
+    assert legacy["temperature"] == 1.0 and legacy["calibrated"] is False
+    assert legacy["ece"] is None and legacy["nll"] is None
+    table = mriq(env, "models", "show", str(new))
+    assert table.exit_code == 0 and "temperature" in table.stdout

@@ -305,3 +305,41 @@ def test_sqlite_writers_wait_instead_of_failing(sqlite_url: str) -> None:
             assert repo.get_job(s, job_id).progress_done == 40  # no lost update
     finally:
         engine.dispose()
+
+
+def test_calibration_revision_upgrades_old_models_and_downgrades(db_url: str) -> None:
+    # A model version registered before calibration existed (schema at 0001) ...
+    cfg = alembic_config(db_url)
+    command.upgrade(cfg, "0001")
+    engine = make_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO model_versions (arch, label_mode, classes, checkpoint_path, "
+                    "checkpoint_sha256, metrics, stage, created_at) VALUES ('resnet18', '15', "
+                    "'[]', '/m/best.pt', :sha, '{}', 'candidate', :now)"
+                ),
+                {"sha": "0" * 64, "now": datetime.now(UTC)},
+            )
+        command.upgrade(cfg, "0002_h5")
+        columns = {c["name"] for c in inspect(engine).get_columns("model_versions")}
+        assert {"temperature", "calibrated", "ece", "ece_uncalibrated", "nll",
+                "nll_uncalibrated"} <= columns
+        with engine.connect() as conn:
+            row = conn.execute(
+                text("SELECT temperature, calibrated, ece, nll FROM model_versions")
+            ).one()
+        # ... reads as uncalibrated: temperature 1.0, said so by the flag, no ECE/NLL.
+        assert row.temperature == 1.0 and not row.calibrated
+        assert row.ece is None and row.nll is None
+        with make_session_factory(engine)() as session:
+            version = repo.list_model_versions(session)[0]
+            assert version.temperature == 1.0 and version.calibrated is False
+        command.downgrade(cfg, "0001")
+        engine.dispose()
+        columns = {c["name"] for c in inspect(engine).get_columns("model_versions")}
+        assert "temperature" not in columns and "calibrated" not in columns
+        assert "ece" not in columns and "checkpoint_sha256" in columns
+    finally:
+        engine.dispose()

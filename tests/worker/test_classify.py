@@ -190,3 +190,61 @@ def test_cancelled_job_chunks_record_nothing(
     finally:
         dispatcher.close()
         factory.kw["bind"].dispose()
+
+
+@pytest.mark.slow
+def test_classify_job_reports_temperature_scaled_confidences(
+    tmp_path: Path, sqlite_url: str, start_worker: StartWorker, tiny_model: TinyModel
+) -> None:
+    """The confidences and top-k a classify job stores are softmax(logits / T)."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from core.calibration import Calibration, softmax
+    from core.checkpoint import load_checkpoint, save_checkpoint
+    from core.inference import Predictor
+
+    temperature = 0.3  # sharpens a lot, so raw and calibrated confidences differ clearly
+    raw = load_checkpoint(tiny_model.path, expected_sha256=tiny_model.sha256)
+    path = tmp_path / "calibrated.pt"
+    sha = save_checkpoint(
+        path,
+        model=raw.model,
+        meta=replace(raw.meta, calibration=Calibration(temperature=temperature, calibrated=True)),
+    )
+    model = TinyModel(path=path, sha256=sha, classes=tiny_model.classes)
+    paths = write_images(tmp_path / "images", 6)
+    logits = np.stack([z for _, z, _ in Predictor(raw).predict_logits(paths)])
+    expected = softmax(logits, temperature)
+    uncalibrated = softmax(logits)
+
+    settings = make_settings(tmp_path, database_url=sqlite_url, broker_url=None)
+    factory = migrated_factory(sqlite_url)
+    version_id = _register_model(factory, model)
+    job_id, n_chunks = _create_classify_job(factory, version_id, paths)
+    worker = start_worker(settings)
+    dispatcher = Dispatcher(settings)
+    try:
+        dispatcher.classify_chunks(job_id, range(n_chunks))
+        wait_until(
+            lambda: _job(factory, job_id)[0].is_terminal,
+            timeout=180,
+            what=f"job {job_id} to finish; worker log:\n{worker.log()}",
+        )
+        assert _job(factory, job_id)[0] == JobStatus.SUCCEEDED, worker.log()
+        with factory() as session:
+            rows = repository.list_predictions(session, job_id, limit=100)
+        assert len(rows) == len(paths)
+        for row, want, before in zip(rows, expected, uncalibrated, strict=True):
+            order = np.argsort(-want, kind="stable")[:3]
+            assert row.label == model.classes[int(order[0])]  # the argmax is unchanged
+            assert row.confidence == pytest.approx(float(want[order[0]]), abs=1e-5)
+            assert row.confidence != pytest.approx(float(before.max()), abs=1e-3)
+            assert [label for label, _ in row.top_k] == [model.classes[int(i)] for i in order]
+            assert [p for _, p in row.top_k] == pytest.approx(
+                [float(want[i]) for i in order], abs=1e-5
+            )
+    finally:
+        dispatcher.close()
+        factory.kw["bind"].dispose()

@@ -43,8 +43,17 @@ def _job(factory: sessionmaker[Session], job_id: int) -> tuple[JobStatus, int, i
         return JobStatus(job.status), job.progress_done, job.progress_total, job.error
 
 
+PLOT_KINDS = {"reliability_diagram", "per_class_metrics", "roc_curves", "confident_mistakes"}
+
+
 @pytest.mark.slow
-def test_train_task_records_everything(tmp_path: Path, sqlite_url: str, dataset: Path) -> None:
+def test_train_task_records_everything(
+    tmp_path: Path, sqlite_url: str, dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import core.training
+
+    # The split has a handful of validation images; calibrate anyway (the task runs here).
+    monkeypatch.setattr(core.training, "CALIBRATION_MIN_VAL", 1)
     settings = _with_root(make_settings(tmp_path, database_url=sqlite_url, broker_url=None),
                           dataset)
     factory = migrated_factory(sqlite_url)
@@ -85,9 +94,19 @@ def test_train_task_records_everything(tmp_path: Path, sqlite_url: str, dataset:
 
         assert version.checkpoint_sha256 == file_sha256(out / "best.pt")
         kinds = {a.kind for a in repository.list_artifacts(session, job_id)}
-        assert {"checkpoint", "metrics"} <= kinds
+        assert {"checkpoint", "metrics", "confusion_matrix"} | PLOT_KINDS <= kinds
         evaluation = repository.get_evaluation(session, job_id)
         assert evaluation.model_version_id == version.id
+        # The version records best.pt's temperature and its test report's ECE/NLL.
+        from core.checkpoint import load_checkpoint
+
+        calibration = load_checkpoint(out / "best.pt").meta.calibration
+        assert calibration.calibrated and version.calibrated
+        assert version.temperature == calibration.temperature != 1.0
+        report = evaluation.report
+        assert report["temperature"] == version.temperature and report["calibrated"]
+        for key in ("ece", "ece_uncalibrated", "nll", "nll_uncalibrated"):
+            assert getattr(version, key) == pytest.approx(report[key]), key
     # Redelivery of a finished training (a worker crashed after finish_job but before the
     # ack) changes nothing.
     again = app.tasks[TRAIN_TASK].apply(args=[job_id])
@@ -136,7 +155,14 @@ def test_evaluate_task(
         assert evaluation.report["n"] == n_images
         artifacts = {a.kind: Path(a.path) for a in repository.list_artifacts(session, job_id)}
     assert artifacts["confusion_matrix"].is_file()
-    assert json.loads(artifacts["report"].read_text())["n"] == n_images
+    assert set(artifacts) >= PLOT_KINDS
+    for kind in PLOT_KINDS:
+        assert artifacts[kind].read_bytes()[:4] == b"\x89PNG", kind
+    stored = json.loads(artifacts["report"].read_text())
+    assert stored["n"] == n_images
+    # An uncalibrated model: temperature 1.0, the same ECE before and after.
+    assert stored["temperature"] == 1.0 and stored["calibrated"] is False
+    assert stored["ece"] == stored["ece_uncalibrated"] is not None
     factory.kw["bind"].dispose()
 
 
