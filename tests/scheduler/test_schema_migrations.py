@@ -322,7 +322,7 @@ def test_calibration_revision_upgrades_old_models_and_downgrades(db_url: str) ->
                 ),
                 {"sha": "0" * 64, "now": datetime.now(UTC)},
             )
-        command.upgrade(cfg, "0002_h5")
+        command.upgrade(cfg, "0003")
         columns = {c["name"] for c in inspect(engine).get_columns("model_versions")}
         assert {"temperature", "calibrated", "ece", "ece_uncalibrated", "nll",
                 "nll_uncalibrated"} <= columns

@@ -1,6 +1,6 @@
 """Chunk liveness: which worker holds a chunk, and how often one was abandoned.
 
-Revision ID: 0002_h3
+Revision ID: 0002
 Revises: 0001
 Create Date: 2026-12-04
 
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0002_h3"
+revision: str = "0002"
 down_revision: str | None = "0001"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None

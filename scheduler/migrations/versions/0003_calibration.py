@@ -1,7 +1,7 @@
 """Model versions record their calibration: temperature, calibrated flag, ECE and NLL.
 
-Revision ID: 0002_h5
-Revises: 0001
+Revision ID: 0003
+Revises: 0002
 Create Date: 2026-12-04
 
 Existing rows were trained before temperature scaling: they get temperature 1.0 and
@@ -16,8 +16,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0002_h5"
-down_revision: str | None = "0001"
+revision: str = "0003"
+down_revision: str | None = "0002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
