@@ -53,10 +53,10 @@ from scheduler.api_guards import (
     TokenAuthMiddleware,
 )
 from scheduler.api_models import (
-    _ERRORS,
     BODY_BYTES_BASE,
     BODY_BYTES_PER_PATH,
     CSV_FLUSH_BYTES,
+    ERROR_RESPONSES,
     MAX_ID,
     MAX_PAGE,
     ArtifactOut,
@@ -76,7 +76,7 @@ from scheduler.api_models import (
     PredictionOut,
     PredictionPage,
     TrainRequest,
-    _printable,
+    printable,
 )
 from scheduler.database import (
     DatabaseNotMigratedError,
@@ -199,9 +199,9 @@ def create_app(settings: Settings) -> FastAPI:
         # (not UTF-8). Location, message and type say what is wrong without the echo.
         detail = [
             {
-                "loc": [_printable(part) for part in error.get("loc", ())],
-                "msg": _printable(error.get("msg", "")),
-                "type": _printable(error.get("type", "")),
+                "loc": [printable(part) for part in error.get("loc", ())],
+                "msg": printable(error.get("msg", "")),
+                "type": printable(error.get("type", "")),
             }
             for error in exc.errors()
         ]
@@ -262,7 +262,7 @@ def create_app(settings: Settings) -> FastAPI:
     # ---------------------------------------------------------------- jobs
 
     @app.post("/jobs/classify", response_model=JobCreated, status_code=201, tags=["jobs"],
-              dependencies=auth, responses={**_ERRORS, 403: {"model": ErrorOut},
+              dependencies=auth, responses={**ERROR_RESPONSES, 403: {"model": ErrorOut},
                                             409: {"model": ErrorOut}, 413: {"model": ErrorOut}})
     def submit_classify(body: ClassifyRequest) -> JobCreated:
         """Classify images: one job, its inputs split into chunks that workers run in
@@ -277,7 +277,7 @@ def create_app(settings: Settings) -> FastAPI:
         return JobCreated(id=job_id)
 
     @app.post("/jobs/train", response_model=JobCreated, status_code=201, tags=["jobs"],
-              dependencies=auth, responses={**_ERRORS, 403: {"model": ErrorOut}})
+              dependencies=auth, responses={**ERROR_RESPONSES, 403: {"model": ErrorOut}})
     def submit_train(body: TrainRequest) -> JobCreated:
         """Train a model version on a folder of class folders (registered as a candidate)."""
         options = body.model_dump(exclude={"data"})
@@ -287,7 +287,7 @@ def create_app(settings: Settings) -> FastAPI:
         return JobCreated(id=job_id)
 
     @app.post("/jobs/evaluate", response_model=JobCreated, status_code=201, tags=["jobs"],
-              dependencies=auth, responses={**_ERRORS, 403: {"model": ErrorOut}})
+              dependencies=auth, responses={**ERROR_RESPONSES, 403: {"model": ErrorOut}})
     def submit_evaluate(body: EvaluateRequest) -> JobCreated:
         """Evaluate a model version on every image of a labelled folder."""
         job_id = submission.submit_evaluate(
@@ -297,7 +297,7 @@ def create_app(settings: Settings) -> FastAPI:
         return JobCreated(id=job_id)
 
     @app.get("/jobs", response_model=JobPage, tags=["jobs"], dependencies=auth,
-             responses={401: _ERRORS[401]})
+             responses={401: ERROR_RESPONSES[401]})
     def list_jobs(
         status: JobStatus | None = None,
         kind: JobKind | None = None,
@@ -313,14 +313,14 @@ def create_app(settings: Settings) -> FastAPI:
                        next_offset=offset + limit if len(items) == limit else None)
 
     @app.get("/jobs/{job_id}", response_model=JobOut, tags=["jobs"], dependencies=auth,
-             responses=_ERRORS)
+             responses=ERROR_RESPONSES)
     def get_job(job_id: JobIdPath) -> JobOut:
         """One job with its status and progress (done/total)."""
         with sessions() as session:
             return JobOut.model_validate(repository.get_job(session, job_id))
 
     @app.post("/jobs/{job_id}/cancel", response_model=JobOut, tags=["jobs"], dependencies=auth,
-              responses=_ERRORS)
+              responses=ERROR_RESPONSES)
     def cancel(job_id: JobIdPath) -> JobOut:
         """Cancel a job: queued jobs stop at once, running ones at their next check."""
         submission.cancel_job(sessions, dispatcher(), job_id)
@@ -332,7 +332,7 @@ def create_app(settings: Settings) -> FastAPI:
         response_model=PredictionPage,
         tags=["results"],
         dependencies=auth,
-        responses={**_ERRORS, 200: {"content": {"text/csv": {}},
+        responses={**ERROR_RESPONSES, 200: {"content": {"text/csv": {}},
                                     "description": "A page of predictions, or all as CSV."}},
     )
     def predictions(
@@ -375,7 +375,7 @@ def create_app(settings: Settings) -> FastAPI:
         yield buffer.getvalue()
 
     @app.get("/jobs/{job_id}/metrics", response_model=MetricsOut, tags=["results"],
-             dependencies=auth, responses=_ERRORS)
+             dependencies=auth, responses=ERROR_RESPONSES)
     def metrics(job_id: JobIdPath) -> MetricsOut:
         """Per-epoch training metrics and the evaluation report (test split or evaluate job)."""
         with sessions() as session:
@@ -391,7 +391,7 @@ def create_app(settings: Settings) -> FastAPI:
         return MetricsOut(job_id=job_id, epochs=epochs, evaluation=evaluation)
 
     @app.get("/jobs/{job_id}/artifacts", response_model=list[ArtifactOut], tags=["results"],
-             dependencies=auth, responses=_ERRORS)
+             dependencies=auth, responses=ERROR_RESPONSES)
     def artifacts(job_id: JobIdPath) -> list[ArtifactOut]:
         """Files the job produced (plots, reports); download them from ``url``."""
         with sessions() as session:
@@ -402,7 +402,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/artifacts/{artifact_id}", tags=["results"], dependencies=auth,
              response_class=FileResponse,
-             responses={**_ERRORS, 403: {"model": ErrorOut},
+             responses={**ERROR_RESPONSES, 403: {"model": ErrorOut},
                         200: {"content": {"application/octet-stream": {}}}})
     def download_artifact(
         artifact_id: Annotated[int, Path(ge=1, le=MAX_ID, description="Artifact id.")],
@@ -430,28 +430,28 @@ def create_app(settings: Settings) -> FastAPI:
     # ---------------------------------------------------------------- models
 
     @app.get("/models", response_model=list[ModelOut], tags=["models"], dependencies=auth,
-             responses={401: _ERRORS[401]})
+             responses={401: ERROR_RESPONSES[401]})
     def list_models() -> list[ModelOut]:
         """Model versions, newest first."""
         with sessions() as session:
             return [ModelOut.model_validate(m) for m in repository.list_model_versions(session)]
 
     @app.post("/models/rollback", response_model=ModelOut, tags=["models"], dependencies=auth,
-              responses={401: _ERRORS[401], 409: {"model": ErrorOut}})
+              responses={401: ERROR_RESPONSES[401], 409: {"model": ErrorOut}})
     def rollback() -> ModelOut:
         """Archive the production model and restore the previously promoted one."""
         with sessions() as session, session.begin():
             return ModelOut.model_validate(repository.rollback_production(session))
 
     @app.get("/models/{model_id}", response_model=ModelOut, tags=["models"], dependencies=auth,
-             responses=_ERRORS)
+             responses=ERROR_RESPONSES)
     def get_model(model_id: ModelIdPath) -> ModelOut:
         """One model version with its metrics."""
         with sessions() as session:
             return ModelOut.model_validate(repository.get_model_version(session, model_id))
 
     @app.post("/models/{model_id}/promote", response_model=ModelOut, tags=["models"],
-              dependencies=auth, responses=_ERRORS)
+              dependencies=auth, responses=ERROR_RESPONSES)
     def promote(model_id: ModelIdPath) -> ModelOut:
         """Make a model version the production model (the previous one is archived)."""
         with sessions() as session, session.begin():

@@ -25,7 +25,7 @@ MAX_PAGE = 1000
 CSV_FLUSH_BYTES = 64 * 1024
 
 
-def _printable(value: Any) -> Any:
+def printable(value: Any) -> Any:
     """``value`` safe to put in a JSON response: ints stay, text loses lone surrogates."""
     if isinstance(value, int):
         return value
@@ -222,7 +222,7 @@ class ErrorOut(BaseModel):
     detail: str
 
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorOut, "description": "Missing or wrong bearer token."},
     404: {"model": ErrorOut, "description": "Unknown job, model version or artifact."},
 }

@@ -348,3 +348,45 @@ def test_broker_hung_at_submission(
         assert statuses == [JobStatus.FAILED, JobStatus.FAILED, JobStatus.QUEUED], statuses
     finally:
         factory.kw["bind"].dispose()
+
+
+def test_interrupted_submission_fails_its_job(
+    tmp_path: Path, postgres_url: str, own_redis: RedisServer
+) -> None:
+    """Ctrl-C while ``mriq classify`` waits on a hung broker: the stored job is failed, not
+    left queued with no task behind it (the old code let KeyboardInterrupt past)."""
+    import signal
+
+    settings = fault_settings(tmp_path, database_url=postgres_url, broker_url=own_redis.url)
+    factory = migrated_factory(postgres_url)
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "0.png").write_bytes(b"\x89PNG")
+    model_id = _fake_model(factory)
+    assert own_redis.proc is not None
+    os.kill(own_redis.proc.pid, signal.SIGSTOP)
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "scheduler", "classify", str(images), "--model", str(model_id)],
+        env=worker_env(settings), cwd=str(tmp_path), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        # The job row is committed before the tasks are sent: interrupt during the send.
+        wait_until(lambda: len(_jobs(factory)) == 1, timeout=60, interval=0.1,
+                   what="the CLI to store its job")
+        time.sleep(0.5)
+        cli.send_signal(signal.SIGINT)
+        _, stderr = cli.communicate(timeout=60)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait(timeout=10)
+        os.kill(own_redis.proc.pid, signal.SIGCONT)
+    try:
+        assert cli.returncode == 130, stderr
+        assert "interrupted" in stderr and "Traceback" not in stderr, stderr
+        [(status, error)] = _jobs(factory).values()
+        assert status == JobStatus.FAILED, (status, error)
+        assert error is not None and "not dispatched" in error, error
+    finally:
+        factory.kw["bind"].dispose()
