@@ -21,7 +21,7 @@ import os
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,7 +41,7 @@ from scheduler.dispatch import (
 )
 from scheduler.schema import ChunkStatus, JobKind, JobStatus, utcnow
 from scheduler.submission import filesystem_path, storable_text
-from worker import recovery, runtime
+from worker import isolation, recovery, runtime
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -166,19 +166,25 @@ def classify_chunk(task: Task, job_id: int, chunk_index: int) -> str:
         work = _claim(settings, job_id, chunk_index)
         if work is None:
             return "skipped: chunk or job already finished"
-        # attempts counts claims, including ones whose worker died (SIGKILL/OOM) without
-        # reaching our retry logic; a chunk that keeps killing workers must end, not loop.
-        if work.attempts > max_retries + 1:
-            reason = f"gave up after {work.attempts - 1} attempts (worker lost while running)"
-            return _fail_chunk(settings, job_id, chunk_index, reason)
-        if not work.items:
-            status = _complete(settings, job_id, chunk_index, ChunkStatus.SUCCEEDED)
-            return f"nothing left to do ({status or 'job running'})"
-        # The chunk's updated_at is its heartbeat: if this process dies, it goes stale and
-        # a worker's recovery sweep re-sends the chunk (worker/recovery.py).
-        beat = recovery.chunk_heartbeat(settings, job_id, chunk_index)
-        with recovery.heartbeat(beat, _recovery(task).heartbeat_s, f"{job_id}-{chunk_index}"):
-            return _run_chunk(settings, job_id, chunk_index, work)
+        # Detects a predecessor that died and sets aside the file it died on (worker/isolation.py).
+        with isolation.ChunkGuard(settings, job_id, chunk_index) as guard:
+            if guard.busy:
+                return "skipped: a live attempt in another worker thread or process runs it"
+            work = replace(work, items=guard.set_aside(work.items))
+            # attempts counts claims, including ones whose worker died (SIGKILL/OOM) without
+            # reaching our retry logic; a chunk that keeps killing workers must end, not loop.
+            # A death that identified its file made progress and does not count.
+            if work.attempts - guard.set_aside_count > max_retries + 1:
+                reason = f"gave up after {work.attempts - 1} attempts (worker lost while running)"
+                return _fail_chunk(settings, job_id, chunk_index, reason)
+            if not work.items:
+                status = _complete(settings, job_id, chunk_index, ChunkStatus.SUCCEEDED)
+                return f"nothing left to do ({status or 'job running'})"
+            # The chunk's updated_at is its heartbeat: if this process dies, it goes stale and
+            # a worker's recovery sweep re-sends the chunk (worker/recovery.py).
+            beat = recovery.chunk_heartbeat(settings, job_id, chunk_index)
+            with recovery.heartbeat(beat, _recovery(task).heartbeat_s, f"{job_id}-{chunk_index}"):
+                return _run_chunk(settings, job_id, chunk_index, work, guard)
     except Retry:
         raise
     except _PermanentError as exc:
@@ -241,7 +247,13 @@ def _complete(
     )
 
 
-def _run_chunk(settings: Settings, job_id: int, chunk_index: int, work: _ChunkWork) -> str:
+def _run_chunk(
+    settings: Settings,
+    job_id: int,
+    chunk_index: int,
+    work: _ChunkWork,
+    guard: isolation.ChunkGuard | None = None,
+) -> str:
     from core.inference import Predictor
 
     runtime.configure_threads()
@@ -261,7 +273,7 @@ def _run_chunk(settings: Settings, job_id: int, chunk_index: int, work: _ChunkWo
     cancel = CancelCheck(settings, job_id)
     # Items hold storable_path() text (non-UTF-8 bytes as \\xNN); open the real file names.
     paths = [filesystem_path(path) for _, path in work.items]
-    predictions = predictor.predict(paths, should_stop=cancel)
+    predictions = isolation.predictions(guard, predictor, work.items, paths, cancel)
     done = 0
     # predict() yields exactly one Prediction per input, in input order, so zip pairs each
     # with its item; per-file read errors come back as error predictions, not exceptions.

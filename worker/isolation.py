@@ -1,0 +1,324 @@
+"""Isolation of an input that kills the worker process, so it costs one error row, not a chunk.
+
+Why: a file that makes a native library crash (a segfault or abort in a decoder, or a decode
+so large that the out-of-memory killer steps in) takes the whole process with it. No Python
+``except`` runs, so the per-file error handling of ``core.inference`` cannot record it; the
+chunk is re-sent (``worker/recovery.py``, or Celery's requeue after ``WorkerLostError``) and
+the same file kills the next worker, until the attempts cap fails all of the chunk's items.
+
+Mechanism, per chunk, in ``<data_dir>/jobs/<job>/chunks/<chunk>.json`` (shared storage, like
+the jobs' heartbeat files and checkpoints):
+
+* **Death detection.** The attempt that runs a chunk holds an exclusive ``flock`` on the file
+  and writes its ``owner`` into it; it clears ``owner`` when it ends in Python (success,
+  retry, failure, cancel). The kernel drops the lock of a process that dies. So the next
+  attempt that gets the lock and still finds an ``owner`` knows its predecessor died. (An
+  attempt that cannot get the lock runs beside a live one, e.g. a duplicated message: it
+  skips the chunk, which the live attempt finishes or, should it die, recovery re-sends.)
+* **Isolation mode.** Once a chunk has seen a death, its attempts process the items one at a
+  time and write the item being processed (``reading``) before each and clear it after. No
+  read-ahead or other batch runs meanwhile, so a death while ``reading`` is set is that
+  item's doing. The first death (in normal batched mode, with read-ahead and forward passes
+  overlapping) blames nothing: an operator's ``kill -9`` must not cost an innocent file.
+* **Setting aside.** The attempt after a death in isolation mode records an error row for the
+  item that was being read ("the worker process died while reading or classifying this
+  file (signal SIGSEGV ...)") and classifies the rest. One crashing file costs two deaths and
+  one row; each further one in the same chunk one more death. Set-aside items do not count
+  towards the attempts cap (each of those deaths made progress).
+* **The signal.** Every process that runs chunks enables :mod:`faulthandler` into a crash
+  report of its own (``<data_dir>/crash-reports/<host>-<pid>-<ns>.txt``, removed at a normal
+  exit); the ``owner`` entry names it, so the error row can say which fatal signal it was
+  and where the native traceback is. A process killed with SIGKILL (the OOM killer) leaves
+  an empty report, which the row says too.
+
+The rows recorded for the other items follow the normal rules: the chunk succeeds, and a
+set-aside file is an error row like any unreadable file (``scheduler.repository``).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import errno
+import faulthandler
+import fcntl
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import IO, TYPE_CHECKING, Any
+
+from scheduler import repository
+from scheduler.submission import storable_text
+from worker import runtime
+
+if TYPE_CHECKING:
+    from core.inference import Prediction, Predictor
+    from scheduler.settings import Settings
+
+log = logging.getLogger(__name__)
+
+CHUNKS_DIR = "chunks"
+CRASH_REPORTS_DIR = "crash-reports"
+
+#: faulthandler's first line ("Fatal Python error: <what>") -> the signal's name.
+_FATAL_SIGNALS: dict[str, str] = {
+    "Segmentation fault": "SIGSEGV",
+    "Aborted": "SIGABRT",
+    "Bus error": "SIGBUS",
+    "Illegal instruction": "SIGILL",
+    "Floating-point exception": "SIGFPE",
+}
+
+
+# --------------------------------------------------------------------------------------
+# crash reports
+# --------------------------------------------------------------------------------------
+
+_report_pid: int | None = None
+_report_path: Path | None = None
+_report_file: IO[str] | None = None
+
+
+def crash_report(settings: Settings) -> Path | None:
+    """This process's crash report file, enabling :mod:`faulthandler` into it on first use.
+
+    Per process id: a prefork child gets its own (the parent's file would mix reports).
+    None when the folder cannot be written (reports are a diagnosis, never a reason to fail).
+    """
+    global _report_pid, _report_path, _report_file
+    if _report_pid == os.getpid():
+        return _report_path
+    folder = Path(settings.data_dir).expanduser().resolve() / CRASH_REPORTS_DIR
+    # host + pid + start time: a restarted container often reuses the pid of the last one.
+    path = folder / f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}.txt"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fh = path.open("w", encoding="utf-8")
+    except OSError as exc:
+        log.warning("no crash report for this worker process (%s: %s)", path, exc)
+        _report_pid, _report_path = os.getpid(), None
+        return None
+    faulthandler.enable(file=fh, all_threads=True)
+    _report_pid, _report_path, _report_file = os.getpid(), path, fh
+    atexit.register(_drop_report, path, os.getpid())
+    return path
+
+
+def _drop_report(path: Path, pid: int) -> None:
+    # A normal exit: nothing crashed, the empty report is of no use. (A prefork child
+    # inherits the parent's atexit hooks; the pid check keeps it off the parent's file.)
+    if pid == os.getpid():
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def describe_death(report: str | None) -> str:
+    """Why the process that wrote crash report ``report`` died, for an error row."""
+    text = ""
+    if report:
+        with contextlib.suppress(OSError):
+            text = Path(report).read_text(encoding="utf-8", errors="replace")
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    if first.startswith("Fatal Python error: "):
+        what = first.removeprefix("Fatal Python error: ").strip()
+        name = _FATAL_SIGNALS.get(what, "a fatal signal")
+        return f"signal {name} ({what}); crash report: {report}"
+    if report and Path(report).exists():
+        return "no crash report: killed by SIGKILL, e.g. by the out-of-memory killer"
+    return "the process left no crash report"
+
+
+# --------------------------------------------------------------------------------------
+# the chunk guard
+# --------------------------------------------------------------------------------------
+
+
+def _owner(report: Path | None) -> dict[str, Any]:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "report": report and str(report)}
+
+
+def chunk_state_path(settings: Settings, job_id: int, chunk_index: int) -> Path:
+    root = Path(settings.data_dir).expanduser().resolve()
+    return root / "jobs" / str(job_id) / CHUNKS_DIR / f"{chunk_index}.json"
+
+
+class ChunkGuard:
+    """Death detection and isolation for one attempt of one chunk (see the module docstring).
+
+    Use as a context manager around everything the attempt does after ``claim_chunk``.
+    ``busy`` says another live attempt holds the chunk; ``isolating`` that items must be
+    processed one at a time (:func:`predictions`).
+    """
+
+    def __init__(self, settings: Settings, job_id: int, chunk_index: int) -> None:
+        self.settings = settings
+        self.job_id = job_id
+        self.chunk_index = chunk_index
+        self.path = chunk_state_path(settings, job_id, chunk_index)
+        self.busy = False
+        self.isolating = False
+        #: The predecessor's owner entry if it died (None: it ended normally or never ran).
+        self.died: dict[str, Any] | None = None
+        self._state: dict[str, Any] = {}
+        self._fh: IO[str] | None = None
+        self._suspect: int | None = None
+
+    # ---- lifecycle --------------------------------------------------------------------
+
+    def __enter__(self) -> ChunkGuard:
+        report = crash_report(self.settings)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = self.path.open("a+", encoding="utf-8")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            fh.close()
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            self.busy = True
+            return self
+        self._fh = fh
+        fh.seek(0)
+        try:
+            state = json.loads(fh.read() or "{}")
+        except ValueError:  # torn by a death mid-write: what it said is lost, not the chunk
+            state = {"deaths": 1}
+        self.died = state.get("owner")
+        if self.died is not None:
+            state["deaths"] = int(state.get("deaths", 0)) + 1
+            self._suspect = state.get("reading")
+        self.isolating = int(state.get("deaths", 0)) > 0
+        state.update(owner=_owner(report), reading=None)
+        state.setdefault("set_aside", [])
+        self._state = state
+        self._write()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._fh is None:
+            return
+        try:
+            # Ended in Python (whatever the outcome): the next attempt must not think we died.
+            self._state.update(owner=None, reading=None)
+            self._write()
+        finally:
+            self._fh.close()  # releases the lock
+            self._fh = None
+
+    def _write(self) -> None:
+        assert self._fh is not None
+        self._fh.seek(0)
+        self._fh.truncate()
+        self._fh.write(json.dumps(self._state))
+        # No fsync: a dead process's writes are in the page cache already; only a host
+        # crash loses them, and then the chunk merely counts as an unexplained death.
+        self._fh.flush()
+
+    # ---- what the attempt does --------------------------------------------------------
+
+    @property
+    def set_aside_count(self) -> int:
+        return len(self._state.get("set_aside", ()))
+
+    def set_aside(self, items: Sequence[tuple[int, str]]) -> list[tuple[int, str]]:
+        """Record the error row of the item that killed the predecessor (if it was caught
+        being read) and return the items left to do."""
+        suspect = self._suspect
+        if suspect is None or self.died is None:
+            return list(items)
+        self._suspect = None
+        found = [(i, p) for i, p in items if i == suspect]
+        if found:
+            reason = storable_text(
+                "the worker process died while reading or classifying this file "
+                f"({describe_death(self.died.get('report'))}); it was set aside so that "
+                "the rest of its chunk could be classified"
+            )
+            record = repository.PredictionRecord(
+                item_index=suspect,
+                path=found[0][1],
+                file_sha256=None,
+                label=None,
+                confidence=None,
+                top_k=(),
+                error=reason,
+            )
+            runtime.with_session(
+                self.settings, lambda s: repository.record_predictions(s, self.job_id, [record])
+            )
+            log.warning(
+                "chunk %s/%s: item %s (%s) killed the worker process %s; set aside: %s",
+                self.job_id,
+                self.chunk_index,
+                suspect,
+                found[0][1],
+                self.died.get("pid"),
+                reason,
+            )
+        if suspect not in self._state["set_aside"]:
+            self._state["set_aside"].append(suspect)
+            self._write()
+        return [(i, p) for i, p in items if i != suspect]
+
+    def reading(self, item_index: int | None) -> None:
+        """Mark the item being processed now (None: between items)."""
+        self._state["reading"] = item_index
+        self._write()
+
+
+def predictions(
+    guard: ChunkGuard | None,
+    predictor: Predictor,
+    items: Sequence[tuple[int, str]],
+    paths: Sequence[Path | str],
+    should_stop: Callable[[], bool],
+) -> Iterator[Prediction]:
+    """One prediction per item, in order: batched normally, one at a time when isolating."""
+    if guard is None or not guard.isolating:
+        return predictor.predict(paths, should_stop=should_stop)
+    return _one_at_a_time(guard, predictor, items, paths, should_stop)
+
+
+def _one_at_a_time(
+    guard: ChunkGuard,
+    predictor: Predictor,
+    items: Sequence[tuple[int, str]],
+    paths: Sequence[Path | str],
+    should_stop: Callable[[], bool],
+) -> Iterator[Prediction]:
+    if guard.died is not None:
+        log.warning(
+            "chunk %s/%s: its last worker process (%s) died; processing its %d remaining "
+            "items one at a time to find the one that kills it",
+            guard.job_id,
+            guard.chunk_index,
+            guard.died.get("pid"),
+            len(items),
+        )
+    for (index, _), path in zip(items, paths, strict=True):
+        if should_stop():
+            return
+        guard.reading(index)
+        # One input per call: nothing is read ahead, so "reading" names the only file
+        # this process is decoding (and classifying) now.
+        result = list(predictor.predict([path]))
+        guard.reading(None)
+        yield from result
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """The state file's content (empty when missing)."""
+    try:
+        return dict(json.loads(path.read_text(encoding="utf-8") or "{}"))
+    except FileNotFoundError:
+        return {}
