@@ -1,6 +1,8 @@
 """Chunks that fail: a lasting error (retried with backoff, then failed), a chunk over its
-hard time limit and a chunk whose worker process is OOM-killed (both: the pool replaces the
-process, the chunk is recorded as failed, the job goes on to ``partial``)."""
+hard time limit (the pool replaces the process, the chunk is recorded as failed, the job
+goes on to ``partial``) and a chunk whose worker process is OOM-killed by one image (the
+pool replaces the process, that image is set aside with an error row, the rest of the
+chunk is classified)."""
 
 from __future__ import annotations
 
@@ -191,7 +193,7 @@ def _memory_cgroup(tmp_path: Path) -> Path:
     return group
 
 
-def test_chunk_oom_killed_is_failed_and_process_replaced(
+def test_image_that_gets_its_worker_oom_killed_is_set_aside(
     tmp_path: Path,
     postgres_url: str,
     own_redis: RedisServer,
@@ -200,9 +202,12 @@ def test_chunk_oom_killed_is_failed_and_process_replaced(
 ) -> None:
     """Fault 8 (out of memory): the prefork worker runs in a memory cgroup limited to
     1 GB (1000 MiB); decoding the chunk's 62 MP image needs more, so the kernel OOM-kills the pool
-    child. Celery requeues the message (WorkerLostError, reject_on_worker_lost), the pool
-    forks a new child, and after task_max_retries+1 claims the attempts cap fails the
-    chunk. The other chunks succeed: the job ends partial."""
+    child. Celery requeues the message (WorkerLostError, reject_on_worker_lost) and the pool
+    forks a new child. The first death (batched, read-ahead) blames nobody; the second
+    attempt runs the chunk one item at a time and dies on the big image; the third sets
+    that image aside with an error row (worker/isolation.py) and classifies the other
+    seven. The worker's main process survives throughout; the job succeeds (one
+    unreadable input is an error row, not a failed chunk)."""
     group = _memory_cgroup(tmp_path)
     settings = fault_settings(
         tmp_path, database_url=postgres_url, broker_url=own_redis.url, task_max_retries=1
@@ -217,18 +222,18 @@ def test_chunk_oom_killed_is_failed_and_process_replaced(
     worker = workers.start(settings, "--pool=prefork", wrapper=wrapper)
     try:
         status = wait_job_done(factory, job_id, worker.log, timeout=200)
-        assert status == JobStatus.PARTIAL, chunk_table(factory, job_id)
+        assert status == JobStatus.SUCCEEDED, chunk_table(factory, job_id)
         table = chunk_table(factory, job_id)
-        assert [s for _, s, _, _ in table] == [
-            ChunkStatus.SUCCEEDED,
-            ChunkStatus.FAILED,
-            ChunkStatus.SUCCEEDED,
-        ]
-        assert "worker lost while running" in str(table[1][3])
-        assert table[1][2] == settings.task_max_retries + 2  # 2 kills, then the cap
+        assert [s for _, s, _, _ in table] == [ChunkStatus.SUCCEEDED] * 3
+        assert table[1][2] == 3  # 2 kills, then the attempt that set the image aside
         assert_each_item_once(factory, job_id, 3 * 8)
+        rows = _rows(factory, job_id)
+        errors = {i: e for i, (_, e) in rows.items() if e is not None}
+        assert list(errors) == [8], errors  # the big image, first of chunk 1
+        assert "died while reading or classifying this file" in str(errors[8])
+        assert "killed by SIGKILL" in str(errors[8]), errors[8]
         log = worker.log()
-        assert "signal 9 (SIGKILL)" in log, log
+        assert log.count("exited with 'signal 9 (SIGKILL)'") == 2, log
         assert worker.proc.poll() is None, "the worker's main process must survive"
         assert int((group / "memory.failcnt").read_text()) > 0
     finally:

@@ -1,0 +1,146 @@
+"""worker/isolation.py: death detection through the chunk's lock file, setting aside the item
+a dead process was reading, and the signal named from its crash report.
+
+Processes really die here (SIGKILL/SIGABRT of a child ``python`` that holds a guard); the
+database is a real SQLite file.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+
+from scheduler import repository
+from scheduler.schema import JobKind
+from scheduler.settings import Settings
+from tests.worker.conftest import REPO, make_settings, migrated_factory
+from worker import isolation
+
+ITEMS = [(i, f"/data/img_{i}.png") for i in range(8)]
+
+#: A child process that takes the guard of chunk 0 of job JOB, marks item READING (or
+#: none) and dies by SIGNAL without leaving the ``with`` block.
+CHILD = """
+import os, signal, sys
+from scheduler.settings import Settings
+from worker import isolation
+
+settings = Settings(data_dir=sys.argv[1], database_url=sys.argv[2])
+job, reading, signame = int(sys.argv[3]), sys.argv[4], sys.argv[5]
+with isolation.ChunkGuard(settings, job, 0) as guard:
+    assert not guard.busy
+    if reading != "-":
+        guard.reading(int(reading))
+    os.kill(os.getpid(), getattr(signal, signame))
+"""
+
+
+def _die(settings: Settings, job_id: int, reading: int | None, signame: str) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            CHILD,
+            str(settings.data_dir),
+            str(settings.database_url),
+            str(job_id),
+            "-" if reading is None else str(reading),
+            signame,
+        ],
+        cwd=str(REPO),
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        timeout=120,
+    )
+    assert proc.returncode == -getattr(signal, signame), proc.stderr.decode()
+
+
+@pytest.fixture
+def job(tmp_path: Path, sqlite_url: str) -> tuple[Settings, sessionmaker[Session], int]:
+    settings = make_settings(tmp_path, database_url=sqlite_url, broker_url=None)
+    factory = migrated_factory(sqlite_url)
+    with factory.begin() as session:
+        job_id = int(repository.create_job(session, kind=JobKind.CLASSIFY, params={}).id)
+        repository.add_job_items(session, job_id, [p for _, p in ITEMS], chunk_size=len(ITEMS))
+    return settings, factory, job_id
+
+
+def _errors(factory: sessionmaker[Session], job_id: int) -> dict[int, str | None]:
+    with factory() as session:
+        return {r.item_index: r.error for r in repository.iter_predictions(session, job_id)}
+
+
+def test_normal_end_is_not_a_death(job: tuple[Settings, sessionmaker[Session], int]) -> None:
+    settings, factory, job_id = job
+    with isolation.ChunkGuard(settings, job_id, 0) as guard:
+        assert not guard.busy and not guard.isolating and guard.died is None
+        guard.reading(3)  # even an exception-free exit mid-item clears it
+    with isolation.ChunkGuard(settings, job_id, 0) as guard:
+        assert guard.died is None and not guard.isolating
+        assert guard.set_aside(ITEMS) == ITEMS
+    assert _errors(factory, job_id) == {}
+
+
+def test_a_live_attempt_makes_a_second_one_busy(
+    job: tuple[Settings, sessionmaker[Session], int],
+) -> None:
+    settings, _, job_id = job
+    with isolation.ChunkGuard(settings, job_id, 0) as first:
+        with isolation.ChunkGuard(settings, job_id, 0) as second:
+            assert not first.busy and second.busy
+        # The busy one touched nothing: the live owner is still recorded.
+        assert isolation.load_state(first.path)["owner"] is not None
+
+
+def test_death_in_batch_mode_blames_nobody_then_isolates(
+    job: tuple[Settings, sessionmaker[Session], int],
+) -> None:
+    settings, factory, job_id = job
+    _die(settings, job_id, None, "SIGKILL")
+    with isolation.ChunkGuard(settings, job_id, 0) as guard:
+        assert guard.died is not None and guard.isolating
+        assert guard.set_aside(ITEMS) == ITEMS
+        assert guard.set_aside_count == 0
+    assert _errors(factory, job_id) == {}
+    # Isolation stays on for the chunk's later attempts, also after a normal end.
+    with isolation.ChunkGuard(settings, job_id, 0) as guard:
+        assert guard.died is None and guard.isolating
+
+
+@pytest.mark.parametrize(
+    ("signame", "expected"),
+    [
+        ("SIGABRT", "signal SIGABRT (Aborted); crash report: "),
+        ("SIGKILL", "no crash report: killed by SIGKILL"),
+    ],
+)
+def test_death_while_reading_sets_that_item_aside(
+    job: tuple[Settings, sessionmaker[Session], int], signame: str, expected: str
+) -> None:
+    settings, factory, job_id = job
+    _die(settings, job_id, 5, signame)
+    with isolation.ChunkGuard(settings, job_id, 0) as guard:
+        assert guard.died is not None
+        left = guard.set_aside(ITEMS)
+        assert left == [item for item in ITEMS if item[0] != 5]
+        assert guard.set_aside_count == 1
+    errors = _errors(factory, job_id)
+    assert list(errors) == [5]
+    assert "the worker process died while reading or classifying this file" in str(errors[5])
+    assert expected in str(errors[5]), errors[5]
+    # A later attempt does not set it aside again (its row exists, it counts once).
+    with isolation.ChunkGuard(settings, job_id, 0) as guard:
+        assert guard.set_aside([item for item in ITEMS if item[0] != 5]) == left
+        assert guard.set_aside_count == 1
+
+
+def test_describe_death_without_report() -> None:
+    assert isolation.describe_death(None) == "the process left no crash report"
+    assert isolation.describe_death("/nonexistent/report.txt") == (
+        "the process left no crash report"
+    )
