@@ -171,6 +171,18 @@ class ChunkGuard:
     # ---- lifecycle --------------------------------------------------------------------
 
     def __enter__(self) -> ChunkGuard:
+        try:
+            self._open()
+        except OSError as exc:
+            # Storage without locks or read-only: run unguarded, as before isolation existed,
+            # rather than fail a chunk over a safety net.
+            log.warning(
+                "chunk %s/%s runs without crash isolation: %s", self.job_id, self.chunk_index, exc
+            )
+            self._close()
+        return self
+
+    def _open(self) -> None:
         report = crash_report(self.settings)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fh = self.path.open("a+", encoding="utf-8")
@@ -181,7 +193,7 @@ class ChunkGuard:
             if exc.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
             self.busy = True
-            return self
+            return
         self._fh = fh
         fh.seek(0)
         try:
@@ -197,7 +209,12 @@ class ChunkGuard:
         state.setdefault("set_aside", [])
         self._state = state
         self._write()
-        return self
+
+    def _close(self) -> None:
+        if self._fh is not None:
+            with contextlib.suppress(OSError):
+                self._fh.close()  # releases the lock
+        self._fh = None
 
     def __exit__(
         self,
@@ -211,12 +228,19 @@ class ChunkGuard:
             # Ended in Python (whatever the outcome): the next attempt must not think we died.
             self._state.update(owner=None, reading=None)
             self._write()
+        except OSError as exc:
+            log.warning(
+                "chunk %s/%s: could not close its state file: %s",
+                self.job_id,
+                self.chunk_index,
+                exc,
+            )
         finally:
-            self._fh.close()  # releases the lock
-            self._fh = None
+            self._close()
 
     def _write(self) -> None:
-        assert self._fh is not None
+        if self._fh is None:  # unguarded (see __enter__)
+            return
         self._fh.seek(0)
         self._fh.truncate()
         self._fh.write(json.dumps(self._state))
@@ -267,13 +291,23 @@ class ChunkGuard:
             )
         if suspect not in self._state["set_aside"]:
             self._state["set_aside"].append(suspect)
-            self._write()
+            with contextlib.suppress(OSError):
+                self._write()
         return [(i, p) for i, p in items if i != suspect]
 
     def reading(self, item_index: int | None) -> None:
         """Mark the item being processed now (None: between items)."""
+        if self._fh is None:
+            return
         self._state["reading"] = item_index
-        self._write()
+        try:
+            self._write()
+        except OSError as exc:
+            # Storage gone mid-chunk: keep classifying; a death now would just blame nobody.
+            log.warning(
+                "chunk %s/%s runs without crash isolation: %s", self.job_id, self.chunk_index, exc
+            )
+            self._close()
 
 
 def predictions(

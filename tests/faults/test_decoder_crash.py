@@ -35,7 +35,6 @@ from tests.faults.conftest import (
     fault_settings,
     job_status,
     register_model,
-    wait_until,
     write_small_images,
 )
 from tests.worker.conftest import REPO, migrated_factory
@@ -88,7 +87,7 @@ def _rows(factory, job_id: int) -> dict[int, tuple[str | None, str | None]]:  # 
         }
 
 
-@pytest.mark.parametrize("kind", ["ABRT", "SEGV"])
+@pytest.mark.parametrize(("kind", "pool"), [("ABRT", "threads"), ("SEGV", "prefork")])
 def test_file_that_kills_the_worker_costs_one_error_row(
     tmp_path: Path,
     postgres_url: str,
@@ -96,14 +95,16 @@ def test_file_that_kills_the_worker_costs_one_error_row(
     workers: Workers,
     tiny_model: TinyModel,
     kind: str,
+    pool: str,
 ) -> None:
-    """Three chunks of 16; item 21 (chunk 1) kills the worker process with a real SIGABRT or
-    SIGSEGV in the decoder. A supervisor loop restarts the worker whenever it dies (what
-    systemd/docker do). The first death happens in a normal batched run and blames nobody;
-    the re-sent chunk then runs one item at a time and dies on item 21 again; the next
-    attempt records its error row naming the signal and classifies the other 15. Budget:
-    one error row, n-1 predictions, the job succeeded (a set-aside file is an unreadable
-    input, not a failed chunk), two deaths."""
+    """Three chunks of 16; item 21 (chunk 1) kills the process that decodes it with a real
+    SIGABRT or SIGSEGV. Threads pool: that is the worker itself, and a supervisor loop
+    restarts it whenever it dies (what systemd/docker do); prefork: the pool child, which
+    the worker replaces and whose message Celery requeues. The first death happens in a
+    normal batched run and blames nobody; the re-sent chunk then runs one item at a time
+    and dies on item 21 again; the next attempt records its error row naming the signal
+    and classifies the other 15. Budget: one error row, n-1 predictions, the job
+    succeeded (a set-aside file is an unreadable input, not a failed chunk), two deaths."""
     n, chunk, poison = 48, 16, 21
     settings = fault_settings(tmp_path, database_url=postgres_url, broker_url=own_redis.url)
     factory = migrated_factory(postgres_url)
@@ -115,7 +116,7 @@ def test_file_that_kills_the_worker_costs_one_error_row(
     env = _plugin_env(tmp_path)
     dispatcher = Dispatcher(settings)
     dead: list[Worker] = []
-    worker = workers.start(settings, env=env)
+    worker = workers.start(settings, f"--pool={pool}", env=env)
     dispatcher.classify_chunks(job_id, range(n_chunks))
 
     def logs() -> str:
@@ -128,10 +129,15 @@ def test_file_that_kills_the_worker_costs_one_error_row(
             assert len(dead) <= 3, f"the file keeps killing workers:\n{logs()}"
             if worker.proc.poll() is not None:
                 dead.append(worker)
-                worker = workers.start(settings, env=env)
+                worker = workers.start(settings, f"--pool={pool}", env=env)
             time.sleep(0.3)
         signum = signal.SIGABRT if kind == "ABRT" else signal.SIGSEGV
-        assert [w.proc.returncode for w in dead] == [-signum, -signum], logs()
+        if pool == "threads":
+            assert [w.proc.returncode for w in dead] == [-signum, -signum], logs()
+        else:
+            assert dead == [] and worker.proc.poll() is None, logs()
+            lost = f"exited with 'signal {int(signum)} ({signum.name})'"
+            assert worker.log().count(lost) == 2, logs()
         assert job_status(factory, job_id) == JobStatus.SUCCEEDED, chunk_table(factory, job_id)
         assert_each_item_once(factory, job_id, n)
         rows = _rows(factory, job_id)
@@ -144,7 +150,6 @@ def test_file_that_kills_the_worker_costs_one_error_row(
         assert [s for _, s, _, _ in table] == [ChunkStatus.SUCCEEDED] * n_chunks
         # Chunk 1: the batched run, the one-at-a-time run that died, the one that finished.
         assert [a for _, _, a, _ in table] == [1, 3, 1], table
-        wait_until(lambda: worker.proc.poll() is None, timeout=5, what="the last worker lives")
     finally:
         dispatcher.close()
         factory.kw["bind"].dispose()

@@ -139,6 +139,20 @@ def test_death_while_reading_sets_that_item_aside(
         assert guard.set_aside_count == 1
 
 
+def test_unusable_storage_runs_unguarded(
+    job: tuple[Settings, sessionmaker[Session], int],
+) -> None:
+    """A state folder that cannot be created must not fail the chunk: it runs as before."""
+    settings, _, job_id = job
+    path = isolation.chunk_state_path(settings, job_id, 0)
+    path.parent.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.write_text("a file where the folder should be")
+    with isolation.ChunkGuard(settings, job_id, 0) as guard:
+        assert not guard.busy and not guard.isolating and guard.died is None
+        guard.reading(1)
+        assert guard.set_aside(ITEMS) == ITEMS and guard.set_aside_count == 0
+
+
 def test_describe_death_without_report() -> None:
     assert isolation.describe_death(None) == "the process left no crash report"
     assert isolation.describe_death("/nonexistent/report.txt") == (
