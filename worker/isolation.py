@@ -15,16 +15,20 @@ the jobs' heartbeat files and checkpoints):
   attempt that gets the lock and still finds an ``owner`` knows its predecessor died. (An
   attempt that cannot get the lock runs beside a live one, e.g. a duplicated message: it
   skips the chunk, which the live attempt finishes or, should it die, recovery re-sends.)
-* **Isolation mode.** Once a chunk has seen a death, its attempts process the items one at a
-  time and write the item being processed (``reading``) before each and clear it after. No
-  read-ahead or other batch runs meanwhile, so a death while ``reading`` is set is that
-  item's doing. The first death (in normal batched mode, with read-ahead and forward passes
-  overlapping) blames nothing: an operator's ``kill -9`` must not cost an innocent file.
-* **Setting aside.** The attempt after a death in isolation mode records an error row for the
-  item that was being read ("the worker process died while reading or classifying this
-  file (signal SIGSEGV ...)") and classifies the rest. One crashing file costs two deaths and
-  one row; each further one in the same chunk one more death. Set-aside items do not count
-  towards the attempts cap (each of those deaths made progress).
+* **The suspect.** The decode thread writes the item it is reading (``reading``) right
+  before each file and clears it right after (``Predictor.predict(on_read=...)``; two small
+  writes to an open file per item). A process that dies while ``reading`` is set was
+  decoding that file, but a death has other causes (an operator's ``kill -9``, an OOM kill
+  during a forward pass) that strike while the decode thread happens to be busy, so that
+  file is only a *suspect*.
+* **The confirmation.** The next attempt reads the suspect first, alone, nothing else
+  running in the chunk, marked as ``confirming``; then the rest of the chunk in the normal
+  batched way. If the process dies again while ``confirming``, the attempt after that
+  records the file's error row ("the worker process died while reading or classifying
+  this file (signal SIGSEGV ...)") and classifies the rest. One crashing file costs two
+  deaths and one row, and each further one in the chunk two more deaths; a file that was
+  only a suspect is classified as usual. Set-aside files do not count towards the attempts
+  cap (each of those deaths made progress); unexplained deaths do.
 * **The signal.** Every process that runs chunks enables :mod:`faulthandler` into a crash
   report of its own (``<data_dir>/crash-reports/<host>-<pid>-<ns>.txt``, removed at a normal
   exit); the ``owner`` entry names it, so the error row can say which fatal signal it was
@@ -151,8 +155,8 @@ class ChunkGuard:
     """Death detection and isolation for one attempt of one chunk (see the module docstring).
 
     Use as a context manager around everything the attempt does after ``claim_chunk``.
-    ``busy`` says another live attempt holds the chunk; ``isolating`` that items must be
-    processed one at a time (:func:`predictions`).
+    ``busy`` says another live attempt holds the chunk; :meth:`set_aside` records the file
+    that killed the predecessor; :func:`predictions` confirms a suspect and marks reads.
     """
 
     def __init__(self, settings: Settings, job_id: int, chunk_index: int) -> None:
@@ -161,14 +165,20 @@ class ChunkGuard:
         self.chunk_index = chunk_index
         self.path = chunk_state_path(settings, job_id, chunk_index)
         self.busy = False
-        self.isolating = False
         #: The predecessor's owner entry if it died (None: it ended normally or never ran).
         self.died: dict[str, Any] | None = None
+        #: The item the predecessor was decoding when it died (to be confirmed first).
+        self.suspect: int | None = None
+        self._culprit: int | None = None
         self._state: dict[str, Any] = {}
         self._fh: IO[str] | None = None
-        self._suspect: int | None = None
 
     # ---- lifecycle --------------------------------------------------------------------
+
+    @property
+    def active(self) -> bool:
+        """Whether this attempt holds the chunk's state file (False: busy or unguarded)."""
+        return self._fh is not None
 
     def __enter__(self) -> ChunkGuard:
         try:
@@ -203,9 +213,11 @@ class ChunkGuard:
         self.died = state.get("owner")
         if self.died is not None:
             state["deaths"] = int(state.get("deaths", 0)) + 1
-            self._suspect = state.get("reading")
-        self.isolating = int(state.get("deaths", 0)) > 0
-        state.update(owner=_owner(report), reading=None)
+            if state.get("confirming") is not None:
+                self._culprit = int(state["confirming"])
+            elif state.get("reading") is not None:
+                self.suspect = int(state["reading"])
+        state.update(owner=_owner(report), reading=None, confirming=None)
         state.setdefault("set_aside", [])
         self._state = state
         self._write()
@@ -226,7 +238,7 @@ class ChunkGuard:
             return
         try:
             # Ended in Python (whatever the outcome): the next attempt must not think we died.
-            self._state.update(owner=None, reading=None)
+            self._state.update(owner=None, reading=None, confirming=None)
             self._write()
         except OSError as exc:
             log.warning(
@@ -248,6 +260,19 @@ class ChunkGuard:
         # crash loses them, and then the chunk merely counts as an unexplained death.
         self._fh.flush()
 
+    def _mark(self, **fields: int | None) -> None:
+        if self._fh is None:
+            return
+        self._state.update(fields)
+        try:
+            self._write()
+        except OSError as exc:
+            # Storage gone mid-chunk: keep classifying; a death now would just blame nobody.
+            log.warning(
+                "chunk %s/%s runs without crash isolation: %s", self.job_id, self.chunk_index, exc
+            )
+            self._close()
+
     # ---- what the attempt does --------------------------------------------------------
 
     @property
@@ -255,13 +280,12 @@ class ChunkGuard:
         return len(self._state.get("set_aside", ()))
 
     def set_aside(self, items: Sequence[tuple[int, str]]) -> list[tuple[int, str]]:
-        """Record the error row of the item that killed the predecessor (if it was caught
-        being read) and return the items left to do."""
-        suspect = self._suspect
-        if suspect is None or self.died is None:
+        """Record the error row of the item that killed the predecessor while it was being
+        confirmed, and return the items left to do."""
+        culprit, self._culprit = self._culprit, None
+        if culprit is None or self.died is None:
             return list(items)
-        self._suspect = None
-        found = [(i, p) for i, p in items if i == suspect]
+        found = [(i, p) for i, p in items if i == culprit]
         if found:
             reason = storable_text(
                 "the worker process died while reading or classifying this file "
@@ -269,7 +293,7 @@ class ChunkGuard:
                 "the rest of its chunk could be classified"
             )
             record = repository.PredictionRecord(
-                item_index=suspect,
+                item_index=culprit,
                 path=found[0][1],
                 file_sha256=None,
                 label=None,
@@ -281,33 +305,26 @@ class ChunkGuard:
                 self.settings, lambda s: repository.record_predictions(s, self.job_id, [record])
             )
             log.warning(
-                "chunk %s/%s: item %s (%s) killed the worker process %s; set aside: %s",
+                "chunk %s/%s: item %s (%s) killed worker process %s twice; set aside: %s",
                 self.job_id,
                 self.chunk_index,
-                suspect,
+                culprit,
                 found[0][1],
                 self.died.get("pid"),
                 reason,
             )
-        if suspect not in self._state["set_aside"]:
-            self._state["set_aside"].append(suspect)
-            with contextlib.suppress(OSError):
-                self._write()
-        return [(i, p) for i, p in items if i != suspect]
+        if culprit not in self._state["set_aside"]:
+            self._state["set_aside"].append(culprit)
+            self._mark()
+        return [(i, p) for i, p in items if i != culprit]
 
     def reading(self, item_index: int | None) -> None:
-        """Mark the item being processed now (None: between items)."""
-        if self._fh is None:
-            return
-        self._state["reading"] = item_index
-        try:
-            self._write()
-        except OSError as exc:
-            # Storage gone mid-chunk: keep classifying; a death now would just blame nobody.
-            log.warning(
-                "chunk %s/%s runs without crash isolation: %s", self.job_id, self.chunk_index, exc
-            )
-            self._close()
+        """Mark the item being decoded now (None: between items)."""
+        self._mark(reading=item_index)
+
+    def confirming(self, item_index: int | None) -> None:
+        """Mark the suspect being read alone now (None: it survived)."""
+        self._mark(confirming=item_index)
 
 
 def predictions(
@@ -317,37 +334,49 @@ def predictions(
     paths: Sequence[Path | str],
     should_stop: Callable[[], bool],
 ) -> Iterator[Prediction]:
-    """One prediction per item, in order: batched normally, one at a time when isolating."""
-    if guard is None or not guard.isolating:
+    """One prediction per item, in input order, batched; with a guard, reads are marked
+    and a suspect is read alone first (see the module docstring)."""
+    if guard is None or not guard.active:
         return predictor.predict(paths, should_stop=should_stop)
-    return _one_at_a_time(guard, predictor, items, paths, should_stop)
+    return _guarded(guard, predictor, [i for i, _ in items], list(paths), should_stop)
 
 
-def _one_at_a_time(
+def _guarded(
     guard: ChunkGuard,
     predictor: Predictor,
-    items: Sequence[tuple[int, str]],
-    paths: Sequence[Path | str],
+    indices: list[int],
+    paths: list[Path | str],
     should_stop: Callable[[], bool],
 ) -> Iterator[Prediction]:
-    if guard.died is not None:
+    held: Prediction | None = None
+    at = indices.index(guard.suspect) if guard.suspect in indices else None
+    if at is not None:
         log.warning(
-            "chunk %s/%s: its last worker process (%s) died; processing its %d remaining "
-            "items one at a time to find the one that kills it",
+            "chunk %s/%s: worker process %s died while reading item %s (%s); reading it "
+            "alone first",
             guard.job_id,
             guard.chunk_index,
-            guard.died.get("pid"),
-            len(items),
+            guard.died and guard.died.get("pid"),
+            indices[at],
+            paths[at],
         )
-    for (index, _), path in zip(items, paths, strict=True):
-        if should_stop():
-            return
-        guard.reading(index)
-        # One input per call: nothing is read ahead, so "reading" names the only file
-        # this process is decoding (and classifying) now.
-        result = list(predictor.predict([path]))
-        guard.reading(None)
-        yield from result
+        guard.confirming(indices[at])
+        # One input, nothing else running in this chunk: a death now is this file's doing.
+        (held,) = predictor.predict([paths[at]])
+        guard.confirming(None)
+        del indices[at], paths[at]
+
+    def on_read(position: int | None) -> None:
+        guard.reading(None if position is None else indices[position])
+
+    yielded = 0
+    for prediction in predictor.predict(paths, should_stop=should_stop, on_read=on_read):
+        if held is not None and yielded == at:
+            yield held
+        yield prediction
+        yielded += 1
+    if held is not None and yielded == at:  # the suspect was the chunk's last item
+        yield held
 
 
 def load_state(path: Path) -> dict[str, Any]:
