@@ -240,6 +240,9 @@ class ChunkGuard:
             # Ended in Python (whatever the outcome): the next attempt must not think we died.
             self._state.update(owner=None, reading=None, confirming=None)
             self._write()
+            if not self._state.get("deaths") and not self._state.get("set_aside"):
+                # Nothing to remember: a chunk that never lost a worker leaves no file.
+                self.path.unlink()
         except OSError as exc:
             log.warning(
                 "chunk %s/%s: could not close its state file: %s",

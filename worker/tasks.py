@@ -641,8 +641,12 @@ def evaluate_job(task: Task, job_id: int) -> str:
     if job.status != JobStatus.RUNNING:
         return f"skipped: job is {job.status}"
     try:
-        with _job_heartbeat(task, settings, job_id):
-            return _run_evaluation(settings, job_id, job)
+        # A re-sent copy must not run beside a live run: both write the same report files.
+        with _job_lock(job_dir(settings, job_id)) as locked:
+            if not locked:
+                return "skipped: another worker is evaluating this job"
+            with _job_heartbeat(task, settings, job_id):
+                return _run_evaluation(settings, job_id, job)
     except Exception as exc:
         log.exception("evaluate job %s failed", job_id)
         _finish(settings, job_id, JobStatus.FAILED, _error_text(exc))

@@ -82,6 +82,7 @@ def test_normal_end_is_not_a_death(job: tuple[Settings, sessionmaker[Session], i
     with isolation.ChunkGuard(settings, job_id, 0) as guard:
         assert guard.active and not guard.busy and guard.died is None
         guard.reading(3)  # an exit in Python mid-item clears it
+    assert not guard.path.exists(), "a chunk that lost no worker leaves no state file"
     with isolation.ChunkGuard(settings, job_id, 0) as guard:
         assert guard.died is None and guard.suspect is None
         assert guard.set_aside(ITEMS) == ITEMS
