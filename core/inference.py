@@ -438,13 +438,15 @@ def _background_batches(
     depth: int,
     *,
     pin_memory: bool = False,
+    on_read: Callable[[int | None], None] | None = None,
 ) -> Iterator[_Batch]:
     """Batches of ``dataset[path]`` in input order, built by one background thread.
 
     The thread pulls ``paths`` lazily (so the caller's iterable is only ever iterated by
     that thread) and keeps at most ``depth`` finished batches queued. Errors raised while
     iterating ``paths`` (a missing ``@list`` file, ...) are re-raised here; per-file
-    errors never raise (``_ImageFiles`` turns them into error items).
+    errors never raise (``_ImageFiles`` turns them into error items). ``on_read(i)`` is
+    called in the thread before the i-th input is read and ``on_read(None)`` after it.
     """
     q: queue.Queue[Any] = queue.Queue(maxsize=depth)
     stop = threading.Event()
@@ -463,10 +465,14 @@ def _background_batches(
     def produce() -> None:
         try:
             items: list[_Item] = []
-            for p in paths:
+            for position, p in enumerate(paths):
                 if stop.is_set():
                     return
+                if on_read is not None:
+                    on_read(position)
                 items.append(dataset[str(p)])
+                if on_read is not None:
+                    on_read(None)
                 if len(items) >= batch_size:
                     if not put(_collate(items)):
                         return
@@ -773,11 +779,14 @@ class Predictor:
         should_stop: Callable[[], bool] | None,
         on_batch: Callable[[int], None] | None,
         raw: bool = False,
+        on_read: Callable[[int | None], None] | None = None,
     ) -> Generator[tuple[str, np.ndarray | None, str | None, str | None], None, None]:
         """(path, probs | None, error | None, sha256 | None) per input, in input order.
 
         With ``raw`` the vectors are the model's logits instead of calibrated probabilities.
         """
+        if on_read is not None and not self.decode_thread:
+            raise ValueError("on_read needs the decode thread (decode_thread=True, num_workers=0)")
         batches: Iterator[_Batch] = (
             _background_batches(
                 paths,
@@ -786,6 +795,7 @@ class Predictor:
                 # Every stream busy plus the read-ahead asked for.
                 self.prefetch_batches + self.forward_streams - 1,
                 pin_memory=self._cuda,
+                on_read=on_read,
             )
             if self.decode_thread
             else iter(self._loader(paths))
@@ -900,10 +910,16 @@ class Predictor:
         *,
         should_stop: Callable[[], bool] | None = None,
         on_batch: Callable[[int], None] | None = None,
+        on_read: Callable[[int | None], None] | None = None,
     ) -> Iterator[Prediction]:
-        """Stream one :class:`Prediction` per input, in input order (see module notes)."""
+        """Stream one :class:`Prediction` per input, in input order (see module notes).
+
+        ``on_read(i)`` is called in the decode thread right before the i-th input (0-based)
+        is read and preprocessed, ``on_read(None)`` right after: whoever must know which
+        file a process was decoding when it died (a native crash) records it there.
+        """
         k = self.top_k
-        stream = self._stream(paths, should_stop, on_batch)
+        stream = self._stream(paths, should_stop, on_batch, on_read=on_read)
         try:
             for path, probs, error, digest in stream:
                 if probs is None:

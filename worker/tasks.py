@@ -21,7 +21,7 @@ import os
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,7 +42,7 @@ from scheduler.dispatch import (
 )
 from scheduler.schema import ChunkStatus, JobKind, JobStatus, utcnow
 from scheduler.submission import filesystem_path, storable_text
-from worker import liveness, recovery, runtime
+from worker import isolation, liveness, recovery, runtime
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -172,25 +172,35 @@ def classify_chunk(task: Task, job_id: int, chunk_index: int) -> str:
         work = _claim(settings, job_id, chunk_index, task.request.hostname)
         if work is None:
             return "skipped: chunk or job already finished"
-        # attempts counts claims, including ones whose worker died (SIGKILL/OOM) without
-        # reaching our retry logic; a chunk that keeps killing workers must end, not loop.
-        if work.attempts > max_retries + 1:
-            reason = f"gave up after {work.attempts - 1} attempts (worker lost while running)"
-            return _fail_chunk(settings, job_id, chunk_index, reason)
-        if not work.items:
-            status = _complete(settings, job_id, chunk_index, ChunkStatus.SUCCEEDED)
-            return f"nothing left to do ({status or 'job running'})"
-        # The chunk's updated_at is its heartbeat: if this process dies, it goes stale and
-        # a worker's recovery sweep re-sends the chunk (worker/recovery.py).
-        beat = recovery.chunk_heartbeat(settings, job_id, chunk_index)
-        with recovery.heartbeat(beat, _recovery(task).heartbeat_s, f"{job_id}-{chunk_index}"):
-            return liveness.run_with_deadline(
-                lambda progress: _run_chunk(settings, job_id, chunk_index, work, progress),
-                stall_s=float(settings.chunk_stall_timeout),
-                # Prefork children are killed by Celery's own hard limit (_on_chunk_failure).
-                limit_s=None if runtime.pool_enforces_time_limits() else settings.chunk_time_limit,
-                name=f"{job_id}-{chunk_index}",
-            )
+        # Detects a predecessor that died and sets aside the file it died on (worker/isolation.py).
+        with isolation.ChunkGuard(settings, job_id, chunk_index) as guard:
+            if guard.busy:
+                return "skipped: a live attempt in another worker thread or process runs it"
+            work = replace(work, items=guard.set_aside(work.items))
+            # attempts counts claims, including ones whose worker died (SIGKILL/OOM) without
+            # reaching our retry logic; a chunk that keeps killing workers must end, not loop.
+            # A death that identified its file made progress and does not count.
+            if work.attempts - guard.set_aside_count > max_retries + 1:
+                reason = f"gave up after {work.attempts - 1} attempts (worker lost while running)"
+                return _fail_chunk(settings, job_id, chunk_index, reason)
+            if not work.items:
+                status = _complete(settings, job_id, chunk_index, ChunkStatus.SUCCEEDED)
+                return f"nothing left to do ({status or 'job running'})"
+            # The chunk's updated_at is its heartbeat: if this process dies, it goes stale and
+            # a worker's recovery sweep re-sends the chunk (worker/recovery.py).
+            beat = recovery.chunk_heartbeat(settings, job_id, chunk_index)
+            with recovery.heartbeat(beat, _recovery(task).heartbeat_s, f"{job_id}-{chunk_index}"):
+                return liveness.run_with_deadline(
+                    lambda progress: _run_chunk(
+                        settings, job_id, chunk_index, work, progress, guard
+                    ),
+                    stall_s=float(settings.chunk_stall_timeout),
+                    # Prefork children are killed by Celery's own hard limit.
+                    limit_s=(
+                        None if runtime.pool_enforces_time_limits() else settings.chunk_time_limit
+                    ),
+                    name=f"{job_id}-{chunk_index}",
+                )
     except Retry:
         raise
     except liveness.ChunkAbandoned as exc:
@@ -301,6 +311,7 @@ def _run_chunk(
     chunk_index: int,
     work: _ChunkWork,
     progress: liveness.Progress | None = None,
+    guard: isolation.ChunkGuard | None = None,
 ) -> str:
     from core.inference import Predictor
 
@@ -327,8 +338,8 @@ def _run_chunk(
     cancel = CancelCheck(settings, job_id)
     # Items hold storable_path() text (non-UTF-8 bytes as \\xNN); open the real file names.
     paths = [filesystem_path(path) for _, path in work.items]
-    predictions = predictor.predict(
-        paths, should_stop=lambda: progress.abandoned.is_set() or cancel()
+    predictions = isolation.predictions(
+        guard, predictor, work.items, paths, lambda: progress.abandoned.is_set() or cancel()
     )
     done = 0
     # predict() yields exactly one Prediction per input, in input order, so zip pairs each
@@ -740,8 +751,12 @@ def evaluate_job(task: Task, job_id: int) -> str:
     if job.status != JobStatus.RUNNING:
         return f"skipped: job is {job.status}"
     try:
-        with _job_heartbeat(task, settings, job_id):
-            return _run_evaluation(settings, job_id, job)
+        # A re-sent copy must not run beside a live run: both write the same report files.
+        with _job_lock(job_dir(settings, job_id)) as locked:
+            if not locked:
+                return "skipped: another worker is evaluating this job"
+            with _job_heartbeat(task, settings, job_id):
+                return _run_evaluation(settings, job_id, job)
     except Exception as exc:
         if is_retryable(exc):  # as in train_job: the recovery sweep re-sends it later
             log.error("evaluate job %s: database unreachable; left to the recovery sweep", job_id)

@@ -197,6 +197,27 @@ def test_streams_lazily_from_a_generator(predictor: Predictor, images: list[Path
     assert pulled < 100
 
 
+def test_on_read_marks_each_read_in_the_decode_thread(
+    predictor: Predictor, images: list[Path]
+) -> None:
+    """on_read(i) right before input i is read, on_read(None) right after, in input order,
+    from the thread that decodes (the one a native decoder crash would kill)."""
+    import threading
+
+    calls: list[tuple[int | None, str]] = []
+    preds = list(
+        predictor.predict(
+            images, on_read=lambda i: calls.append((i, threading.current_thread().name))
+        )
+    )
+    assert len(preds) == len(images)
+    expected: list[int | None] = []
+    for i in range(len(images)):
+        expected += [i, None]
+    assert [i for i, _ in calls] == expected
+    assert {name for _, name in calls} == {"mriq-decode"}
+
+
 def test_on_batch_and_should_stop(predictor: Predictor, images: list[Path]) -> None:
     sizes: list[int] = []
     preds = list(predictor.predict(images, on_batch=sizes.append))

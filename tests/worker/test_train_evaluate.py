@@ -262,3 +262,58 @@ def test_retrain_submits_one_job_at_a_time(tmp_path: Path, sqlite_url: str, data
     queue = Path(settings.data_dir) / "broker" / "queue"
     assert len([p for p in queue.iterdir() if p.name.endswith(".gpu.msg")]) == 1
     factory.kw["bind"].dispose()
+
+
+@pytest.mark.slow
+def test_evaluate_skips_while_another_run_of_the_job_is_alive(
+    tmp_path: Path, sqlite_url: str, dataset: Path, tiny_model: TinyModel
+) -> None:
+    """A re-sent evaluate (recovery saw a stale heartbeat, or Celery requeued it after a pool
+    child died) while another run of the job is still alive must not run beside it: both
+    would write the same report files, and the loser's failure (its temporary file renamed
+    away) could mark the job failed. The live run holds the job's lock file (here: this
+    test); the second run skips, and once the lock is free a run records one report."""
+    import fcntl
+
+    settings = make_settings(tmp_path, database_url=sqlite_url, broker_url=None)
+    factory = migrated_factory(sqlite_url)
+    with factory.begin() as session:
+        version = repository.register_model_version(
+            session,
+            training_job_id=None,
+            arch="resnet18",
+            label_mode="15",
+            classes=list(tiny_model.classes),
+            checkpoint_path=str(tiny_model.path),
+            checkpoint_sha256=tiny_model.sha256,
+            metrics={},
+        )
+        job_id = int(
+            repository.create_job(
+                session,
+                kind=JobKind.EVALUATE,
+                params={"data": str(dataset)},
+                model_version_id=version.id,
+            ).id
+        )
+    app = create_celery_app(settings)
+    folder = job_dir(settings, job_id)
+    folder.mkdir(parents=True)
+    with (folder / ".worker.lock").open("a+") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = app.tasks[EVALUATE_TASK].apply(args=[job_id]).result
+        assert str(result).startswith("skipped: another worker"), result
+        assert _job(factory, job_id)[0] == JobStatus.RUNNING
+        with factory() as session:
+            assert repository.list_artifacts(session, job_id) == []
+            with pytest.raises(repository.NotFoundError):
+                repository.get_evaluation(session, job_id)
+    result = app.tasks[EVALUATE_TASK].apply(args=[job_id]).result
+    assert _job(factory, job_id)[0] == JobStatus.SUCCEEDED, result
+    with factory() as session:
+        assert repository.get_evaluation(session, job_id).report["n"] == 10 * len(FOLDERS)
+        assert sorted(a.kind for a in repository.list_artifacts(session, job_id)) == [
+            "confusion_matrix",
+            "report",
+        ]
+    factory.kw["bind"].dispose()
