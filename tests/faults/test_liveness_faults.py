@@ -52,6 +52,14 @@ def _rows(factory, job_id: int) -> dict[int, tuple[str | None, str | None]]:  # 
         }
 
 
+#: deadline -> (chunk_stall_timeout, chunk_time_limit, what the failure says)
+DEADLINES = {
+    "stall": (6.0, 1800, "no progress for"),
+    "time_limit": (600.0, 10, "over chunk_time_limit 10s"),
+}
+
+
+@pytest.mark.parametrize("deadline", sorted(DEADLINES))
 def test_chunk_stuck_on_a_hung_read_is_abandoned_resent_once_then_failed(
     tmp_path: Path,
     postgres_url: str,
@@ -59,17 +67,25 @@ def test_chunk_stuck_on_a_hung_read_is_abandoned_resent_once_then_failed(
     workers: Workers,
     tiny_model: TinyModel,
     hang_dir: Path,
+    deadline: str,
 ) -> None:
-    """Threads pool (production's), chunk_stall_timeout 6 s. Chunk 1's fifth item is a
-    regular file whose read never returns. Its first batch (4 tiny images) is recorded;
-    then nothing for 6 s: the worker abandons the chunk (its pool slot is freed while the
-    stuck thread stays blocked), re-sends it once, the re-run (only unrecorded items) gets
-    stuck on the same file and the chunk is failed naming the deadline and the file. The
-    other chunks succeed, the job ends partial, the worker still answers ping. On the old
-    code the job stays ``running`` for as long as the read hangs."""
+    """Threads pool (production's), where Celery enforces no time limit. Chunk 1's fifth
+    item is a regular file whose read never returns. Its first batch (4 tiny images) is
+    recorded; then nothing, until the deadline: 6 s without progress (``stall``) or 10 s
+    in all (``time_limit``, stall timeout out of the way). The worker abandons the chunk
+    (its pool slot is freed while the stuck thread stays blocked), re-sends it once, the
+    re-run (only unrecorded items) gets stuck on the same file and the chunk is failed
+    naming the deadline and the file. The other chunks succeed, the job ends partial, the
+    worker still answers ping. On the old code the job stays ``running`` for as long as
+    the read hangs."""
     chunk = 8
+    stall_s, limit_s, says = DEADLINES[deadline]
     settings = fault_settings(
-        tmp_path, database_url=postgres_url, broker_url=own_redis.url, chunk_stall_timeout=6
+        tmp_path,
+        database_url=postgres_url,
+        broker_url=own_redis.url,
+        chunk_stall_timeout=stall_s,
+        chunk_time_limit=limit_s,
     )
     factory = migrated_factory(postgres_url)
     small = write_small_images(tmp_path / "images", 3 * chunk - 1)
@@ -93,14 +109,14 @@ def test_chunk_stuck_on_a_hung_read_is_abandoned_resent_once_then_failed(
             _, _, attempts, error = table[1]
             assert attempts == 2, table  # the first run and the one re-send
             assert chunk_workers(factory, job_id)[1] == (worker.hostname, 2)
-            assert error is not None and "no progress for" in error
+            assert error is not None and says in error
             assert f"stuck at or after {stuck}" in error and "abandoned 2 times" in error
             assert_each_item_once(factory, job_id, 3 * chunk)
             rows = _rows(factory, job_id)
             # The batch before the stuck file was recorded; it and everything after it in
             # the chunk carry the chunk's failure.
             assert all(rows[i][0] is not None for i in range(chunk + 4))
-            assert all("no progress for" in str(rows[i][1]) for i in range(chunk + 4, 2 * chunk))
+            assert all(says in str(rows[i][1]) for i in range(chunk + 4, 2 * chunk))
             assert all(rows[i][0] is not None for i in range(2 * chunk, 3 * chunk))
             log = worker.log()
             assert log.count(f"chunk {job_id}/1 re-sent once") == 1, log
