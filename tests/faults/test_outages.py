@@ -224,3 +224,58 @@ def test_train_job_outlasting_the_limit_resumes_from_last_epoch(
     finally:
         dispatcher.close()
         factory.kw["bind"].dispose()
+
+
+def test_sweep_spares_running_chunks_whose_heartbeats_the_outage_stopped(
+    tmp_path: Path, own_postgres: PostgresServer, own_redis: RedisServer
+) -> None:
+    """A running chunk's heartbeat is a database write, so an outage longer than
+    stale_after makes a live chunk look dead. The sweep must give its heartbeat time to
+    come back after the outage (here: 1.5 s, as a backed-off heartbeat would) instead of
+    re-sending it at once (a second claim, counted against the chunk as a lost worker),
+    and must still re-send it when no heartbeat comes back."""
+    from worker.recovery import RecoveryConfig, Sweeper
+
+    url = own_postgres.url
+    settings = fault_settings(tmp_path, database_url=url, broker_url=own_redis.url)
+    factory = migrated_factory(url)
+    paths = write_small_images(tmp_path / "images", 4)
+    with factory.begin() as session:
+        job = repository.create_job(session, kind=JobKind.CLASSIFY, params={"top_k": 3})
+        job_id = int(job.id)
+        repository.add_job_items(session, job_id, [str(p) for p in paths], chunk_size=4)
+        assert repository.claim_chunk(session, job_id, 0) is not None  # a live task has it
+
+    def status() -> ChunkStatus:
+        return chunk_table(factory, job_id)[0][1]
+
+    def beat() -> None:
+        with factory.begin() as session:
+            repository.touch_chunk(session, job_id, 0)
+
+    stale_after = 4.0
+    sweeper = Sweeper(settings, RecoveryConfig(0.5, stale_after, 0.2))
+    sweeper.start()
+    try:
+        time.sleep(1.0)
+        assert status() == ChunkStatus.RUNNING  # fresh stamp: nothing to recover
+        factory.kw["bind"].dispose()
+        own_postgres.stop()
+        time.sleep(stale_after + 1.0)  # the stamp goes stale while nobody can write it
+        own_postgres.start()
+        factory.kw["bind"].dispose()
+        time.sleep(1.5)
+        for _ in range(int(3 * stale_after / 0.5)):  # the live task's heartbeat is back
+            assert status() == ChunkStatus.RUNNING, "a live chunk was re-sent after the outage"
+            beat()
+            time.sleep(0.5)
+        # Its heartbeat stops for good (the worker died): it is recovered all the same.
+        wait_until(
+            lambda: status() == ChunkStatus.PENDING,
+            timeout=60,
+            interval=0.2,
+            what="the chunk of a dead worker to be re-sent",
+        )
+    finally:
+        sweeper.stop()
+        factory.kw["bind"].dispose()
