@@ -305,12 +305,12 @@ def test_a_forward_failure_in_a_stream_reaches_the_caller(
     calls = 0
     real = multi._forward
 
-    def flaky(batch: torch.Tensor) -> np.ndarray:
+    def flaky(batch: torch.Tensor, raw: bool = False) -> np.ndarray:
         nonlocal calls
         calls += 1
         if calls == 3:
             raise RuntimeError("out of memory (simulated)")
-        return real(batch)
+        return real(batch, raw)
 
     multi._forward = flaky  # type: ignore[method-assign]
     got: list[Prediction] = []
