@@ -42,6 +42,7 @@ from core.calibration import Calibration, ece, fit_temperature, nll, softmax
 from core.checkpoint import (
     CheckpointError,
     CheckpointMeta,
+    ChecksumMismatchError,
     LoadedCheckpoint,
     load_checkpoint,
     move_checkpoint,
@@ -814,16 +815,35 @@ class _Run:
             return np.zeros((0, len(self.classes))), np.zeros(0, dtype=np.int64)
         return np.concatenate(logits), np.concatenate(labels)
 
+    def _load_best_for_calibration(self) -> LoadedCheckpoint:
+        try:
+            return load_checkpoint(
+                self.best_path, expected_sha256=self.best_sha256 or None, device=self.device
+            )
+        except ChecksumMismatchError:
+            # A crash between writing the calibrated best.pt and re-saving last.pt leaves
+            # last.pt with best.pt's earlier digest. Accept the file its own sidecar vouches
+            # for if it is that calibrated copy; anything else is a real mismatch.
+            sidecar = read_sidecar(self.best_path)
+            if sidecar is None:
+                raise
+            ckpt = load_checkpoint(self.best_path, expected_sha256=sidecar, device=self.device)
+            done = ckpt.meta.calibration
+            if not (done.calibrated or done.n > 0):
+                raise
+            self.log(f"{self.best_path}: calibrated after the last save of {LAST_CHECKPOINT}")
+            self.best_sha256 = ckpt.sha256
+            self.save_last(self.history[-1].to_dict() if self.history else {})
+            return ckpt
+
     def calibrate(self) -> Calibration:
         """Fit best.pt's temperature on the validation split and store it in best.pt.
 
         Done once: a resumed run finds the calibration in best.pt and keeps it. best.pt gets a
         new digest; last.pt is saved again right after so that a resume verifies best.pt
-        against it (a crash between those two writes leaves last.pt with the old digest).
+        against it.
         """
-        ckpt = load_checkpoint(
-            self.best_path, expected_sha256=self.best_sha256 or None, device=self.device
-        )
+        ckpt = self._load_best_for_calibration()
         done = ckpt.meta.calibration
         if done.calibrated or done.n > 0:
             return done  # a resumed run that had calibrated already: best.pt stays as it is

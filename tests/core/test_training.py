@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import core.training as training
-from core.checkpoint import file_sha256, load_checkpoint
+from core.checkpoint import ChecksumMismatchError, file_sha256, load_checkpoint
 from core.config import TrainConfig
 from core.dataset import ImageDataset, SplitSamples, load_splits
 from core.labels import CLASSES_15, label_index
@@ -227,6 +227,35 @@ def test_resume_of_finished_run_only_reevaluates(observed: Observed) -> None:
     assert seen == list(observed.result.epochs)  # re-emitted for idempotent consumers
     assert again.best_sha256 == observed.result.best_sha256
     assert again.test_report == observed.result.test_report
+
+
+@pytest.mark.slow
+def test_resume_after_a_crash_between_calibration_and_last_pt(
+    observed: Observed, tmp_path: Path
+) -> None:
+    import shutil
+
+    from core.checkpoint import save_checkpoint
+
+    # The state a crash leaves right after best.pt got its temperature: last.pt still holds
+    # best.pt's digest from before calibration.
+    out = tmp_path / "out"
+    shutil.copytree(observed.config.out_dir, out)
+    last = load_checkpoint(out / "last.pt")
+    assert last.training_state is not None
+    stale = dict(last.training_state, best_sha256="0" * 64)
+    save_checkpoint(out / "last.pt", model=last.model, meta=last.meta, training_state=stale)
+    config = tiny(observed.config.data_dir, out, resume="auto")
+    again = train(config)
+    assert again.best_sha256 == observed.result.best_sha256 == file_sha256(out / "best.pt")
+    assert again.test_report == observed.result.test_report
+    fixed = load_checkpoint(out / "last.pt").training_state
+    assert fixed is not None and fixed["best_sha256"] == again.best_sha256
+    # A best.pt that is not the calibrated copy its sidecar vouches for is still refused.
+    save_checkpoint(out / "last.pt", model=last.model, meta=last.meta, training_state=stale)
+    (out / "best.pt.sha256").write_text("1" * 64 + "  best.pt\n")
+    with pytest.raises(ChecksumMismatchError):
+        train(config)
 
 
 @pytest.mark.slow
