@@ -114,7 +114,7 @@ class RecoveryConfig:
         if self.dead_after_s < 2 * self.heartbeat_s:
             raise ValueError(
                 f"dead_after_s ({self.dead_after_s}) must be at least two heartbeats "
-                f"({2 * self.heartbeat_s}), or a worker that misses one ping looks dead"
+                f"({2 * self.heartbeat_s}), or a live worker that misses one heartbeat looks dead"
             )
         if self.interval_s < 0:
             raise ValueError(f"interval_s must be >= 0, got {self.interval_s}")
