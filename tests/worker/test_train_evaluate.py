@@ -275,7 +275,8 @@ def test_evaluate_skips_while_another_run_of_the_job_is_alive(
     test); the second run skips, and once the lock is free a run records one report."""
     import fcntl
 
-    settings = make_settings(tmp_path, database_url=sqlite_url, broker_url=None)
+    settings = _with_root(make_settings(tmp_path, database_url=sqlite_url, broker_url=None),
+                          dataset)
     factory = migrated_factory(sqlite_url)
     with factory.begin() as session:
         version = repository.register_model_version(
@@ -312,8 +313,7 @@ def test_evaluate_skips_while_another_run_of_the_job_is_alive(
     assert _job(factory, job_id)[0] == JobStatus.SUCCEEDED, result
     with factory() as session:
         assert repository.get_evaluation(session, job_id).report["n"] == 10 * len(FOLDERS)
-        assert sorted(a.kind for a in repository.list_artifacts(session, job_id)) == [
-            "confusion_matrix",
-            "report",
-        ]
+        assert sorted(a.kind for a in repository.list_artifacts(session, job_id)) == sorted(
+            {"confusion_matrix", "report", *PLOT_KINDS}
+        )
     factory.kw["bind"].dispose()
