@@ -1,8 +1,8 @@
-"""Classification metrics, checkpoint evaluation and report plots.
+"""Classification metrics and checkpoint evaluation (the report plots live in core.plots).
 
 The metrics come from ``sklearn.metrics``; this module imports neither torch, matplotlib nor
 scikit-learn at import time, so light consumers (e.g. code that only reads a stored report)
-stay light: :func:`compute_report`, :func:`evaluate_checkpoint` and the plot functions import
+stay light: :func:`compute_report` and :func:`evaluate_checkpoint` import
 them lazily.
 
 Conventions (scikit-learn's, written down here because they matter for imbalanced data):
@@ -35,9 +35,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-# Re-exported: the plots moved to core.plots, which imports this module only for types.
-from core.plots import plot_confusion_matrix, plot_training_curves
-
 if TYPE_CHECKING:
     from core.checkpoint import LoadedCheckpoint
     from core.dataset import Sample
@@ -52,8 +49,6 @@ __all__ = [
     "compute_report",
     "evaluate_checkpoint",
     "evaluate_checkpoint_outputs",
-    "plot_confusion_matrix",
-    "plot_training_curves",
     "roc_auc_binary",
     "top_k_accuracy",
 ]

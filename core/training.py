@@ -63,13 +63,11 @@ from core.evaluation import (
     EvalReport,
     EvaluationCancelled,
     evaluate_checkpoint_outputs,
-    plot_confusion_matrix,
-    plot_training_curves,
 )
 from core.inference import select_device
 from core.labels import as_label_mode, classes_for
 from core.models import build_model, head_name, resolve_weights
-from core.plots import write_evaluation_plots
+from core.plots import plot_confusion_matrix, plot_training_curves, write_evaluation_plots
 from core.transforms import EvalPreset, PresetParams, TrainPreset
 
 __all__ = [

@@ -808,9 +808,8 @@ def _run_evaluation(settings: Settings, job_id: int, job: _EvalJob) -> str:
     from core.evaluation import (
         EvaluationCancelled,
         evaluate_checkpoint_outputs,
-        plot_confusion_matrix,
     )
-    from core.plots import write_evaluation_plots
+    from core.plots import plot_confusion_matrix, write_evaluation_plots
 
     runtime.configure_threads()
     model = runtime.load_model(

@@ -16,10 +16,9 @@ from core.evaluation import (
     EvaluationCancelled,
     compute_report,
     evaluate_checkpoint,
-    plot_confusion_matrix,
-    plot_training_curves,
     roc_auc_binary,
 )
+from core.plots import plot_confusion_matrix, plot_training_curves
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CLS3 = ("a", "b", "c")
