@@ -87,6 +87,11 @@ def _save_png(fig: Any, path: Path | str) -> Path:
         with os.fdopen(fd, "wb") as fh:
             fig.savefig(fh, format="png", bbox_inches="tight")
         os.replace(tmp, target)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        # ENOSPC and friends name no file; the job's error must say which one failed.
+        reason = exc.strerror or str(exc)
+        raise OSError(exc.errno, f"cannot write {target.name} ({reason})", str(target)) from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
