@@ -361,12 +361,20 @@ class _ImageFiles(Dataset[_Item]):
             fh = open_input(path, roots=self._roots)
         except ImageReadError as exc:
             return key, None, exc.reason, None  # refused before any byte was read
-        with fh:
-            digest = _file_sha256(fh) if self._hash_inputs else None
-            try:
+        digest: str | None = None
+        img: np.ndarray | None = None
+        try:
+            with fh:
+                digest = _file_sha256(fh) if self._hash_inputs else None
                 img = read_open_image(fh, path)
-            except ImageReadError as exc:
-                return key, None, exc.reason, digest
+        except ImageReadError as exc:
+            return key, None, exc.reason, digest
+        except OSError as exc:
+            # Seeking or closing a file whose server went away (FUSE, NFS) fails outside the
+            # decoder: still this file's error row, never the chunk's. A file decoded before
+            # its close failed is kept.
+            if img is None:
+                return key, None, f"cannot read file: {exc.strerror or exc}", None
         try:
             return key, self._transform(img), None, digest
         except (ValueError, RuntimeError, TypeError, OSError) as exc:
