@@ -29,7 +29,7 @@ Conventions (scikit-learn's, written down here because they matter for imbalance
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -77,13 +77,7 @@ class ClassMetrics:
     support: int
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "precision": self.precision,
-            "recall": self.recall,
-            "f1": self.f1,
-            "support": self.support,
-        }
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -96,12 +90,7 @@ class Mistake:
     confidence: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "path": self.path,
-            "true": self.true,
-            "predicted": self.predicted,
-            "confidence": self.confidence,
-        }
+        return asdict(self)
 
 
 def _opt_float(value: Any) -> float | None:
