@@ -187,6 +187,12 @@ class ArtifactOut(BaseModel):
     url: str = Field("", description="Download URL of the file (GET, same authentication).")
 
 
+class ArtifactCliOut(ArtifactOut):
+    """An artifact as the CLI prints it: the CLI runs on the server, so it names the file."""
+
+    path: str
+
+
 class ModelOut(BaseModel):
     model_config = ConfigDict(from_attributes=True, protected_namespaces=())
 
@@ -210,6 +216,12 @@ class ModelOut(BaseModel):
     ece_uncalibrated: float | None = Field(None, description="Test-split ECE before it.")
     nll: float | None = Field(None, description="Test-split NLL after the temperature.")
     nll_uncalibrated: float | None = Field(None, description="Test-split NLL before it.")
+
+
+class ModelCliOut(ModelOut):
+    """A model version as the CLI prints it: the CLI runs on the server, so it names the file."""
+
+    checkpoint_path: str
 
 
 class HealthOut(BaseModel):

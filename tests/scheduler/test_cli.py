@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner
 
 from scheduler import cli, repository
+from scheduler.cli import services
 from scheduler.database import make_engine, make_session_factory, upgrade
 from scheduler.repository import PredictionRecord
 from scheduler.schema import JobKind, JobStatus
@@ -380,7 +381,7 @@ def test_worker_and_flower_exec(
     def fake_exec(path: str, argv: list[str], environ: dict[str, str]) -> None:
         calls.append((list(argv), dict(environ)))
 
-    monkeypatch.setattr(cli, "_exec", fake_exec)
+    monkeypatch.setattr(services, "replace_process", fake_exec)
     result = mriq(env, "worker", "--queues", "gpu", "--concurrency", "2")
     assert result.exit_code == 0, result.output
     argv = calls[-1][0]
@@ -430,9 +431,9 @@ def test_api_refuses_non_loopback_without_token(
 
 def test_is_loopback() -> None:
     for host in ("127.0.0.1", "127.1.2.3", "::1", "[::1]", "localhost", "LOCALHOST"):
-        assert cli.is_loopback(host), host
+        assert services.is_loopback(host), host
     for host in ("0.0.0.0", "::", "10.0.0.1", "example.org", "127.0.0.1.nip.io", ""):
-        assert not cli.is_loopback(host), host
+        assert not services.is_loopback(host), host
 
 
 @pytest.mark.slow
