@@ -1,0 +1,44 @@
+"""Fixtures of the CLI tests: a real SQLite database and the embedded filesystem broker.
+
+No worker runs here: ``--wait`` is exercised on jobs that are already finished, so no
+embedded worker is started.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+
+from scheduler.database import make_engine, make_session_factory, upgrade
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    r = tmp_path / "root"
+    r.mkdir()
+    return r
+
+
+@pytest.fixture
+def env(
+    tmp_path: Path, root: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> dict[str, str]:
+    # Run from tmp so no ./.env of the developer leaks into the settings.
+    monkeypatch.chdir(tmp_path)
+    return {
+        "MRIQ_DATA_DIR": str(tmp_path / "state"),
+        "MRIQ_DATABASE_URL": sqlite_url,
+        "MRIQ_DATA_ROOTS": str(root),
+        "MRIQ_CHUNK_SIZE": "2",
+    }
+
+
+@pytest.fixture
+def sessions(env: dict[str, str]) -> Iterator[sessionmaker[Session]]:
+    upgrade(env["MRIQ_DATABASE_URL"])
+    engine = make_engine(env["MRIQ_DATABASE_URL"])
+    yield make_session_factory(engine)
+    engine.dispose()

@@ -1,0 +1,53 @@
+"""``mriq classify``, ``train`` and ``evaluate``: submission and its refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from tests.scheduler.cli.runner import make_model, mriq
+
+
+def test_classify_refusals(env: dict[str, str], root: Path, tmp_path: Path,
+                           sessions: sessionmaker[Session]) -> None:
+    make_model(sessions, promote=True)
+    outside = tmp_path / "elsewhere.png"
+    outside.write_bytes(b"x")
+    result = mriq(env, "classify", str(outside))
+    assert result.exit_code == 2
+    assert "outside the allowed data roots" in result.stderr
+    result = mriq(env, "classify", str(root / "x.png"), "--model", "999")
+    assert result.exit_code == 1 and "model version 999 not found" in result.stderr
+    result = mriq({**env, "MRIQ_MAX_PATHS_PER_JOB": "1"}, "classify", str(root / "a.png"),
+                  str(root / "b.png"))
+    assert result.exit_code == 2 and "too many inputs" in result.stderr
+    assert json.loads(mriq(env, "jobs", "list", "--json").stdout)[0]["kind"] == "train"
+
+
+def test_train_and_evaluate_submission(
+    env: dict[str, str], root: Path, sessions: sessionmaker[Session]
+) -> None:
+    (root / "data").mkdir()
+    result = mriq(env, "train", "--data", str(root / "data"), "--arch", "resnet18",
+                  "--epochs", "2", "--image-size", "64", "--labels", "44", "--json")
+    assert result.exit_code == 0, result.output
+    job_id = json.loads(result.stdout)["id"]
+    doc = json.loads(mriq(env, "jobs", "show", str(job_id), "--json").stdout)
+    assert doc["kind"] == "train"
+    assert doc["params"]["arch"] == "resnet18" and doc["params"]["labels"] == "44"
+
+    bad = mriq(env, "train", "--data", str(root / "data"), "--arch", "vgg")
+    assert bad.exit_code == 2 and "arch" in bad.stderr
+    bad = mriq(env, "train", "--data", str(root / "data"), "--labels", "12")
+    assert bad.exit_code == 2  # Typer's own choice validation
+
+    model_id = make_model(sessions)
+    result = mriq(env, "evaluate", "--model", str(model_id), "--data", str(root / "data"),
+                  "--json")
+    assert result.exit_code == 0, result.output
+    eval_id = json.loads(result.stdout)["id"]
+    assert json.loads(mriq(env, "jobs", "show", str(eval_id), "--json").stdout)["kind"] == (
+        "evaluate"
+    )
