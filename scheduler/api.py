@@ -45,7 +45,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from scheduler import repository, submission
+from scheduler import export, repository, submission
 from scheduler.api_guards import (
     UNAUTHORIZED_DETAIL,
     WWW_AUTHENTICATE,
@@ -364,10 +364,10 @@ def create_app(settings: Settings) -> FastAPI:
         # (keyset pages from the repository, output flushed every 64 KiB).
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(submission.PREDICTION_COLUMNS)
+        writer.writerow(export.PREDICTION_COLUMNS)
         with sessions() as session:
             for row in repository.iter_predictions(session, job_id):
-                writer.writerow(submission.prediction_csv_row(row))
+                writer.writerow(export.prediction_csv_row(row))
                 if buffer.tell() >= CSV_FLUSH_BYTES:
                     yield buffer.getvalue()
                     buffer.seek(0)

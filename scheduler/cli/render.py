@@ -98,7 +98,7 @@ def model_doc(model: ModelVersion) -> dict[str, Any]:
 def prediction_doc(row: PredictionRow) -> dict[str, Any]:
     from scheduler.api_models import PredictionOut
 
-    # The export keeps the CSV's columns (submission.PREDICTION_COLUMNS): no file hash.
+    # The export keeps the CSV's columns (export.PREDICTION_COLUMNS): no file hash.
     return PredictionOut.model_validate(row).model_dump(mode="json", exclude={"file_sha256"})
 
 

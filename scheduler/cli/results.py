@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import csv
 import json
-import os
 import sys
 from enum import StrEnum
 from pathlib import Path
@@ -12,7 +10,7 @@ from typing import TYPE_CHECKING, TextIO
 
 import typer
 
-from scheduler import submission
+from scheduler import export
 from scheduler.cli.app import CliError, Runtime, app, runtime
 from scheduler.cli.render import prediction_doc, stderr_console
 from scheduler.schema import JobKind
@@ -30,15 +28,9 @@ def write_predictions_csv(rt: Runtime, job_id: int, out: TextIO) -> int:
     """Stream a classify job's predictions as CSV (ordered by item_index); returns rows."""
     from scheduler import repository
 
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(submission.PREDICTION_COLUMNS)
-    n = 0
     with rt.sessions()() as session:
         _require_classify(repository.get_job(session, job_id))
-        for row in repository.iter_predictions(session, job_id):
-            writer.writerow(submission.prediction_csv_row(row))
-            n += 1
-    return n
+        return export.write_predictions_csv(repository.iter_predictions(session, job_id), out)
 
 
 def write_predictions_json(rt: Runtime, job_id: int, out: TextIO) -> int:
@@ -80,15 +72,11 @@ def results(
     if out is None:
         writer(rt, job_id, sys.stdout)
         return
-    tmp = out.with_name(out.name + ".part")
     try:
-        with tmp.open("w", encoding="utf-8", newline="") as fh:
-            n = writer(rt, job_id, fh)
-        os.replace(tmp, out)  # never leave a half-written export under the real name
+        # Never a half-written export under the real name (export_to_file writes a .part).
+        n = export.export_to_file(out, lambda fh: writer(rt, job_id, fh))
     except OSError as exc:
         # A full disk's ENOSPC names no file; say which and that nothing half-written stays.
         reason = exc.strerror or str(exc)
         raise CliError(f"{out}: cannot write the export ({reason}); nothing was written") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
     stderr_console().print(f"wrote {n} predictions to {out}", highlight=False)

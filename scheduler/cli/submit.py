@@ -7,10 +7,11 @@ from __future__ import annotations
 import getpass
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 import typer
 
-from scheduler import submission
+from scheduler import options, submission
 from scheduler.cli.app import app, runtime
 from scheduler.cli.render import JsonOpt
 from scheduler.cli.waiting import WaitOpt, report_submitted
@@ -50,40 +51,45 @@ def classify(
     report_submitted(rt, job_id, wait=wait, as_json=as_json)
 
 
-class LabelsChoice(StrEnum):
-    fifteen = "15"
-    fortyfour = "44"
+def _train_option(name: str, *flags: str) -> Any:
+    """A ``mriq train`` option whose default, help and bounds are the job option's
+    (:mod:`scheduler.options`, derived from ``core.config.TrainConfig``)."""
+    low, high = options.option_bounds(name)
+    default = options.option_default(name)
+    if name == "labels":
+        default = LabelsChoice(default)
+    return typer.Option(default, *flags, help=options.option_help(name), min=low, max=high)
+
+
+# The label spaces as Typer choices (``--labels [15|44]``), named by their values. An
+# unknown architecture, by contrast, is refused by submission with the list, as the API
+# refuses it, rather than spelling all of them in the usage line.
+LabelsChoice = StrEnum(  # type: ignore[misc]  # members from options, not literals
+    "LabelsChoice", {choice: choice for choice in options.option_choices("labels")}
+)
 
 
 @app.command()
 def train(
     ctx: typer.Context,
     data: Path = typer.Option(..., "--data", help="Folder of class folders (Kaggle 44c layout)."),
-    arch: str = typer.Option(
-        "efficientnet_b0", help=f"Architecture: {', '.join(submission.ARCHITECTURES)}."
-    ),
-    epochs: int = typer.Option(10, min=1),
-    image_size: int = typer.Option(224, "--image-size", min=32, max=2048),
-    batch_size: int = typer.Option(32, "--batch-size", min=1, max=4096),
-    lr: float = typer.Option(1e-3, "--lr", help="Learning rate."),
-    finetune: bool = typer.Option(
-        False, "--finetune/--no-finetune", help="Train only the head of a pretrained backbone."
-    ),
-    weights: str = typer.Option("auto", help="auto, none, imagenet or a checkpoint path."),
-    labels: LabelsChoice = typer.Option(LabelsChoice.fifteen, help="Label space: 15 or 44."),
-    seed: int = typer.Option(0, min=0),
-    device: str | None = typer.Option(
-        None, help="auto, cpu, cuda or cuda:N (default: settings.default_device)."
-    ),
-    warm_start: bool = typer.Option(
-        False, "--warm-start", help="Start from the production model's weights."
-    ),
+    arch: str = _train_option("arch"),
+    epochs: int = _train_option("epochs"),
+    image_size: int = _train_option("image_size", "--image-size"),
+    batch_size: int = _train_option("batch_size", "--batch-size"),
+    lr: float = _train_option("lr", "--lr"),
+    finetune: bool = _train_option("finetune", "--finetune/--no-finetune"),
+    weights: str = _train_option("weights"),
+    labels: LabelsChoice = _train_option("labels"),
+    seed: int = _train_option("seed"),
+    device: str | None = _train_option("device"),
+    warm_start: bool = _train_option("warm_start", "--warm-start"),
     wait: bool = WaitOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Train a model version on a folder (a train job; the worker registers a candidate)."""
     rt = runtime(ctx)
-    options = {
+    chosen = {
         "arch": arch,
         "epochs": epochs,
         "image_size": image_size,
@@ -97,7 +103,7 @@ def train(
         "warm_start": warm_start,
     }
     job_id = submission.submit_train(
-        rt.sessions(), rt.dispatcher, rt.settings, data, options, submitter=submitter()
+        rt.sessions(), rt.dispatcher, rt.settings, data, chosen, submitter=submitter()
     )
     report_submitted(rt, job_id, wait=wait, as_json=as_json)
 

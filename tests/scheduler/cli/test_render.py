@@ -7,7 +7,7 @@ import json
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from scheduler import repository, submission
+from scheduler import export, repository
 from scheduler.api_models import ArtifactCliOut, EpochOut, EvaluationOut, JobOut, ModelCliOut
 from scheduler.schema import JobKind, JobStatus
 from tests.scheduler.cli.runner import make_model, mriq
@@ -54,7 +54,7 @@ def test_prediction_json_keeps_the_csv_columns(
             item_index=0, path="/x/a.png", file_sha256="b" * 64, label="Normal",
             confidence=0.7, top_k=(("Normal", 0.7), ("Glioma", 0.3)), error=None)])
     (row,) = json.loads(mriq(env, "results", str(job_id), "--format", "json").stdout)
-    assert list(row) == list(submission.PREDICTION_COLUMNS)
+    assert list(row) == list(export.PREDICTION_COLUMNS)
     assert row["top_k"] == [["Normal", 0.7], ["Glioma", 0.3]]
 
 
