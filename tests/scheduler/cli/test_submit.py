@@ -7,6 +7,7 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from scheduler import options
 from tests.scheduler.cli.runner import make_model, mriq
 
 
@@ -51,3 +52,26 @@ def test_train_and_evaluate_submission(
     assert json.loads(mriq(env, "jobs", "show", str(eval_id), "--json").stdout)["kind"] == (
         "evaluate"
     )
+
+
+def test_train_options_come_from_the_job_options(
+    env: dict[str, str], root: Path, sessions: sessionmaker[Session]
+) -> None:
+    """Defaults, help and bounds of ``mriq train`` are scheduler.options' (TrainConfig's)."""
+    shown = mriq(env, "train", "--help")
+    assert shown.exit_code == 0
+    flat = " ".join(shown.stdout.split())  # Rich wraps long help lines
+    for name in ("epochs", "image_size", "batch_size", "seed"):
+        assert " ".join(options.option_help(name).split()) in flat, name
+    assert "--labels <15|44>" in flat
+    (root / "data").mkdir()
+    high = int(options.option_bounds("epochs")[1] or 0)
+    refused = mriq(env, "train", "--data", str(root / "data"), "--epochs", str(high + 1))
+    assert refused.exit_code == 2 and "--epochs" in refused.output
+    refused = mriq(env, "train", "--data", str(root / "data"), "--labels", "16")
+    assert refused.exit_code == 2 and "--labels" in refused.output
+
+    job_id = json.loads(mriq(env, "train", "--data", str(root / "data"), "--json").stdout)["id"]
+    params = json.loads(mriq(env, "jobs", "show", str(job_id), "--json").stdout)["params"]
+    for name in ("arch", "epochs", "image_size", "batch_size", "lr", "labels", "seed"):
+        assert params[name] == options.option_default(name), name
