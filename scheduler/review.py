@@ -179,7 +179,9 @@ def decode_cursor(cursor: str) -> tuple[float, int]:
 # --------------------------------------------------------------------------- queries
 
 
-_CURRENT = and_(ReviewDecision.prediction_id == PredictionRow.id, ReviewDecision.superseded == false())
+_CURRENT = and_(
+    ReviewDecision.prediction_id == PredictionRow.id, ReviewDecision.superseded == false()
+)
 _IN_QUEUE = and_(
     PredictionRow.error.is_(None),
     PredictionRow.label.is_not(None),
@@ -187,7 +189,10 @@ _IN_QUEUE = and_(
 )
 
 
-def _selection(job_id: int | None, status: ReviewStatus | None) -> Select[Any]:
+_Selection = Select[PredictionRow, ReviewDecision, int | None]
+
+
+def _selection(job_id: int | None, status: ReviewStatus | None) -> _Selection:
     stmt = (
         select(PredictionRow, ReviewDecision, Job.model_version_id)
         .join(Job, Job.id == PredictionRow.job_id)
@@ -257,7 +262,7 @@ def queue(
             and_(PredictionRow.entropy == cut[0], PredictionRow.id > cut[1]),
         ))
     stored = stored.order_by(PredictionRow.entropy.desc(), PredictionRow.id).limit(limit)
-    page = [(float(r.entropy), r, d) for r, d, _ in session.execute(stored)]
+    page = [(r.entropy, r, d) for r, d, _ in session.execute(stored) if r.entropy is not None]
 
     legacy = session.execute(base.where(PredictionRow.entropy.is_(None))).all()
     if legacy:
