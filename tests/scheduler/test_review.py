@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from scheduler import review
-from scheduler.database import alembic_config, make_engine
+from scheduler.database import alembic_config, make_engine, make_session_factory, upgrade
 from scheduler.repository import NotFoundError
 from scheduler.review_export import ExportError
 from scheduler.schema import ReviewDecision, ReviewStatus
@@ -29,6 +30,18 @@ from tests.scheduler.reviewdata import (
 )
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+
+@pytest.fixture
+def sqlite_session(sqlite_url: str) -> Iterator[Session]:
+    """The export reads files, not SQL: one database is enough."""
+    upgrade(sqlite_url)
+    engine = make_engine(sqlite_url)
+    try:
+        with make_session_factory(engine)() as session:
+            yield session
+    finally:
+        engine.dispose()
 
 
 def _paths(items: list[review.ReviewItem]) -> list[str]:
@@ -159,7 +172,10 @@ def test_export_folder_names() -> None:
     assert review.export_folder_name("Banana", "/d/1.png") is None
 
 
-def test_export_is_read_by_scan_folder_and_idempotent(session: Session, tmp_path: Path) -> None:
+def test_export_is_read_by_scan_folder_and_idempotent(
+    sqlite_session: Session, tmp_path: Path
+) -> None:
+    session = sqlite_session
     from core.dataset import scan_folder
     from core.labels import classes_for
 
@@ -211,8 +227,9 @@ def test_export_is_read_by_scan_folder_and_idempotent(session: Session, tmp_path
 
 
 def test_export_with_base_adds_reviews_to_the_training_split(
-    session: Session, tmp_path: Path
+    sqlite_session: Session, tmp_path: Path
 ) -> None:
+    session = sqlite_session
     from core.dataset import load_splits
 
     root = tmp_path / "root"
