@@ -34,6 +34,7 @@ from scheduler.repository import NotFoundError
 from scheduler.review_export import ExportSummary, export_dataset, export_folder_name
 from scheduler.schema import (
     REVIEW_BELOW_DEFAULT,
+    Artifact,
     Job,
     ModelVersion,
     PredictionRow,
@@ -58,6 +59,7 @@ __all__ = [
     "decode_cursor",
     "encode_cursor",
     "estimated_entropy",
+    "explanation_artifacts",
     "export_dataset",
     "export_folder_name",
     "flag",
@@ -408,6 +410,22 @@ def reviewed_items(session: Session, *, job_id: int | None = None) -> list[Revie
         )
         for d, path in session.execute(stmt)
     ]
+
+
+def explanation_artifacts(session: Session, items: Iterable[ReviewItem]) -> dict[int, int]:
+    """item id -> id of the artifact holding its explanation (the API serves artifacts by id,
+    never by their server path); items whose explanation is not a recorded artifact are
+    left out."""
+    wanted = {(i.job_id, i.explanation): i.item_id for i in items if i.explanation}
+    if not wanted:
+        return {}
+    rows = session.execute(
+        select(Artifact.id, Artifact.job_id, Artifact.path).where(
+            Artifact.job_id.in_({job for job, _ in wanted}),
+            Artifact.path.in_({path for _, path in wanted}),
+        )
+    )
+    return {wanted[(job, path)]: int(aid) for aid, job, path in rows if (job, path) in wanted}
 
 
 def review_lineage(items: Iterable[ReviewedItem]) -> tuple[int, list[int]]:
