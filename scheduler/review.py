@@ -23,6 +23,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Select, and_, false, or_, select, true, update
@@ -49,6 +50,7 @@ __all__ = [
     "REVIEW_BELOW_DEFAULT",
     "ExportSummary",
     "InvalidLabelError",
+    "TrainingSet",
     "MAX_LIMIT",
     "NotReviewableError",
     "ReviewError",
@@ -65,11 +67,14 @@ __all__ = [
     "flag",
     "get_item",
     "history",
+    "lineage",
     "model_classes",
     "next_item",
     "queue",
+    "record_lineage",
     "review_lineage",
     "reviewed_items",
+    "training_set",
 ]
 
 DEFAULT_LIMIT = 50
@@ -432,4 +437,52 @@ def review_lineage(items: Iterable[ReviewedItem]) -> tuple[int, list[int]]:
     """What a model version trained on ``items`` records: (count, sorted review ids)."""
     ids = sorted({item.review_id for item in items})
     return len(ids), ids
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    """The folder a ``--with-reviews`` train job trains on, and the reviews it holds."""
+
+    data_dir: Path
+    reviews_used: int
+    review_ids: tuple[int, ...]
+    export: ExportSummary
+
+
+def training_set(
+    session: Session,
+    *,
+    data_dir: Path,
+    out_dir: Path,
+    roots: Sequence[Path],
+    reviews_from: int | None = None,
+) -> TrainingSet:
+    """``data_dir`` plus every reviewed item (or those of job ``reviews_from``), linked into
+    ``out_dir`` (reviews go to its ``train/`` split when ``data_dir`` has splits). Only
+    exported reviews count in the lineage: a skipped file was not trained on."""
+    items = reviewed_items(session, job_id=reviews_from)
+    summary = export_dataset(items, out_dir, roots=roots, base=data_dir)
+    skipped = {path for path, _ in summary.skipped}
+    count, ids = review_lineage(i for i in items if i.path not in skipped)
+    return TrainingSet(data_dir=summary.out_dir, reviews_used=count, review_ids=tuple(ids),
+                       export=summary)
+
+
+def record_lineage(
+    session: Session, model_version_id: int, *, review_ids: Sequence[int]
+) -> ModelVersion:
+    """Store on a model version which review decisions it was trained on."""
+    version = session.get(ModelVersion, model_version_id)
+    if version is None:
+        raise NotFoundError("model version", model_version_id)
+    version.review_ids = sorted({int(i) for i in review_ids})
+    version.reviews_used = len(version.review_ids)
+    session.flush()
+    return version
+
+
+def lineage(version: ModelVersion) -> dict[str, Any]:
+    """A model version's review lineage as ``mriq models show`` / the API print it."""
+    return {"reviews_used": version.reviews_used,
+            "review_ids": list(version.review_ids) if version.review_ids is not None else None}
 

@@ -278,3 +278,34 @@ def test_review_revision_upgrades_and_downgrades(db_url: str) -> None:
             assert conn.execute(text("SELECT count(*) FROM jobs")).scalar_one() == 1
     finally:
         engine.dispose()
+
+
+def test_training_set_and_lineage(sqlite_session: Session, tmp_path: Path) -> None:
+    from core.dataset import scan_folder
+
+    session = sqlite_session
+    root = tmp_path / "root"
+    for folder in ("Normal T1", "Meningioma T1"):
+        for i in range(2):
+            make_image(root / "data" / folder / f"{i}.png", size=16, seed=i)
+    sources = [make_image(root / "new" / f"{n}.png", size=16) for n in "xyz"]
+    job_a, ids_a = add_classify_job(session, [Pred(str(p), "Normal", 0.3, (), 0.9)
+                                              for p in sources[:2]])
+    _, ids_b = add_classify_job(session, [Pred(str(sources[2]), "Normal", 0.3, (), 0.9),
+                                          Pred(str(root / "gone.png"), "Normal", 0.3, (), 0.9)])
+    with write(session):
+        for item in (*ids_a, *ids_b):
+            review.decide(session, item, status="accepted", reviewer="ann")
+    only_a = review.training_set(session, data_dir=root / "data", out_dir=tmp_path / "ta",
+                                 roots=[root], reviews_from=job_a)
+    assert only_a.reviews_used == 2 and len(scan_folder(only_a.data_dir, mode="15")) == 6
+    every = review.training_set(session, data_dir=root / "data", out_dir=tmp_path / "tb",
+                                roots=[root])
+    # gone.png was reviewed but is missing: not exported, so not in the lineage.
+    assert every.reviews_used == 3 and len(every.export.skipped) == 1
+    with write(session):
+        version_id = session.execute(text("SELECT max(id) FROM model_versions")).scalar_one()
+        version = review.record_lineage(session, version_id, review_ids=every.review_ids)
+    assert review.lineage(version) == {"reviews_used": 3, "review_ids": list(every.review_ids)}
+    with pytest.raises(NotFoundError), write(session):
+        review.record_lineage(session, 10_000, review_ids=[1])
