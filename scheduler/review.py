@@ -392,7 +392,7 @@ def history(session: Session, item_id: int) -> list[ReviewDecision]:
     return list(session.scalars(
         select(ReviewDecision)
         .where(ReviewDecision.prediction_id == item_id)
-        .order_by(ReviewDecision.decided_at, ReviewDecision.id)
+        .order_by(ReviewDecision.id)  # the order they were made in: the last is current
     ))
 
 

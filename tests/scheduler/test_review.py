@@ -309,3 +309,41 @@ def test_training_set_and_lineage(sqlite_session: Session, tmp_path: Path) -> No
     assert review.lineage(version) == {"reviews_used": 3, "review_ids": list(every.review_ids)}
     with pytest.raises(NotFoundError), write(session):
         review.record_lineage(session, 10_000, review_ids=[1])
+
+
+def test_concurrent_decisions_take_turns_on_postgresql(postgres_url: str) -> None:
+    """Two reviewers decide on one item at once: the second waits for the first's commit and
+    supersedes it (no unique-index violation, one current decision, both in the history)."""
+    import threading
+
+    upgrade(postgres_url)
+    engine = make_engine(postgres_url)
+    factory = make_session_factory(engine)
+    try:
+        with factory() as s:
+            _, ids = add_classify_job(s, standard_preds())
+        first = factory()
+        first.begin()
+        review.decide(first, ids[1], status="accepted", reviewer="ann")  # holds the row lock
+        errors: list[BaseException] = []
+
+        def second() -> None:
+            try:
+                with factory() as s, s.begin():
+                    review.decide(s, ids[1], status="corrected", label="Normal", reviewer="bob")
+            except BaseException as exc:  # surfaced by the assertion below
+                errors.append(exc)
+
+        thread = threading.Thread(target=second)
+        thread.start()
+        thread.join(0.5)
+        assert thread.is_alive()  # waiting for ann's transaction
+        first.commit()
+        first.close()
+        thread.join(30)
+        assert errors == []
+        with factory() as s:
+            history = review.history(s, ids[1])
+        assert [(d.reviewer, d.superseded) for d in history] == [("ann", True), ("bob", False)]
+    finally:
+        engine.dispose()
