@@ -43,6 +43,7 @@ __all__ = [
     "ReliabilityBins",
     "brier",
     "ece",
+    "entropy",
     "fit_temperature",
     "nll",
     "reliability_bins",
@@ -113,6 +114,19 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     e = np.exp(z)
     out: np.ndarray = e / e.sum(axis=1, keepdims=True)
     return out
+
+
+def entropy(probs: Sequence[float] | np.ndarray) -> float:
+    """Shannon entropy (nats) of one probability vector: 0 for a certain prediction,
+    ``log(C)`` for a uniform one over C classes. Zeros contribute nothing (``0 log 0 = 0``);
+    the vector is renormalised first, so rounding in stored probabilities does not matter."""
+    p = np.asarray(probs, dtype=np.float64).ravel()
+    p = np.clip(p, 0.0, None)
+    total = p.sum()
+    if total <= 0.0:
+        return 0.0
+    p = p[p > 0.0] / total
+    return float(max(0.0, -(p * np.log(p)).sum()))
 
 
 def fit_temperature(

@@ -84,6 +84,7 @@ from scheduler.database import (
     make_engine,
     make_session_factory,
 )
+from scheduler.endpoints.review import review_router
 from scheduler.paths import InvalidPathError, PathOutsideRootsError, confine
 from scheduler.schema import JobKind, JobStatus
 
@@ -185,6 +186,9 @@ def create_app(settings: Settings) -> FastAPI:
         app.add_middleware(TokenAuthMiddleware, token=token,
                            public={p for p in public if p is not None})
     auth = [Depends(require_token)]
+    app.state.settings = settings  # read by the endpoints/ routers' dependencies
+    app.state.sessions = sessions
+    app.include_router(review_router)
     max_paths = int(settings.max_paths_per_job)
 
     # ---------------------------------------------------------------- error mapping

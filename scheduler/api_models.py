@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from scheduler.options import TrainOptions
 from scheduler.pathtext import PathText
-from scheduler.schema import JobKind, JobStatus, ModelStage
+from scheduler.schema import JobKind, JobStatus, ModelStage, ReviewStatus
 
 # Ids are INTEGER columns: a larger value would overflow in PostgreSQL (a 500), so refuse it.
 MAX_ID = 2**31 - 1
@@ -211,3 +211,66 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorOut, "description": "Unknown job, model version or artifact."},
 }
 
+
+
+# --------------------------------------------------------------------------------------
+# Review queue (scheduler/endpoints/review.py)
+# --------------------------------------------------------------------------------------
+
+ReviewStatusQuery = Literal["pending", "accepted", "corrected", "all"]
+ReviewItemPath = Annotated[int, Path(ge=1, le=2**63 - 1, description="Review item id.")]
+
+
+class ReviewActionRequest(_Request):
+    action: Literal["accept", "correct", "flag"]
+    label: str | None = Field(
+        None, min_length=1, max_length=100, description="The corrected label (correct only)."
+    )
+    reviewer: str | None = Field(
+        None, min_length=1, max_length=200,
+        description="Who decides; ignored when the API has a token (its identity is used).",
+    )
+
+
+class ReviewItemOut(BaseModel):
+    """A prediction in the review queue. ``path`` is the input path as submitted (as in the
+    predictions API); the Grad-CAM explanation is served by ``explanation_url``."""
+
+    item_id: int
+    job_id: int
+    item_index: int
+    path: str
+    label: str
+    confidence: float | None
+    top_k: list[tuple[str, float]]
+    entropy: float
+    status: ReviewStatus
+    flagged: bool
+    explanation_url: str | None = Field(None, description="Download URL of the explanation.")
+    reviewed_label: str | None
+    reviewer: str | None
+    decided_at: datetime | None
+    review_id: int | None
+
+
+class ReviewPage(BaseModel):
+    items: list[ReviewItemOut]
+    limit: int
+    next_cursor: str | None = Field(None, description="Pass as ``cursor`` for the next page.")
+
+
+class ReviewDecisionOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    prediction_id: int
+    decision: ReviewStatus
+    label: str
+    reviewer: str
+    decided_at: datetime
+    superseded: bool
+
+
+class ReviewItemDetail(BaseModel):
+    item: ReviewItemOut
+    history: list[ReviewDecisionOut] = Field(description="Every decision, oldest first.")

@@ -54,6 +54,9 @@ __all__ = [
     "ModelVersion",
     "Prediction",
     "PredictionRow",
+    "REVIEW_BELOW_DEFAULT",
+    "ReviewDecision",
+    "ReviewStatus",
     "TERMINAL_CHUNK_STATUSES",
     "TERMINAL_JOB_STATUSES",
     "UTCDateTime",
@@ -95,6 +98,19 @@ class ChunkStatus(StrEnum):
     @property
     def is_terminal(self) -> bool:
         return self in TERMINAL_CHUNK_STATUSES
+
+
+class ReviewStatus(StrEnum):
+    """Where a prediction stands in the review queue; only decisions are stored, so a row of
+    ``review_decisions`` is accepted or corrected and "pending" means no current decision."""
+
+    PENDING = "pending"
+    ACCEPTED = "accepted"
+    CORRECTED = "corrected"
+
+
+#: A classify job's default ``review_below``: predictions less confident than this are queued.
+REVIEW_BELOW_DEFAULT = 0.6
 
 
 class ModelStage(StrEnum):
@@ -197,6 +213,11 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: Classify jobs: predictions whose (calibrated) confidence is below this enter the review
+    #: queue (scheduler/review.py). Other kinds keep the default and never use it.
+    review_below: Mapped[float] = mapped_column(
+        Float, default=REVIEW_BELOW_DEFAULT, server_default=str(REVIEW_BELOW_DEFAULT)
+    )
 
     @property
     def is_terminal(self) -> bool:
@@ -261,6 +282,14 @@ class PredictionRow(Base):
     top_k: Mapped[list[Any]] = mapped_column(JSON, default=list)
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # Review queue (scheduler/review.py). ``entropy`` of the calibrated probabilities, NULL
+    # for rows written before it was recorded (the queue then estimates it from top_k);
+    # ``explanation`` is the path of the Grad-CAM artifact when one was made.
+    entropy: Mapped[float | None] = mapped_column(Float)
+    explanation: Mapped[str | None] = mapped_column(Text)
+    flagged: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    flagged_by: Mapped[str | None] = mapped_column(String(200))
+    flagged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 # The contract (docs/ARCHITECTURE.md) calls the row type ``Prediction`` in places.
@@ -344,6 +373,10 @@ class ModelVersion(Base):
     ece_uncalibrated: Mapped[float | None] = mapped_column(Float)
     nll: Mapped[float | None] = mapped_column(Float)
     nll_uncalibrated: Mapped[float | None] = mapped_column(Float)
+    # Lineage: the review decisions (ids) the version was trained on, beside its data folder;
+    # NULL for versions trained without reviews (and before reviews existed).
+    review_ids: Mapped[list[Any] | None] = mapped_column(JSON)
+    reviews_used: Mapped[int | None] = mapped_column(Integer)
 
     def __repr__(self) -> str:
         return f"ModelVersion(id={self.id!r}, arch={self.arch!r}, stage={self.stage!s})"
@@ -363,3 +396,33 @@ class Artifact(Base):
     kind: Mapped[str] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ReviewDecision(Base):
+    """One reviewer's verdict on a prediction. Every decision is kept (the history); the
+    current one is the row with ``superseded`` false, at most one per prediction (a partial
+    unique index, like the single production model)."""
+
+    __tablename__ = "review_decisions"
+    __table_args__ = (
+        Index(
+            "uq_review_decisions_current",
+            "prediction_id",
+            unique=True,
+            sqlite_where=text("superseded = 0"),
+            postgresql_where=text("superseded = false"),
+        ),
+        Index("ix_review_decisions_job_id_superseded", "job_id", "superseded"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    prediction_id: Mapped[int] = mapped_column(
+        _BigId, ForeignKey("predictions.id", ondelete="CASCADE"), index=True
+    )
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    decision: Mapped[ReviewStatus] = mapped_column(_enum(ReviewStatus))
+    #: The label the item has after this decision: the predicted one when accepted.
+    label: Mapped[str] = mapped_column(String(100))
+    reviewer: Mapped[str] = mapped_column(String(200))
+    decided_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    superseded: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())

@@ -18,6 +18,7 @@ from typer.core import TyperGroup
 
 from scheduler import submission
 from scheduler.cli.render import stderr_console
+from scheduler.cli_review import review_app
 from scheduler.paths import InvalidPathError
 
 if TYPE_CHECKING:
@@ -108,6 +109,7 @@ db_app = typer.Typer(help="Database maintenance.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(models_app, name="models")
 app.add_typer(db_app, name="db")
+app.add_typer(review_app, name="review")
 
 
 @dataclass

@@ -333,6 +333,8 @@ def test_calibration_revision_upgrades_old_models_and_downgrades(db_url: str) ->
         # ... reads as uncalibrated: temperature 1.0, said so by the flag, no ECE/NLL.
         assert row.temperature == 1.0 and not row.calibrated
         assert row.ece is None and row.nll is None
+        # The models map later revisions' columns too: read them through the ORM at head.
+        command.upgrade(cfg, "head")
         with make_session_factory(engine)() as session:
             version = repo.list_model_versions(session)[0]
             assert version.temperature == 1.0 and version.calibrated is False
