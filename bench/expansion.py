@@ -6,7 +6,7 @@ listed and sorted. Each variant runs in a fresh child process (so peak RSS is it
 
 - ``old``: what submission did before: ``sorted(glob.iglob(pattern, recursive=True))``,
   then the limit applied while walking the sorted list;
-- ``mriq``: ``scheduler.submission.expand_inputs(..., max_items=limit)``, consumed until
+- ``mriq``: ``scheduler.expansion.expand_inputs(..., max_items=limit)``, consumed until
   the limit refuses it (``TooManyInputsError``).
 
 Printed: seconds and RSS growth (peak minus start, MiB) of each, and their ratios.
@@ -42,7 +42,7 @@ def _child(variant: str, pattern: str, root: str, limit: int) -> None:
     """Child mode: one expansion; prints {"seconds", "rss_growth_mib", "items"} as JSON."""
     import glob
 
-    from scheduler import submission
+    from scheduler import expansion, refusals
 
     before = _rss_now_kib()
     start = time.perf_counter()
@@ -56,12 +56,12 @@ def _child(variant: str, pattern: str, root: str, limit: int) -> None:
                 break
     else:
         try:
-            for _path in submission.expand_inputs([pattern], [Path(root)], max_items=limit):
+            for _path in expansion.expand_inputs([pattern], [Path(root)], max_items=limit):
                 items += 1
                 if items > limit:
                     refused = True
                     break
-        except submission.TooManyInputsError:
+        except refusals.TooManyInputsError:
             refused = True
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux

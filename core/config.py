@@ -7,7 +7,7 @@ and validate a ``TrainConfig`` before handing it to a worker.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -38,6 +38,55 @@ CLIP_MODES: tuple[str, ...] = get_args(ClipMode)
 DEVICES: tuple[str, ...] = get_args(DeviceSpec)
 CROP_MODES: tuple[str, ...] = get_args(CropName)
 
+#: The key of a user-settable field's :class:`OptionSpec` in ``dataclasses.field(metadata=...)``.
+OPTION_KEY = "option"
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """What a user may set a training option to, through the CLI, the API and job submission.
+
+    The bounds are the job system's offer, inside the looser invariants ``TrainConfig``
+    checks on every config (``python -m core.train`` included): a ``TrainConfig`` field
+    without a spec is not a job option. ``allowed`` says the accepted values in words, for
+    refusals and help, where the bounds or choices alone do not.
+    """
+
+    help: str
+    choices: tuple[str, ...] = ()
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    allowed: str | None = None
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple[str, ...] = (),
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    allowed: str | None = None,
+) -> Any:
+    """A dataclass field with ``default`` that is also a user-settable job option."""
+    spec = OptionSpec(help=help, choices=choices, ge=ge, gt=gt, le=le, allowed=allowed)
+    return field(default=default, metadata={OPTION_KEY: spec})
+
+
+def option_fields(config_cls: type[Any]) -> tuple[Field[Any], ...]:
+    """The fields of ``config_cls`` (TrainConfig or a subclass) that are job options."""
+    return tuple(f for f in fields(config_cls) if OPTION_KEY in f.metadata)
+
+
+def option_spec(f: Field[Any]) -> OptionSpec:
+    """The :class:`OptionSpec` of an option field (see :func:`option_fields`)."""
+    spec = f.metadata[OPTION_KEY]
+    assert isinstance(spec, OptionSpec)
+    return spec
+
+
 _FLOAT_FIELDS = (
     "lr",
     "weight_decay",
@@ -57,11 +106,13 @@ class TrainConfig:
 
     data_dir: Path
     out_dir: Path
-    arch: str = DEFAULT_ARCH
-    epochs: int = 10
-    image_size: int = 224
-    batch_size: int = 32
-    lr: float = 1e-3
+    arch: str = option(
+        DEFAULT_ARCH, f"Architecture: {', '.join(ARCHITECTURES)}.", choices=ARCHITECTURES
+    )
+    epochs: int = option(10, "Training epochs.", ge=1, le=10_000)
+    image_size: int = option(224, "Side of the square input image, in pixels.", ge=32, le=2048)
+    batch_size: int = option(32, "Images per training batch.", ge=1, le=4096)
+    lr: float = option(1e-3, "Learning rate.", gt=0, le=10)
     weight_decay: float = 1e-4
     optimizer: OptimizerName = "adamw"
     momentum: float = 0.9
@@ -69,11 +120,17 @@ class TrainConfig:
     warmup_epochs: int = 1
     clip: ClipMode = "norm"
     clip_value: float = 1.0
-    finetune: bool = False
-    weights: str = "auto"
-    labels: str = "15"
-    seed: int = 0
-    device: DeviceSpec = "auto"
+    finetune: bool = option(False, "Train only the head of a pretrained backbone.")
+    weights: str = option(
+        "auto",
+        "auto, none, imagenet or a checkpoint path.",
+        allowed="auto, none, imagenet or a path",
+    )
+    labels: str = option(
+        "15", "Label space: 15 or 44.", choices=("15", "44"), allowed="15 or 44"
+    )
+    seed: int = option(0, "Random seed (split, augmentation, initial weights).", ge=0, le=2**32 - 1)
+    device: DeviceSpec = option("auto", "auto, cpu or cuda.", choices=DEVICES)
     resume: Path | str | None = None
     weighted_loss: bool = True
     oversample: float = 2.0

@@ -40,7 +40,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from scheduler import repository, submission
+from scheduler import repository
 from scheduler.api_guards import BodyLimitMiddleware, TokenAuthMiddleware
 from scheduler.api_models import BODY_BYTES_BASE, BODY_BYTES_PER_PATH, printable
 from scheduler.database import (
@@ -52,6 +52,12 @@ from scheduler.database import (
 from scheduler.endpoints import health, jobs, models, results
 from scheduler.endpoints.deps import ApiState, api_state
 from scheduler.paths import InvalidPathError, PathOutsideRootsError
+from scheduler.refusals import (
+    DispatchError,
+    NoProductionModelError,
+    SubmissionError,
+    TooManyInputsError,
+)
 from scheduler.settings import Settings
 
 __all__ = ["create_app"]
@@ -157,10 +163,10 @@ async def _invalid_path(_r: Request, exc: InvalidPathError) -> JSONResponse:
     return _json_error(422, exc)
 
 
-async def _refused(_r: Request, exc: submission.SubmissionError) -> JSONResponse:
-    if isinstance(exc, submission.TooManyInputsError):
+async def _refused(_r: Request, exc: SubmissionError) -> JSONResponse:
+    if isinstance(exc, TooManyInputsError):
         return _json_error(413, exc)
-    if isinstance(exc, submission.NoProductionModelError):
+    if isinstance(exc, NoProductionModelError):
         return _json_error(409, exc)
     return _json_error(422, exc)
 
@@ -169,7 +175,7 @@ async def _no_rollback(_r: Request, exc: repository.NoRollbackTargetError) -> JS
     return _json_error(409, exc)
 
 
-async def _dispatch(_r: Request, exc: submission.DispatchError) -> JSONResponse:
+async def _dispatch(_r: Request, exc: DispatchError) -> JSONResponse:
     # The reason names the broker's host and port: the log gets it, the client does not.
     log.warning("%s", exc)
     return _unavailable(exc.public_message, RETRY_AFTER_DOWN_S)
@@ -204,9 +210,9 @@ def _add_exception_handlers(app: FastAPI) -> None:
         repository.NotFoundError: _not_found,
         PathOutsideRootsError: _outside,
         InvalidPathError: _invalid_path,
-        submission.SubmissionError: _refused,
+        SubmissionError: _refused,
         repository.NoRollbackTargetError: _no_rollback,
-        submission.DispatchError: _dispatch,
+        DispatchError: _dispatch,
         DatabaseNotMigratedError: _unmigrated,
         PoolTimeoutError: _pool_exhausted,
         SQLAlchemyError: _db_down,

@@ -14,9 +14,10 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import Path
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from scheduler import submission
+from scheduler.options import TrainOptions
+from scheduler.pathtext import PathText
 from scheduler.schema import JobKind, JobStatus, ModelStage
 
 __all__ = [
@@ -41,7 +42,6 @@ __all__ = [
     "MetricsOut",
     "ModelIdPath",
     "ModelOut",
-    "PathText",
     "PredictionOut",
     "PredictionPage",
     "TrainRequest",
@@ -64,20 +64,6 @@ def printable(value: Any) -> Any:
     return str(value).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _clean_text(value: str) -> str:
-    # NUL bytes and lone surrogates pass JSON parsing but break os calls and UTF-8 columns.
-    if "\x00" in value:
-        raise ValueError("must not contain NUL characters")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("must be valid UTF-8 (no lone surrogates)") from None
-    return value
-
-
-PathText = Annotated[
-    str, Field(min_length=1, max_length=submission.MAX_PATH_CHARS), AfterValidator(_clean_text)
-]
 Id = Annotated[int, Field(ge=1, le=MAX_ID)]
 JobIdPath = Annotated[int, Path(ge=1, le=MAX_ID, description="Job id.")]
 ModelIdPath = Annotated[int, Path(ge=1, le=MAX_ID, description="Model version id.")]
@@ -105,25 +91,10 @@ class ClassifyRequest(_Request):
     top_k: int = Field(3, ge=1, le=44)
 
 
-class TrainRequest(_Request):
+class TrainRequest(TrainOptions):
+    """The training options (``scheduler.options``, from ``core.config.TrainConfig``)."""
+
     data: PathText = Field(..., description="Folder of class folders on the server.")
-    arch: Literal[
-        "efficientnet_b0", "efficientnet_b3", "resnet18", "resnet50", "densenet121",
-        "mobilenet_v3_large", "convnext_tiny",
-    ] = "efficientnet_b0"
-    epochs: int = Field(10, ge=1, le=10_000)
-    image_size: int = Field(224, ge=32, le=2048)
-    batch_size: int = Field(32, ge=1, le=4096)
-    lr: float = Field(1e-3, gt=0, le=10)
-    labels: Literal["15", "44"] = "15"
-    finetune: bool = False
-    weights: PathText = Field("auto", description="auto, none, imagenet or a checkpoint path.")
-    seed: int = Field(0, ge=0, le=2**32 - 1)
-    device: str | None = Field(
-        None, max_length=16, pattern=r"^(auto|cpu|cuda|mps|cuda:\d{1,3})$",
-        description="Default: settings.default_device.",
-    )
-    warm_start: bool = Field(False, description="Start from the production model's weights.")
 
 
 class EvaluateRequest(_Request):

@@ -38,7 +38,8 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 
-from scheduler import submission
+from core.config import ARCHITECTURES
+from scheduler import export, submission
 from scheduler.paths import InvalidPathError
 
 if TYPE_CHECKING:
@@ -527,7 +528,7 @@ def train(
     ctx: typer.Context,
     data: Path = typer.Option(..., "--data", help="Folder of class folders (Kaggle 44c layout)."),
     arch: str = typer.Option(
-        "efficientnet_b0", help=f"Architecture: {', '.join(submission.ARCHITECTURES)}."
+        "efficientnet_b0", help=f"Architecture: {', '.join(ARCHITECTURES)}."
     ),
     epochs: int = typer.Option(10, min=1),
     image_size: int = typer.Option(224, "--image-size", min=32, max=2048),
@@ -783,12 +784,12 @@ def write_predictions_csv(rt: Runtime, job_id: int, out: TextIO) -> int:
     from scheduler import repository
 
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(submission.PREDICTION_COLUMNS)
+    writer.writerow(export.PREDICTION_COLUMNS)
     n = 0
     with rt.sessions()() as session:
         _require_classify(repository.get_job(session, job_id))
         for row in repository.iter_predictions(session, job_id):
-            writer.writerow(submission.prediction_csv_row(row))
+            writer.writerow(export.prediction_csv_row(row))
             n += 1
     return n
 

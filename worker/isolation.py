@@ -57,7 +57,7 @@ from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any
 
 from scheduler import repository
-from scheduler.submission import storable_text
+from scheduler.pathtext import storable_text
 from worker import runtime
 
 if TYPE_CHECKING:

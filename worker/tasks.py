@@ -40,8 +40,8 @@ from scheduler.dispatch import (
     TRAIN_TASK,
     clean_filesystem_broker,
 )
+from scheduler.pathtext import filesystem_path, storable_text
 from scheduler.schema import ChunkStatus, JobKind, JobStatus, utcnow
-from scheduler.submission import filesystem_path, storable_text
 from worker import isolation, liveness, recovery, runtime
 
 if TYPE_CHECKING:

@@ -23,6 +23,7 @@ from scheduler.api_models import (
     TrainRequest,
 )
 from scheduler.endpoints.deps import AuthDependencies, DispatcherDep, SessionsDep, SettingsDep
+from scheduler.refusals import TooManyInputsError
 from scheduler.schema import JobKind, JobStatus
 
 __all__ = ["router"]
@@ -42,7 +43,7 @@ def submit_classify(
     413 beyond settings.max_paths_per_job items)."""
     max_paths = int(settings.max_paths_per_job)
     if len(body.inputs) > max_paths:
-        raise submission.TooManyInputsError(max_paths)
+        raise TooManyInputsError(max_paths)
     job_id = submission.submit_classify(
         sessions, dispatcher, settings, body.inputs,
         model_version_id=body.model_version_id, submitter="api", top_k=body.top_k,

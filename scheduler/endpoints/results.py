@@ -14,7 +14,7 @@ from fastapi import APIRouter, HTTPException, Path, Query
 from fastapi.responses import FileResponse, StreamingResponse
 from sqlalchemy.orm import Session, sessionmaker
 
-from scheduler import repository, submission
+from scheduler import export, repository
 from scheduler.api_models import (
     CSV_FLUSH_BYTES,
     ERROR_RESPONSES,
@@ -74,10 +74,10 @@ def _csv_stream(sessions: sessionmaker[Session], job_id: int) -> Iterator[str]:
     # (keyset pages from the repository, output flushed every 64 KiB).
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(submission.PREDICTION_COLUMNS)
+    writer.writerow(export.PREDICTION_COLUMNS)
     with sessions() as session:
         for row in repository.iter_predictions(session, job_id):
-            writer.writerow(submission.prediction_csv_row(row))
+            writer.writerow(export.prediction_csv_row(row))
             if buffer.tell() >= CSV_FLUSH_BYTES:
                 yield buffer.getvalue()
                 buffer.seek(0)

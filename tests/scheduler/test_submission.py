@@ -7,7 +7,6 @@ files in the broker's queue folder.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from scheduler import repository, submission
+from scheduler import expansion, repository, submission
 from scheduler.database import make_engine, make_session_factory, upgrade
 from scheduler.dispatch import Dispatcher
 from scheduler.paths import PathOutsideRootsError
@@ -102,149 +101,13 @@ def _counts(sessions: sessionmaker[Session]) -> tuple[int, int, int]:
         )  # type: ignore[return-value]
 
 
-# ----------------------------------------------------------------------------- expand_inputs
-
-
-def test_expand_is_a_generator(root: Path) -> None:
-    _touch(root / "a.png")
-    assert inspect.isgenerator(submission.expand_inputs([str(root)], [root]))
-
-
-def test_expand_files_folders_recursive_and_suffix_filter(root: Path) -> None:
-    a = _touch(root / "a.png")
-    b = _touch(root / "sub" / "deep" / "b.JPG")
-    c = _touch(root / "sub" / "c.dcm")
-    _touch(root / "sub" / "notes.txt")
-    _touch(root / "sub" / "model.pt")
-    explicit_txt = _touch(root / "explicit.txt")
-    got = list(submission.expand_inputs([str(root / "sub"), str(a), str(explicit_txt)], [root]))
-    # Folders give image files only, depth first and sorted; explicit files are kept as given.
-    assert got == [str(c), str(b), str(a), str(explicit_txt)]
-
-
-def test_expand_globs(root: Path) -> None:
-    a = _touch(root / "x" / "a.png")
-    b = _touch(root / "x" / "b.png")
-    _touch(root / "x" / "c.txt")
-    d = _touch(root / "y" / "z" / "d.tif")
-    assert list(submission.expand_inputs([str(root / "x" / "*.png")], [root])) == [str(a), str(b)]
-    assert list(submission.expand_inputs([str(root / "**" / "*.tif")], [root])) == [str(d)]
-    # A glob matching folders expands their images.
-    assert list(submission.expand_inputs([str(root / "[xy]")], [root])) == [
-        str(a), str(b), str(d)
-    ]
-
-
-def test_expand_list_file_with_missing_relative_comments_and_duplicates(root: Path) -> None:
-    a = _touch(root / "imgs" / "a.png")
-    folder = root / "imgs"
-    listing = root / "lists" / "inputs.txt"
-    listing.parent.mkdir()
-    listing.write_text(
-        f"# a comment\n{a}\n\n../imgs/a.png\n{root / 'missing.png'}\n{folder}\n", "utf-8"
-    )
-    got = list(submission.expand_inputs([f"@{listing}"], [root]))
-    # Missing files are still items (they become error rows); duplicates stay separate items.
-    assert got == [str(a), str(a), str(root / "missing.png"), str(a)]
-
-
-def test_expand_keeps_missing_plain_file(root: Path) -> None:
-    assert list(submission.expand_inputs([str(root / "nope.png")], [root])) == [
-        str(root / "nope.png")
-    ]
-
-
-@pytest.mark.parametrize(
-    "make_input",
-    [
-        lambda root, out: str(out / "secret.png"),
-        lambda root, out: str(root / ".." / "outside" / "secret.png"),
-        lambda root, out: str(out / "*.png"),
-        lambda root, out: str(out),
-    ],
-    ids=["absolute", "dotdot", "glob", "folder"],
-)
-def test_expand_refuses_paths_outside_roots(root: Path, outside: Path, make_input: Any) -> None:
-    with pytest.raises(PathOutsideRootsError):
-        list(submission.expand_inputs([make_input(root, outside)], [root]))
-
-
-def test_expand_refuses_symlink_and_list_file_outside(root: Path, outside: Path) -> None:
-    (root / "link.png").symlink_to(outside / "secret.png")
-    # Named explicitly, a link leading outside is refused (found in a folder it is an item:
-    # test_found_link_outside_the_roots_is_an_item_not_a_refusal).
-    with pytest.raises(PathOutsideRootsError):
-        list(submission.expand_inputs([str(root / "link.png")], [root]))
-    listing = outside / "list.txt"
-    listing.write_text(str(root / "a.png"), "utf-8")
-    with pytest.raises(PathOutsideRootsError):
-        list(submission.expand_inputs([f"@{listing}"], [root]))
-    # A list inside the roots naming a file outside them is refused too.
-    inner = root / "list.txt"
-    inner.write_text(str(outside / "secret.png"), "utf-8")
-    with pytest.raises(PathOutsideRootsError):
-        list(submission.expand_inputs([f"@{inner}"], [root]))
-
-
-def test_found_link_outside_the_roots_is_an_item_not_a_refusal(
-    root: Path, outside: Path
-) -> None:
-    images = [_touch(root / "bulk" / f"img_{i:02d}.png") for i in range(5)]
-    stray = root / "bulk" / "img_02b.png"
-    stray.symlink_to(outside / "secret.png")
-    (outside / "more").mkdir()
-    _touch(outside / "more" / "hidden_away.png")
-    (root / "bulk" / "zz_folder").symlink_to(outside / "more")
-    expected = [*images[:3], stray, *images[3:]]
-    # Found by walking the folder: the job goes on, the link is stored under its own path
-    # (the worker refuses it when reading: "leads outside the data roots").
-    assert list(submission.expand_inputs([str(root / "bulk")], [root])) == [
-        str(p) for p in expected
-    ]
-    # Found by a glob: the same, and a matched link to a folder outside is one item (an
-    # error row later), never a listing of that folder.
-    got = list(submission.expand_inputs([str(root / "bulk" / "*")], [root]))
-    assert got == [*(str(p) for p in expected), str(root / "bulk" / "zz_folder")]
-    assert not any("hidden_away" in p or str(outside) in p for p in got)
-    # Named explicitly, the same link is still refused.
-    with pytest.raises(PathOutsideRootsError):
-        list(submission.expand_inputs([str(stray)], [root]))
-
-
-#: Only a hang could reach it (the old glob followed the loop below for ever).
-HANG_GUARD_S = 60.0
-
-
-def _expand_with_hang_guard(inputs: list[str], roots: list[Path]) -> list[str]:
-    import threading
-
-    out: list[Any] = []
-    thread = threading.Thread(
-        target=lambda: out.append(list(submission.expand_inputs(inputs, roots))), daemon=True
-    )
-    thread.start()
-    thread.join(HANG_GUARD_S)
-    assert not thread.is_alive(), f"expanding {inputs} did not finish"
-    return out[0]  # type: ignore[no-any-return]
-
-
-def test_symlink_loop_inside_a_root_is_not_followed(root: Path) -> None:
-    image = _touch(root / "a" / "x.png")
-    # Two links back up: glob's ** followed both, 2**depth paths (exponential).
-    (root / "a" / "up").symlink_to("..")
-    (root / "a" / "up2").symlink_to("../..")
-    assert _expand_with_hang_guard([str(root / "**" / "*.png")], [root]) == [str(image)]
-    assert _expand_with_hang_guard([str(root / "**")], [root]) == [str(image)]
-    assert _expand_with_hang_guard([str(root)], [root]) == [str(image)]
-
-
 def test_glob_is_lazy_and_stops_at_the_limit(
     root: Path, settings: Settings, sessions: sessionmaker[Session], dispatcher: Dispatcher
 ) -> None:
     for d in range(6):
         for i in range(4):
             _touch(root / f"d{d}" / f"img_{i}.png")
-    expanded = submission.expand_inputs([str(root / "**" / "*.png")], [root])
+    expanded = expansion.expand_inputs([str(root / "**" / "*.png")], [root])
     first = next(expanded)
     assert first == str(root / "d0" / "img_0.png")
     # Nothing beyond the first folder was listed yet: folders removed now are never seen
@@ -273,24 +136,6 @@ def test_glob_is_lazy_and_stops_at_the_limit(
         )
     assert _counts(sessions)[0] == 0
 
-
-def test_expansion_is_time_boxed(root: Path) -> None:
-    for i in range(3):
-        _touch(root / "sub" / f"{i}.png")
-    for inputs in ([str(root / "**" / "*.png")], [str(root)], [str(root / "sub" / "0.png")]):
-        with pytest.raises(submission.ExpansionTimeoutError, match="expansion_time_limit"):
-            list(submission.expand_inputs(inputs, [root], time_limit=0.0))
-    assert len(list(submission.expand_inputs([str(root)], [root], time_limit=60.0))) == 3
-
-
-def test_expand_rejects_bad_strings_and_missing_list(root: Path) -> None:
-    with pytest.raises(ValueError, match="NUL"):
-        list(submission.expand_inputs(["a\x00b.png"], [root]))
-    with pytest.raises(submission.InvalidInputError, match="list file not found"):
-        list(submission.expand_inputs([f"@{root / 'nope.txt'}"], [root]))
-
-
-# ----------------------------------------------------------------------------- submit_classify
 
 
 def test_submit_classify_stores_items_chunks_and_dispatches(

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from scheduler import repository, submission
+from scheduler import export, pathtext, repository, submission
 from scheduler.dispatch import TRAIN_TASK, Dispatcher
 from scheduler.paths import PathOutsideRootsError
 from scheduler.schema import JobKind, JobStatus
@@ -162,7 +162,7 @@ def _check_special_rows(entries: list[BadInput], rows: list[Any], outcomes: dict
     # Non-UTF-8 name: stored as valid text (\xNN escapes) that maps back to the real file.
     odd = rows[index["non_utf8_file_name"]]
     assert odd.path.endswith("scan_caf\\xe9_\\xff.png"), odd.path
-    real = submission.filesystem_path(odd.path)
+    real = pathtext.filesystem_path(odd.path)
     assert os.fsencode(real).endswith(os.fsencode(non_utf8_name())) and os.path.isfile(real)
     assert odd.file_sha256 is not None and odd.error is None
     # The FIFO got an error row without anyone blocking on it (and no hash).
@@ -181,10 +181,10 @@ def _check_csv(factory: sessionmaker[Session], job_id: int, rows: list[Any]) -> 
     # The CSV export (shared by the CLI and the API) shows the same stored text.
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(submission.PREDICTION_COLUMNS)
+    writer.writerow(export.PREDICTION_COLUMNS)
     with factory() as session:
         for row in repository.iter_predictions(session, job_id):
-            writer.writerow(submission.prediction_csv_row(row))
+            writer.writerow(export.prediction_csv_row(row))
     exported = list(csv.DictReader(io.StringIO(buffer.getvalue())))
     assert [r["path"] for r in exported] == [r.path for r in rows]
     assert buffer.getvalue().encode("utf-8")  # valid UTF-8 throughout
@@ -289,7 +289,7 @@ def test_ten_thousand_line_list_is_accepted_at_submission(
     assert len(items) == 10_000
     assert sum("missing_" in p for p in items) == n_missing
     odd = [p for p in items if "\\xe9" in p]
-    assert odd and all(os.path.isfile(submission.filesystem_path(p)) for p in odd)
+    assert odd and all(os.path.isfile(pathtext.filesystem_path(p)) for p in odd)
     # One more line than allowed is refused whole, nothing stored.
     small = _settings(tmp_path, root, url, None, max_paths_per_job=9_999)
     with pytest.raises(submission.TooManyInputsError):

@@ -1,0 +1,58 @@
+"""Result export: one CSV layout of a classify job's predictions, for the CLI and the API."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, TextIO
+
+__all__ = ["PREDICTION_COLUMNS", "export_to_file", "prediction_csv_row", "write_predictions_csv"]
+
+PREDICTION_COLUMNS: tuple[str, ...] = (
+    "item_index", "path", "label", "confidence", "top_k", "error"
+)
+
+
+def prediction_csv_row(row: Any) -> list[Any]:
+    """A prediction row as CSV cells; ``top_k`` is JSON (``[[label, p], ...]``) so it
+    round-trips, and ``confidence`` uses ``repr`` so no precision is lost.
+
+    ``row`` is a ``scheduler.schema.Prediction`` or anything with its attributes."""
+    return [
+        row.item_index,
+        row.path,
+        row.label or "",
+        "" if row.confidence is None else repr(float(row.confidence)),
+        json.dumps([list(pair) for pair in (row.top_k or [])]),
+        row.error or "",
+    ]
+
+
+def write_predictions_csv(rows: Iterable[Any], out: TextIO) -> int:
+    """The header and one line per prediction row written to ``out``; returns the rows."""
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(PREDICTION_COLUMNS)
+    n = 0
+    for row in rows:
+        writer.writerow(prediction_csv_row(row))
+        n += 1
+    return n
+
+
+def export_to_file(path: Path, write: Callable[[TextIO], int]) -> int:
+    """Run ``write`` on a sibling ``<name>.part`` file, then rename it onto ``path``; returns
+    what ``write`` returned. A failed or interrupted export leaves neither a half-written
+    file under the real name nor the part file."""
+    tmp = path.with_name(path.name + ".part")
+    try:
+        with tmp.open("w", encoding="utf-8", newline="") as fh:
+            n = write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return n
