@@ -73,11 +73,11 @@ def _engine(settings: Settings) -> Engine:
     url = settings.resolved_database_url
     if make_url(url).database in (None, "", ":memory:"):
         return make_engine(url)  # one in-memory connection: no queue pool to size
-    size = int(settings.api_db_pool_size)
+    size = settings.api_db_pool_size
     # Up to ``size`` more under a burst; a request that finds all busy for pool_timeout
     # seconds gets 503 + Retry-After instead of a 500 or an unbounded wait.
     return make_engine(url, pool_size=size, max_overflow=size,
-                       pool_timeout=float(settings.api_db_pool_timeout))
+                       pool_timeout=settings.api_db_pool_timeout)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -110,7 +110,7 @@ def create_app(settings: Settings) -> FastAPI:
 
 
 def _add_guards(app: FastAPI, settings: Settings) -> None:
-    limit = BODY_BYTES_BASE + BODY_BYTES_PER_PATH * int(settings.max_paths_per_job)
+    limit = BODY_BYTES_BASE + BODY_BYTES_PER_PATH * settings.max_paths_per_job
     app.add_middleware(BodyLimitMiddleware, limit=limit)
     if settings.api_token is not None:
         # Added last, so it runs first: the token before the body limit, before the body.
@@ -189,7 +189,7 @@ async def _pool_exhausted(request: Request, exc: PoolTimeoutError) -> JSONRespon
     # Every pooled connection stayed busy for pool_timeout seconds: the database is up
     # but slow or overloaded; a client that comes back shortly will likely get through.
     settings = api_state(request).settings
-    size = int(settings.api_db_pool_size)
+    size = settings.api_db_pool_size
     return _unavailable(
         f"database busy: all {2 * size} connections of the API stayed in use for "
         f"{settings.api_db_pool_timeout:g} s (settings.api_db_pool_size); retry later",

@@ -41,7 +41,7 @@ def submit_classify(
     """Classify images: one job, its inputs split into chunks that workers run in
     parallel. Folders and globs are expanded on the server (403 outside the data roots,
     413 beyond settings.max_paths_per_job items)."""
-    max_paths = int(settings.max_paths_per_job)
+    max_paths = settings.max_paths_per_job
     if len(body.inputs) > max_paths:
         raise TooManyInputsError(max_paths)
     job_id = submission.submit_classify(
