@@ -104,6 +104,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.mriq = state
     _add_guards(app, settings)
     _add_exception_handlers(app)
+    # Every router is included here (review, web and uploads too, once they exist).
     for router in (jobs.router, results.router, models.router, health.router):
         app.include_router(router)
     return app
