@@ -11,15 +11,13 @@ with the right token reach :class:`BodyLimitMiddleware` and then the app.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
-from typing import Any
+from collections.abc import Iterable
 
 from fastapi import HTTPException
 from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["BodyLimitMiddleware", "TokenAuthMiddleware", "bearer_token_matches"]
-
-ASGIApp = Callable[[MutableMapping[str, Any], Any, Any], Awaitable[None]]
 
 UNAUTHORIZED_DETAIL = "missing or invalid bearer token"
 WWW_AUTHENTICATE = 'Bearer realm="mriq"'
@@ -53,7 +51,7 @@ class TokenAuthMiddleware:
         self.token = token.encode()
         self.public = frozenset(public)
 
-    async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("path") in self.public:
             await self.app(scope, receive, send)
             return
@@ -93,7 +91,7 @@ class BodyLimitMiddleware:
         self.app = app
         self.limit = limit
 
-    async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -109,7 +107,7 @@ class BodyLimitMiddleware:
         seen = 0
         started = False
 
-        async def counting_receive() -> Any:
+        async def counting_receive() -> Message:
             nonlocal seen
             message = await receive()
             if message["type"] == "http.request":
@@ -118,7 +116,7 @@ class BodyLimitMiddleware:
                     raise _BodyTooLarge(self.limit)
             return message
 
-        async def tracking_send(message: Any) -> None:
+        async def tracking_send(message: Message) -> None:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
@@ -130,7 +128,7 @@ class BodyLimitMiddleware:
             if not started:
                 await self._reject(scope, receive, send)
 
-    async def _reject(self, scope: Any, receive: Any, send: Any) -> None:
+    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = JSONResponse(
             {"detail": f"request body larger than {self.limit} bytes"}, status_code=413
         )

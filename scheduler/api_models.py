@@ -1,5 +1,8 @@
 """Request and response models of the HTTP API (:mod:`scheduler.api`), and its bounds.
 
+The one home of these schemas: the routers (:mod:`scheduler.endpoints`) declare them as
+``response_model`` and the CLI's ``--json`` output is built from them.
+
 Responses carry ids and download URLs, never server paths: a model's checkpoint file and an
 artifact's location on the host are the server's business (``/artifacts/{id}`` serves the
 file). Paths a client submitted itself (inputs, ``params.data``) are echoed back as given.
@@ -16,6 +19,34 @@ from pydantic import BaseModel, ConfigDict, Field
 from scheduler.options import TrainOptions
 from scheduler.pathtext import PathText
 from scheduler.schema import JobKind, JobStatus, ModelStage, ReviewStatus
+
+__all__ = [
+    "BODY_BYTES_BASE",
+    "BODY_BYTES_PER_PATH",
+    "CSV_FLUSH_BYTES",
+    "ERROR_RESPONSES",
+    "MAX_ID",
+    "MAX_PAGE",
+    "ArtifactOut",
+    "ClassifyRequest",
+    "EpochOut",
+    "ErrorOut",
+    "EvaluateRequest",
+    "EvaluationOut",
+    "HealthOut",
+    "Id",
+    "JobCreated",
+    "JobIdPath",
+    "JobOut",
+    "JobPage",
+    "MetricsOut",
+    "ModelIdPath",
+    "ModelOut",
+    "PredictionOut",
+    "PredictionPage",
+    "TrainRequest",
+    "printable",
+]
 
 # Ids are INTEGER columns: a larger value would overflow in PostgreSQL (a 500), so refuse it.
 MAX_ID = 2**31 - 1

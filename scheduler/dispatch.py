@@ -72,18 +72,14 @@ FILESYSTEM_SCHEME = "filesystem://"
 FILESYSTEM_POLLING_INTERVAL_S = 0.2
 
 
-def _broker_dir(settings: Settings) -> Path:
-    return Path(settings.data_dir).expanduser().resolve() / "broker"
-
-
 def uses_filesystem_broker(settings: Settings) -> bool:
-    url = settings.broker_url
-    return url is None or str(url).startswith(FILESYSTEM_SCHEME)
+    """Whether tasks go through the embedded filesystem broker (``Settings`` decides)."""
+    return settings.is_embedded_broker
 
 
 def filesystem_broker_folders(settings: Settings) -> dict[str, Path]:
     """The embedded broker's folders (queue, processed, control), created if missing."""
-    root = _broker_dir(settings)
+    root = settings.broker_dir
     folders = {
         "queue": root / "queue",
         "processed": root / "processed",
@@ -108,7 +104,7 @@ def _transport_options(settings: Settings) -> dict[str, Any]:
         }
     # Redis (and SQS-like) brokers redeliver an unacked message after this many seconds; it
     # must exceed the longest task (training) or the job runs twice concurrently.
-    return {"visibility_timeout": int(settings.visibility_timeout)}
+    return {"visibility_timeout": settings.visibility_timeout}
 
 
 def make_celery(settings: Settings, *, main: str = "mriq") -> Celery:

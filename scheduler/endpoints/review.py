@@ -6,23 +6,19 @@ corrects or flags it. The reviewer is the token's identity (:data:`TOKEN_REVIEWE
 API has a token, so a client cannot record decisions in someone else's name; without a
 token it is the body's ``reviewer`` or ``anonymous``.
 
-The router reads the session factory and the settings from ``request.app.state``
-(``sessions``, ``settings``), which ``create_app`` sets. Unknown items are 404 (the app's
-NotFoundError handler), a label outside the model's classes 422 naming the valid ones, a
+The router takes the session factory and the settings from :mod:`scheduler.endpoints.deps`.
+Unknown items are 404 (the app's NotFoundError handler), a label outside the model's classes 422 naming the valid ones, a
 decision on an error row 409.
 """
 
 from __future__ import annotations
 
-import hmac
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy.orm import Session, sessionmaker
+from fastapi import APIRouter, Depends, HTTPException, Query
+from sqlalchemy.orm import Session
 
 from scheduler import review
-from scheduler.api_guards import UNAUTHORIZED_DETAIL, WWW_AUTHENTICATE
 from scheduler.api_models import (
     ERROR_RESPONSES,
     MAX_ID,
@@ -35,8 +31,8 @@ from scheduler.api_models import (
     ReviewPage,
     ReviewStatusQuery,
 )
+from scheduler.endpoints.deps import SessionsDep, SettingsDep, require_token
 from scheduler.schema import ReviewStatus
-from scheduler.settings import Settings
 
 __all__ = ["ANONYMOUS_REVIEWER", "TOKEN_REVIEWER", "review_router"]
 
@@ -44,36 +40,15 @@ __all__ = ["ANONYMOUS_REVIEWER", "TOKEN_REVIEWER", "review_router"]
 TOKEN_REVIEWER = "api-token"
 ANONYMOUS_REVIEWER = "anonymous"
 
-_bearer = HTTPBearer(auto_error=False, description="Required when MRIQ_API_TOKEN is set.")
-
-
-def _settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
-
-
-def _sessions(request: Request) -> sessionmaker[Session]:
-    sessions: sessionmaker[Session] = request.app.state.sessions
-    return sessions
-
 
 def _token_identity(
-    settings: Annotated[Settings, Depends(_settings)],
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    settings: SettingsDep, _checked: Annotated[None, Depends(require_token)]
 ) -> str | None:
-    """The caller's identity when the API has a token (checked again behind the
-    middleware, which refuses a wrong one before the body is read); None without one."""
-    if settings.api_token is None:
-        return None
-    token = settings.api_token.get_secret_value().encode()
-    given = credentials.credentials.encode() if credentials is not None else b""
-    if not given or not hmac.compare_digest(given, token):
-        raise HTTPException(status_code=401, detail=UNAUTHORIZED_DETAIL,
-                            headers={"WWW-Authenticate": WWW_AUTHENTICATE})
-    return TOKEN_REVIEWER
+    """The caller's identity: the token's when the API has one (``require_token`` has
+    checked it, behind the middleware that refuses a wrong one before the body is read)."""
+    return None if settings.api_token is None else TOKEN_REVIEWER
 
 
-SessionsDep = Annotated[sessionmaker[Session], Depends(_sessions)]
 IdentityDep = Annotated[str | None, Depends(_token_identity)]
 
 review_router = APIRouter(prefix="/review", tags=["review"],

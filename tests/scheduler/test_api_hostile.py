@@ -1,6 +1,7 @@
 """Hostile requests against the HTTP API (real SQLite, embedded filesystem broker, no worker).
 
-- every non-public route (enumerated from ``app.routes``) answers 401 without the right token,
+- every non-public route (enumerated from ``app.routes`` and the routers they include)
+  answers 401 without the right token,
   and the token goes through ``hmac.compare_digest``;
 - paths outside the data roots (``..``, absolute, symlinks, list files, globs, train/evaluate
   folders, checkpoints) are 403, store nothing, reveal nothing about the target, and the
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fastapi.routing import APIRoute
+from fastapi.routing import APIRoute, iter_route_contexts
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 from sqlalchemy.orm import Session, sessionmaker
@@ -149,8 +150,9 @@ class FifoWatch:
 
 def _protected_routes(app: Any) -> list[tuple[str, str]]:
     out = []
-    for route in app.routes:
-        if not isinstance(route, APIRoute) or route.path in PUBLIC:
+    # Through included routers too (FastAPI keeps each ``include_router`` as one entry).
+    for route in iter_route_contexts(app.routes):
+        if not isinstance(route.original_route, APIRoute) or route.path in PUBLIC:
             continue
         url = route.path
         for name in route.param_convertors:
@@ -199,7 +201,7 @@ def test_token_is_compared_in_constant_time(
         calls.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr("scheduler.api.hmac.compare_digest", spy)
+    monkeypatch.setattr("scheduler.endpoints.deps.hmac.compare_digest", spy)
     with TestClient(create_app(settings), raise_server_exceptions=False) as anon:
         assert anon.get("/jobs", headers={"Authorization": "Bearer guess"}).status_code == 401
         assert anon.get("/jobs", headers=AUTH).status_code == 200
