@@ -7,8 +7,8 @@ API has a token, so a client cannot record decisions in someone else's name; wit
 token it is the body's ``reviewer`` or ``anonymous``.
 
 The router takes the session factory and the settings from :mod:`scheduler.endpoints.deps`.
-Unknown items are 404 (the app's NotFoundError handler), a label outside the model's classes 422 naming the valid ones, a
-decision on an error row 409.
+Unknown items are 404 (the app's NotFoundError handler), a label outside the model's
+classes 422 naming the valid ones, a decision on an error row 409.
 """
 
 from __future__ import annotations
