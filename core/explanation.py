@@ -11,7 +11,10 @@ forward of the same batch):
     efficientnet_b0  64    3.0 ms/img   13.3 ms/img 4.4x    7.5 ms/img 2.5x
     efficientnet_b0  128   7.1 ms/img   26.9 ms/img 3.8x    6.5 ms/img 0.9x (noise)
 
-Both do one batched forward and one backward per batch (counted with hooks). captum is
+Both do one batched forward and one backward per batch (counted with hooks). End to end
+(``python -m bench.explanation``: decode, Grad-CAM, PNG + .npy written) an image costs 0.8-1.6x
+its plain classification by ``core.inference.Predictor`` (efficientnet_b0 and resnet18 at
+224, CPU; bench/README.md, "Explanation cost"); the target is <= 3x. captum is
 faster because it asks autograd for the gradient of the target layer's output only
 (``torch.autograd.grad``), so with the parameters frozen nothing before that layer keeps a
 graph and the backward stops at the layer; ``grad-cam`` needs parameters that require
