@@ -117,6 +117,7 @@ def grad_cam(
     ``model`` must be in eval mode (it is not switched). Its parameters may be frozen: the
     gradient is taken with respect to ``layer``'s output only.
     """
+    # Imported here: captum.attr takes seconds to import, paid only by callers that explain.
     from captum.attr import LayerAttribution, LayerGradCam
 
     if batch.dim() != 4:
@@ -128,7 +129,7 @@ def grad_cam(
     def scores(x: torch.Tensor) -> torch.Tensor:
         # The explained class is picked inside the one forward pass, so the predicted class
         # needs no forward of its own; captum then differentiates one score per image.
-        logits = model(x)
+        logits: torch.Tensor = model(x)
         chosen = (
             logits.detach().argmax(dim=1)
             if target is None
@@ -170,7 +171,7 @@ def overlay_image(
         raise ValueError(f"image {gray.shape} and map {heat.shape} differ in size")
     colours = matplotlib.colormaps[_COLORMAP](np.clip(heat, 0.0, 1.0))[..., :3]
     base = np.repeat(np.clip(gray, 0.0, 1.0)[..., None], 3, axis=2)
-    blended = (1.0 - alpha) * base + alpha * colours
+    blended: np.ndarray = (1.0 - alpha) * base + alpha * colours
     return np.round(blended * 255.0).astype(np.uint8)
 
 

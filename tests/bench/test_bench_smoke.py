@@ -144,7 +144,8 @@ def test_explanation_smoke(tmp_path: Path) -> None:
     assert name in ratios and ratios[name].endswith("(target <= 3x)"), stdout
     assert _ratio_value(ratios, name) > 0
     assert data["failed"] == []
-    assert "resnet18@64: labels agree on 16/16 images" in data["notes"], data["notes"]
+    notes: list[str] = data["notes"]  # type: ignore[assignment]
+    assert "resnet18@64: labels agree on 16/16 images" in notes, notes
 
 
 @pytest.mark.slow

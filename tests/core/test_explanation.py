@@ -274,6 +274,24 @@ def test_bad_files_are_error_rows_naming_the_file(ckpt: LoadedCheckpoint, tmp_pa
     assert len(list((tmp_path / "out").glob("*.png"))) == 2
 
 
+def test_a_file_outside_the_roots_and_an_unwritable_overlay_are_error_rows(
+    ckpt: LoadedCheckpoint, tmp_path: Path
+) -> None:
+    inside = write_slices(tmp_path / "in", 2)
+    outside = write_slices(tmp_path / "elsewhere", 1)[0]
+    out = tmp_path / "out"
+    (out / "blocked.png").mkdir(parents=True)  # os.replace cannot put a file there
+    explainer = Explainer(ckpt, batch_size=4, roots=[tmp_path / "in"])
+    results = list(
+        explainer.explain([inside[0], outside, inside[1]], out, names=["ok", "out", "blocked"])
+    )
+    assert [r.ok for r in results] == [True, False, False]
+    assert results[1].error == f"{outside}: leads outside the data roots"
+    assert results[2].error is not None and results[2].error.startswith(f"{inside[1]}: ")
+    assert "cannot write" in results[2].error
+    assert not list(out.glob(".*.tmp"))
+
+
 def test_names_make_a_rerun_overwrite(ckpt: LoadedCheckpoint, tmp_path: Path) -> None:
     paths = write_slices(tmp_path / "in", 3)
     out = tmp_path / "out"
