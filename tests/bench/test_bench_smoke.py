@@ -137,6 +137,18 @@ def test_training_smoke(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_explanation_smoke(tmp_path: Path) -> None:
+    stdout, data = _run("bench.explanation", tmp_path)
+    ratios = _ratio_lines(stdout)
+    name = "resnet18@64 explain/classify time per image"
+    assert name in ratios and ratios[name].endswith("(target <= 3x)"), stdout
+    assert _ratio_value(ratios, name) > 0
+    assert data["failed"] == []
+    notes: list[str] = data["notes"]  # type: ignore[assignment]
+    assert "resnet18@64: labels agree on 16/16 images" in notes, notes
+
+
+@pytest.mark.slow
 def test_expansion_smoke(tmp_path: Path) -> None:
     stdout, data = _run("bench.expansion", tmp_path)
     ratios = _ratio_lines(stdout)
