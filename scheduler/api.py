@@ -45,7 +45,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from scheduler import repository, submission
+from scheduler import repository, submission, web
 from scheduler.api_guards import (
     UNAUTHORIZED_DETAIL,
     WWW_AUTHENTICATE,
@@ -486,4 +486,5 @@ def create_app(settings: Settings) -> FastAPI:
         except Exception:
             return False
 
+    app.include_router(web.create_router(settings, sessions, dispatcher))
     return app
