@@ -68,15 +68,10 @@ def _when(value: datetime | None) -> str:
     return "" if value is None else value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _percent(done: int, total: int) -> int:
-    return 0 if total <= 0 else min(100, int(100 * done / total))
-
-
 def _templates() -> Jinja2Templates:
     templates = Jinja2Templates(directory=str(TEMPLATES_DIR))
     templates.env.filters["duration"] = lambda job: _duration(job.started_at, job.finished_at)
     templates.env.filters["when"] = _when
-    templates.env.globals["percent"] = _percent
     return templates
 
 

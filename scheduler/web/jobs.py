@@ -58,14 +58,18 @@ class Progress:
 
 def progress_of(job: Job, *, now: datetime | None = None) -> Progress:
     done, total = int(job.progress_done), int(job.progress_total)
-    percent = 0 if total <= 0 else min(100, int(100 * done / total))
+    status = JobStatus(job.status)
+    if total > 0:
+        percent = min(100, int(100 * done / total))
+    else:  # a train/evaluate job that counted nothing: done means done
+        percent = 100 if status is JobStatus.SUCCEEDED else 0
     rate = eta = None
     if job.started_at is not None and done > 0:
         elapsed = ((job.finished_at or now or datetime.now(UTC)) - job.started_at).total_seconds()
         if elapsed > 0:
             rate = done / elapsed
             eta = None if job.is_terminal else max(0.0, (total - done) / rate)
-    return Progress(JobStatus(job.status).value, done, total, percent, job.is_terminal,
+    return Progress(status.value, done, total, percent, job.is_terminal,
                     rate, eta)
 
 

@@ -175,8 +175,8 @@ def page(dashboard: Dashboard) -> Iterator[Any]:
             browser.close()
 
 
-def _shot(page: Any, name: str) -> None:
-    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+def _shot(page: Any, name: str, *, full_page: bool = True) -> None:
+    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=full_page)
 
 
 def test_refused_without_the_token_then_logged_in(dashboard: Dashboard, page: Any) -> None:
@@ -223,7 +223,9 @@ def test_classify_through_the_form_and_follow_it_live(dashboard: Dashboard,
     page.reload()
     assert page.locator("tr.prediction").count() == N_IMAGES + N_BROKEN
     assert f"Errors ({N_BROKEN})" in page.inner_text("body")
+    page.wait_for_load_state("networkidle")  # the thumbnails
     _shot(page, "job")
+    _shot(page, "dashboard", full_page=False)  # README's docs/dashboard.png
 
 
 def test_filter_predictions_and_open_an_image(dashboard: Dashboard, page: Any) -> None:
