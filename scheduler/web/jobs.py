@@ -259,7 +259,10 @@ def _classify_view(session: Any, job: Job, flt: PredictionFilter,
     chunks = repository.list_chunks(session, job.id)[:MAX_CHUNKS_SHOWN]
     return {
         "rows": rows,
-        "matching": queries.count_filtered_predictions(session, job.id, flt),
+        # Unfiltered, the count is the job's progress (complete_chunk counts the rows).
+        "matching": (queries.count_filtered_predictions(session, job.id, flt)
+                     if flt != PredictionFilter(sort=flt.sort) else int(job.progress_done)),
+        "match_cap": queries.MATCH_COUNT_CAP,
         "n_errors": repository.count_prediction_errors(session, job.id),
         "errors": queries.filtered_predictions(
             session, job.id, PredictionFilter(errors_only=True), limit=ERRORS_SHOWN),

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from scheduler.schema import Job, JobKind, JobStatus, PredictionRow
 
 __all__ = [
+    "MATCH_COUNT_CAP",
     "PredictionCursor",
     "PredictionFilter",
     "PredictionSort",
@@ -31,6 +32,8 @@ __all__ = [
 ]
 
 PredictionSort = Literal["index", "confidence_desc", "confidence_asc"]
+#: Filtered counts stop here; the page shows "10,000+ matching".
+MATCH_COUNT_CAP = 10_000
 #: Sort key of a row without a confidence (an error row): below every probability.
 _NO_CONFIDENCE = -1.0
 
@@ -128,27 +131,31 @@ def filtered_predictions(
     limit: int = 50,
 ) -> list[PredictionRow]:
     """One page of the job's predictions matching ``flt``, starting after ``after``."""
-    query = select(PredictionRow).where(*_conditions(job_id, flt)).limit(limit)
     index = PredictionRow.item_index
+    where = _conditions(job_id, flt)
     if flt.sort == "index":
-        query = query.order_by(index)
         if after is not None:
-            query = query.where(index > after.item_index)
-        return list(session.scalars(query))
+            where.append(index > after.item_index)
+        return list(session.scalars(
+            select(PredictionRow).where(*where).order_by(index).limit(limit)))
     conf = _sort_confidence()
     # Ties in confidence are broken by index ascending in both directions, so the cursor's
     # (confidence, index) pair always names one position.
-    if flt.sort == "confidence_desc":
-        query = query.order_by(conf.desc(), index)
-        if after is not None and after.confidence is not None:
-            query = query.where(or_(conf < after.confidence,
-                                    and_(conf == after.confidence, index > after.item_index)))
-    else:
-        query = query.order_by(conf, index)
-        if after is not None and after.confidence is not None:
-            query = query.where(or_(conf > after.confidence,
-                                    and_(conf == after.confidence, index > after.item_index)))
-    return list(session.scalars(query))
+    if after is not None and after.confidence is not None:
+        beyond = conf < after.confidence if flt.sort == "confidence_desc" \
+            else conf > after.confidence
+        where.append(or_(beyond, and_(conf == after.confidence, index > after.item_index)))
+    order = (conf.desc(), index) if flt.sort == "confidence_desc" else (conf, index)
+    # Sort only (confidence, index) pairs, then fetch the page's rows: no index serves this
+    # order, and sorting a 100k-row job's whole rows (paths, top-k JSON) costs several times
+    # as much as sorting the pairs.
+    picked = [int(i) for i in session.scalars(
+        select(index).where(*where).order_by(*order).limit(limit))]
+    if not picked:
+        return []
+    rows = {r.item_index: r for r in session.scalars(
+        select(PredictionRow).where(PredictionRow.job_id == job_id, index.in_(picked)))}
+    return [rows[i] for i in picked if i in rows]
 
 
 def cursor_after(row: PredictionRow, flt: PredictionFilter) -> PredictionCursor:
@@ -159,8 +166,12 @@ def cursor_after(row: PredictionRow, flt: PredictionFilter) -> PredictionCursor:
     return PredictionCursor(row.item_index, confidence)
 
 
-def count_filtered_predictions(session: Session, job_id: int, flt: PredictionFilter) -> int:
-    query = select(func.count()).select_from(PredictionRow).where(*_conditions(job_id, flt))
+def count_filtered_predictions(session: Session, job_id: int, flt: PredictionFilter, *,
+                               cap: int = MATCH_COUNT_CAP) -> int:
+    """How many predictions match ``flt``, counted up to ``cap + 1`` (a page needs "more
+    than 10,000", not a full scan of a 100k-row job per filter change)."""
+    matching = select(PredictionRow.id).where(*_conditions(job_id, flt)).limit(cap + 1)
+    query = select(func.count()).select_from(matching.subquery())
     return int(session.scalar(query) or 0)
 
 

@@ -105,12 +105,12 @@ def seed_classify(sessions: sessionmaker[Session], root: Path, *, n: int = 6,
     records = []
     for i, path in enumerate(paths):
         failed = i >= n - errors
-        label = None if failed else CLASSES[i % len(CLASSES)]
-        conf = None if failed else round(0.9 - 0.1 * i, 3)
-        top = () if failed else ((label, conf), (CLASSES[(i + 1) % 3], 0.05))
+        name, conf = CLASSES[i % len(CLASSES)], round(0.9 - 0.1 * i, 3)
+        top = ((name, conf), (CLASSES[(i + 1) % 3], 0.05))
         records.append(PredictionRecord(
-            item_index=i, path=path, file_sha256=None, label=label, confidence=conf,
-            top_k=top, error=f"{path}: not an image" if failed else None))
+            item_index=i, path=path, file_sha256=None, label=None if failed else name,
+            confidence=None if failed else conf, top_k=() if failed else top,
+            error=f"{path}: not an image" if failed else None))
     with sessions() as s, s.begin():
         job = repository.create_job(s, kind=JobKind.CLASSIFY, params={"top_k": 3},
                                     model_version_id=model_id)
