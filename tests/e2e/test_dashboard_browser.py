@@ -225,6 +225,7 @@ def test_classify_through_the_form_and_follow_it_live(dashboard: Dashboard,
     assert f"Errors ({N_BROKEN})" in page.inner_text("body")
     page.wait_for_load_state("networkidle")  # the thumbnails
     _shot(page, "job")
+    page.evaluate("document.getElementById('predictions').scrollIntoView()")
     _shot(page, "dashboard", full_page=False)  # README's docs/dashboard.png
 
 
