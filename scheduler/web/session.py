@@ -28,6 +28,7 @@ __all__ = [
     "BrowserSession",
     "SessionKeys",
     "is_public_ui_path",
+    "is_ui_path",
 ]
 
 COOKIE_NAME = "mriq_session"

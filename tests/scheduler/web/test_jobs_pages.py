@@ -169,3 +169,39 @@ def test_cancel_needs_the_csrf_token(
     assert done.status_code == 303
     with sessions() as s:
         assert repository.get_job(s, job_id).status is JobStatus.CANCELLED
+
+
+def test_progress_rate_and_eta_of_a_running_job() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from scheduler.schema import Job
+
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    job = Job(id=1, kind=JobKind.CLASSIFY, status=JobStatus.RUNNING, progress_done=30,
+              progress_total=120, started_at=start)
+    p = web_jobs.progress_of(job, now=start + timedelta(seconds=10))
+    assert (p.percent, p.rate, p.eta_s, p.terminal) == (25, 3.0, 30.0, False)
+    job.status, job.progress_done = JobStatus.SUCCEEDED, 120
+    job.finished_at = start + timedelta(seconds=40)
+    p = web_jobs.progress_of(job, now=start + timedelta(hours=1))
+    assert (p.percent, p.rate, p.eta_s, p.terminal) == (100, 3.0, None, True)
+    queued = Job(id=2, kind=JobKind.TRAIN, status=JobStatus.QUEUED, progress_done=0,
+                 progress_total=0)
+    assert web_jobs.progress_of(queued).percent == 0 and web_jobs.progress_of(queued).rate is None
+    queued.status = JobStatus.SUCCEEDED  # a job that counted nothing but finished
+    assert web_jobs.progress_of(queued).percent == 100
+
+
+def test_jobs_progress_json_for_the_live_list(
+    client: TestClient, sessions: sessionmaker[Session], root: Path
+) -> None:
+    seeded = seed_classify(sessions, root, n=4, errors=0)
+    with sessions() as s, s.begin():
+        queued = int(repository.create_job(s, kind=JobKind.EVALUATE, params={}).id)
+    body = client.get(f"/ui/jobs/progress.json?ids={seeded.job_id},{queued},9999").json()
+    assert set(body) == {str(seeded.job_id), str(queued)}
+    assert body[str(seeded.job_id)]["percent"] == 100 and body[str(seeded.job_id)]["terminal"]
+    assert body[str(queued)]["status"] == "queued" and not body[str(queued)]["terminal"]
+    page = client.get("/ui/").text
+    assert 'data-live-jobs="/ui/jobs/progress.json"' in page  # a job is still open
+    assert f'data-job-id="{queued}" data-running="1"' in page
