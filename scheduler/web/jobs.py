@@ -13,10 +13,11 @@ import io
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar, cast
 
 from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, StreamingResponse
+from sqlalchemy.orm import Session
 
 from scheduler import repository, submission
 from scheduler.api_models import CSV_FLUSH_BYTES, MAX_ID
@@ -36,6 +37,7 @@ ERRORS_SHOWN = 20
 IdPath = Annotated[int, Path(ge=1, le=MAX_ID)]
 ItemPath = Annotated[int, Path(ge=0, le=MAX_ID)]
 _SORTS: tuple[PredictionSort, ...] = ("index", "confidence_desc", "confidence_asc")
+E = TypeVar("E", JobStatus, JobKind)
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,7 @@ def progress_of(job: Job, *, now: datetime | None = None) -> Progress:
                     rate, eta)
 
 
-def _enum_or_none(enum: type[JobStatus] | type[JobKind], value: str | None, what: str) -> Any:
+def _enum_or_none(enum: type[E], value: str | None, what: str) -> E | None:
     if not value:
         return None
     try:
@@ -108,7 +110,7 @@ def prediction_filter(label: str | None, min_confidence: str | None,
         min_confidence=_confidence(min_confidence, "min_confidence"),
         max_confidence=_confidence(max_confidence, "max_confidence"),
         errors_only=errors in ("1", "on", "true"),
-        sort=sort if sort in _SORTS else "index",  # type: ignore[arg-type]
+        sort=cast(PredictionSort, sort) if sort in _SORTS else "index",
     )
 
 
@@ -123,6 +125,13 @@ def _cursor(after: str | None) -> PredictionCursor | None:
 
 def router(ctx: WebContext) -> APIRouter:
     api = APIRouter(route_class=page_route_class(ctx), include_in_schema=False)
+    _add_job_routes(api, ctx)
+    _add_item_routes(api, ctx)
+    return api
+
+
+def _add_job_routes(api: APIRouter, ctx: WebContext) -> None:
+    """The jobs list, one job's page, their live-progress JSON and cancelling."""
 
     @api.get("/ui/")
     def jobs_page(request: Request, status: str | None = None, kind: str | None = None,
@@ -190,6 +199,10 @@ def router(ctx: WebContext) -> APIRouter:
         submission.cancel_job(ctx.sessions, ctx.dispatcher(), job_id)
         return RedirectResponse(f"/ui/jobs/{job_id}", status_code=303)
 
+
+def _add_item_routes(api: APIRouter, ctx: WebContext) -> None:
+    """The CSV export, one input's page and the files: thumbnails, overlays, artifacts."""
+
     @api.get("/ui/jobs/{job_id}/predictions.csv")
     def predictions_csv(job_id: IdPath) -> Response:
         with ctx.sessions() as session:
@@ -238,10 +251,8 @@ def router(ctx: WebContext) -> APIRouter:
         path = artifact_file(ctx.settings, stored)
         return FileResponse(path, filename=path.name)
 
-    return api
 
-
-def _prediction_or_404(session: Any, job_id: int, item_index: int) -> PredictionRow:
+def _prediction_or_404(session: Session, job_id: int, item_index: int) -> PredictionRow:
     repository.get_job(session, job_id)
     row = queries.get_prediction(session, job_id, item_index)
     if row is None:
@@ -249,7 +260,7 @@ def _prediction_or_404(session: Any, job_id: int, item_index: int) -> Prediction
     return row
 
 
-def _classify_view(session: Any, job: Job, flt: PredictionFilter,
+def _classify_view(session: Session, job: Job, flt: PredictionFilter,
                    cursor: PredictionCursor | None) -> dict[str, Any]:
     rows = queries.filtered_predictions(session, job.id, flt, after=cursor,
                                         limit=PREDICTIONS_PER_PAGE)
@@ -276,7 +287,7 @@ def _classify_view(session: Any, job: Job, flt: PredictionFilter,
     }
 
 
-def _training_view(session: Any, job: Job) -> dict[str, Any]:
+def _training_view(session: Session, job: Job) -> dict[str, Any]:
     try:
         evaluation = repository.get_evaluation(session, job.id)
     except repository.NotFoundError:

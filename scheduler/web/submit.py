@@ -9,6 +9,7 @@ form again, with the values typed and the message.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -92,10 +93,10 @@ def router(ctx: WebContext) -> APIRouter:
     return api
 
 
-def _refused(page: Any, request: Request, exc: Exception, form: dict[str, str],
-             which: str) -> Response:
+def _refused(page: Callable[..., Response], request: Request, exc: Exception,
+             form: dict[str, str], which: str) -> Response:
     mapped = refusal_of(exc)
     if mapped is None:
         raise exc
     status, message = mapped
-    return page(request, status=status, error=message, form=form, which=which)  # type: ignore[no-any-return]
+    return page(request, status=status, error=message, form=form, which=which)
