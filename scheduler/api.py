@@ -40,7 +40,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from scheduler import repository
+from scheduler import repository, web
 from scheduler.api_guards import BodyLimitMiddleware, TokenAuthMiddleware
 from scheduler.api_models import BODY_BYTES_BASE, BODY_BYTES_PER_PATH, printable
 from scheduler.database import (
@@ -108,6 +108,7 @@ def create_app(settings: Settings) -> FastAPI:
     for router in (jobs.router, results.router, models.router, health.router,
                    review.review_router):
         app.include_router(router)
+    app.include_router(web.create_router(settings, state.sessions, state.dispatcher))
     return app
 
 

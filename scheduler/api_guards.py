@@ -14,8 +14,10 @@ import hmac
 from collections.abc import Iterable
 
 from fastapi import HTTPException
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from scheduler.web.session import UI_PREFIX, SessionKeys, is_public_ui_path, is_ui_path
 
 __all__ = ["BodyLimitMiddleware", "TokenAuthMiddleware", "bearer_token_matches"]
 
@@ -44,16 +46,26 @@ class TokenAuthMiddleware:
 
     Decided on the headers only: the body is never received, so an unauthenticated request
     costs the server no more than its headers (the server's own read buffer aside).
+
+    The dashboard's paths (``/ui/...`` and ``/``) take the dashboard's session cookie
+    instead (:mod:`scheduler.web.session`); without one a page request is redirected to the
+    login form. Only those paths accept the cookie: the JSON API keeps needing the header,
+    so a browser session never lends its authority to a cross-site request to the API.
     """
 
     def __init__(self, app: ASGIApp, *, token: str, public: Iterable[str]) -> None:
         self.app = app
         self.token = token.encode()
         self.public = frozenset(public)
+        self.sessions = SessionKeys.for_token(token)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("path") in self.public:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path in self.public:
             await self.app(scope, receive, send)
+            return
+        if is_ui_path(path):
+            await self._dashboard(scope, receive, send)
             return
         authorization = None
         for name, value in scope.get("headers", []):
@@ -69,6 +81,26 @@ class TokenAuthMiddleware:
             # The body was not read: the connection cannot carry another request.
             headers={"WWW-Authenticate": WWW_AUTHENTICATE, "Connection": "close"},
         )
+        await response(scope, receive, send)
+
+
+    async def _dashboard(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        cookie = next((v for n, v in scope.get("headers", []) if n == b"cookie"), None)
+        if is_public_ui_path(path) or self.sessions.authenticated(
+            self.sessions.from_cookie_header(cookie)
+        ):
+            await self.app(scope, receive, send)
+            return
+        if scope.get("method") in ("GET", "HEAD"):
+            response: JSONResponse | RedirectResponse = RedirectResponse(
+                f"{UI_PREFIX}/login", status_code=303
+            )
+        else:
+            response = JSONResponse(
+                {"detail": "log in to the dashboard first"}, status_code=401,
+                headers={"Connection": "close"},
+            )
         await response(scope, receive, send)
 
 

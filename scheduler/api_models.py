@@ -23,7 +23,6 @@ from scheduler.schema import JobKind, JobStatus, ModelStage, ReviewStatus
 __all__ = [
     "BODY_BYTES_BASE",
     "BODY_BYTES_PER_PATH",
-    "CSV_FLUSH_BYTES",
     "ERROR_RESPONSES",
     "MAX_ID",
     "MAX_PAGE",
@@ -54,7 +53,6 @@ MAX_ID = 2**31 - 1
 BODY_BYTES_PER_PATH = 1024
 BODY_BYTES_BASE = 64 * 1024
 MAX_PAGE = 1000
-CSV_FLUSH_BYTES = 64 * 1024
 
 
 def printable(value: Any) -> Any:

@@ -3,13 +3,28 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-__all__ = ["PREDICTION_COLUMNS", "export_to_file", "prediction_csv_row", "write_predictions_csv"]
+from sqlalchemy.orm import Session
+
+from scheduler import repository
+
+__all__ = [
+    "CSV_FLUSH_BYTES",
+    "PREDICTION_COLUMNS",
+    "export_to_file",
+    "prediction_csv_row",
+    "stream_predictions_csv",
+    "write_predictions_csv",
+]
+
+#: A streamed CSV response is flushed to the client in pieces of about this size.
+CSV_FLUSH_BYTES = 64 * 1024
 
 PREDICTION_COLUMNS: tuple[str, ...] = (
     "item_index", "path", "label", "confidence", "top_k", "error"
@@ -40,6 +55,23 @@ def write_predictions_csv(rows: Iterable[Any], out: TextIO) -> int:
         writer.writerow(prediction_csv_row(row))
         n += 1
     return n
+
+
+def stream_predictions_csv(sessions: Callable[[], Session], job_id: int) -> Iterator[str]:
+    """A job's predictions as CSV text pieces, for a streamed HTTP response (the API's and
+    the dashboard's download). Its own session: the generator runs after the endpoint
+    returned. Memory stays flat (keyset pages from the repository, flushed every 64 KiB)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(PREDICTION_COLUMNS)
+    with sessions() as session:
+        for row in repository.iter_predictions(session, job_id):
+            writer.writerow(prediction_csv_row(row))
+            if buffer.tell() >= CSV_FLUSH_BYTES:
+                yield buffer.getvalue()
+                buffer.seek(0)
+                buffer.truncate()
+    yield buffer.getvalue()
 
 
 def export_to_file(path: Path, write: Callable[[TextIO], int]) -> int:

@@ -4,19 +4,14 @@ downloads (confined to the job and model folders, never the database or the brok
 
 from __future__ import annotations
 
-import csv
-import io
-from collections.abc import Iterator
 from pathlib import Path as FsPath
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Path, Query
 from fastapi.responses import FileResponse, StreamingResponse
-from sqlalchemy.orm import Session, sessionmaker
 
 from scheduler import export, repository
 from scheduler.api_models import (
-    CSV_FLUSH_BYTES,
     ERROR_RESPONSES,
     MAX_ID,
     MAX_PAGE,
@@ -63,26 +58,10 @@ def predictions(
                 items=[PredictionOut.model_validate(r) for r in rows],
             )
     return StreamingResponse(
-        _csv_stream(sessions, job_id),
+        export.stream_predictions_csv(sessions, job_id),
         media_type="text/csv; charset=utf-8",
         headers={"Content-Disposition": f'attachment; filename="job-{job_id}.csv"'},
     )
-
-
-def _csv_stream(sessions: sessionmaker[Session], job_id: int) -> Iterator[str]:
-    # Its own session: the generator runs after the endpoint returned. Memory stays flat
-    # (keyset pages from the repository, output flushed every 64 KiB).
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(export.PREDICTION_COLUMNS)
-    with sessions() as session:
-        for row in repository.iter_predictions(session, job_id):
-            writer.writerow(export.prediction_csv_row(row))
-            if buffer.tell() >= CSV_FLUSH_BYTES:
-                yield buffer.getvalue()
-                buffer.seek(0)
-                buffer.truncate()
-    yield buffer.getvalue()
 
 
 @router.get("/jobs/{job_id}/metrics", response_model=MetricsOut, responses=ERROR_RESPONSES)

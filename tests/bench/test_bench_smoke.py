@@ -175,3 +175,17 @@ def test_api_load_smoke(tmp_path: Path) -> None:
     assert data["failed"] == []
     notes: list[str] = data["notes"]  # type: ignore[assignment]
     assert any(n.startswith("jobs: ") and " 0 lost" in n for n in notes), notes
+
+
+@pytest.mark.slow
+@pytest.mark.services
+def test_web_render_smoke(tmp_path: Path) -> None:
+    """The dashboard's render bench at quick size on SQLite and PostgreSQL: every page
+    renders (the bench raises on a non-200) and both backends report their worst p95."""
+    out = tmp_path / "web_render.json"
+    stdout = _smoke("bench.web_render", "--json-out", str(out), "--workdir", str(tmp_path / "w"))
+    data = json.loads(out.read_text())
+    assert set(data["pages"]) == {"sqlite", "postgresql"}, stdout
+    for backend in ("sqlite", "postgresql"):
+        assert len(data["pages"][backend]) == 7, data
+        assert data["ratios"][f"{backend} worst p95 / 300 ms"] is not None, stdout
