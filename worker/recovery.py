@@ -32,8 +32,8 @@ Mechanism (all tasks are idempotent, so sending one twice is always safe, never 
   so several workers sweeping at once send each chunk once per stale period. A re-sent
   chunk is claimed again (``attempts += 1``; only items without a prediction are redone);
   a chunk that keeps killing its worker is failed by the attempts cap in
-  ``worker.tasks.classify_chunk``. A training re-sent while the first run is in fact alive
-  is skipped by the per-job lock in ``worker.tasks.train_job``; a re-run of a killed one
+  ``worker.tasks.classify.classify_chunk``. A training re-sent while the first run is in fact alive
+  is skipped by the per-job lock in ``worker.tasks.train.train_job``; a re-run of a killed one
   resumes from ``last.pt``.
 
 * **Identity** (what makes recovery take seconds, not the staleness window). A claimed

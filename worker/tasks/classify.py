@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from celery import Task
 from celery.exceptions import Retry
@@ -281,7 +281,12 @@ def _chunk_outcome(
 
 
 def on_chunk_failure(
-    self: Task, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
+    self: Task,
+    exc: BaseException,
+    task_id: str,
+    args: tuple[int, ...],
+    kwargs: dict[str, object],
+    einfo: object,
 ) -> None:
     """Hard time limit of a chunk: record it as that chunk's failure at once.
 

@@ -80,7 +80,7 @@ def finish(settings: Settings, job_id: int, status: JobStatus, error: str | None
     sessions.with_session(settings, fn)
 
 
-def finite(value: Any) -> float | None:
+def finite(value: float | None) -> float | None:
     # JSON/SQL cannot hold NaN portably; a diverged loss is recorded as missing.
     if value is None:
         return None
