@@ -60,7 +60,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from core.errors import ImageReadError
-from core.imaging import is_image_path, read_open_image
+from core.imaging import read_open_image
 from core.safefile import open_input
 from core.transforms import EvalPreset
 
@@ -74,7 +74,6 @@ __all__ = [
     "Predictor",
     "configure_cpu_threads",
     "cpu_parallelism",
-    "expand_inputs",
     "input_sha256",
     "prepare_inference_model",
     "select_device",
@@ -209,88 +208,6 @@ def cpu_parallelism(cores: int | None = None, *, streams: int | None = None) -> 
     elif streams < 1:
         raise ValueError(f"streams must be >= 1, not {streams}")
     return CpuParallelism(streams=streams, threads=max(1, n // streams))
-
-
-# --------------------------------------------------------------------------------------
-# input expansion
-
-
-def _walk_images(root: Path, seen: set[tuple[int, int]]) -> Iterator[Path]:
-    """Image files under ``root``, depth first, entries sorted by name at every level.
-
-    Sorting per directory gives a stable order while holding one directory listing at a
-    time. Hidden entries (``.DS_Store``, macOS ``._x.jpg`` resource forks, ``.git``) are
-    skipped: they are never slices and would only become noise error rows. Symlinked
-    directories are followed once (``seen`` breaks loops).
-    """
-    try:
-        st = root.stat()
-        key = (st.st_dev, st.st_ino)
-        if key in seen:
-            return
-        seen.add(key)
-        with os.scandir(root) as it:
-            entries = sorted(it, key=lambda e: e.name)
-    except OSError:
-        # Not silently dropped: the folder itself becomes an error row naming the problem.
-        yield root
-        return
-    for entry in entries:
-        if entry.name.startswith("."):
-            continue
-        path = Path(entry.path)
-        try:
-            is_dir = entry.is_dir()
-        except OSError:
-            is_dir = False
-        if is_dir:
-            yield from _walk_images(path, seen)
-        elif is_image_path(path):
-            yield path
-
-
-def _expand_one(path: Path, seen: set[tuple[int, int]]) -> Iterator[Path]:
-    if path.is_dir():
-        yield from _walk_images(path, seen)
-    else:
-        # Explicit files are kept whatever their suffix or existence: the user named them,
-        # so a missing/unsupported one must show up as an error row, not vanish.
-        yield path
-
-
-def _read_list(list_file: Path) -> Iterator[Path]:
-    if not list_file.is_file():
-        raise FileNotFoundError(f"{list_file}: input list file not found")
-    base = list_file.parent
-    # surrogateescape: a line naming a non-UTF-8 file (Latin-1 exports) decodes to the str
-    # that os.fsencode maps back to the same bytes, instead of aborting the whole list.
-    with list_file.open(encoding="utf-8", errors="surrogateescape") as fh:
-        for line in fh:  # line by line: list files may hold millions of paths
-            entry = line.strip()
-            if not entry or entry.startswith("#"):
-                continue
-            p = Path(entry).expanduser()
-            yield p if p.is_absolute() else base / p
-
-
-def expand_inputs(inputs: Sequence[str | Path]) -> Iterator[Path]:
-    """Lazily expand CLI-style inputs into file paths, in the order given.
-
-    * a file (existing or not) -> itself; a missing one is still yielded so it becomes an
-      error row instead of disappearing from the output;
-    * a folder -> its image files, recursively, sorted by name at each level;
-    * ``@list.txt`` -> each line (blank lines and ``#`` comments skipped), relative paths
-      resolved against the list file's folder; entries may be files or folders. A missing
-      list file raises ``FileNotFoundError`` (a usage error, not a data error).
-    """
-    seen: set[tuple[int, int]] = set()
-    for raw in inputs:
-        text = str(raw)
-        if text.startswith("@") and len(text) > 1:
-            for entry in _read_list(Path(text[1:]).expanduser()):
-                yield from _expand_one(entry, seen)
-        else:
-            yield from _expand_one(Path(text).expanduser(), seen)
 
 
 # --------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """``python -m core.predict``: classify image files with a checkpoint and write a CSV.
 
-Inputs are files, folders (recursive) and ``@list.txt`` files; they are expanded and
+Inputs are files, folders (recursive), globs and ``@list.txt`` files, expanded by
+:mod:`core.inputs` (the rules the scheduler's submission uses); they are expanded and
 classified as a stream, and each row is written as soon as its batch is done, so any number
 of files runs in flat memory and an interrupted run keeps the rows written so far.
 Columns: ``path,label,confidence,top_k,error`` with ``top_k`` as ``label:prob;label:prob``.
@@ -100,9 +101,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         Predictor,
         configure_cpu_threads,
         cpu_parallelism,
-        expand_inputs,
         select_device,
     )
+    from core.inputs import NestedListError, expand_inputs
 
     err = sys.stderr
     try:
@@ -159,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     ok += 1
                     labels[pred.label] += 1
                 progress.update(1)
-        except FileNotFoundError as exc:  # a missing @list file
+        except (FileNotFoundError, IsADirectoryError, NestedListError) as exc:  # @list file
             print(f"error: {exc}", file=err)
             return 1
         except KeyboardInterrupt:

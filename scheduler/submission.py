@@ -25,7 +25,8 @@ from sqlalchemy.orm import Session
 
 from core.config import ARCHITECTURES  # torch-free: the registry without the models
 from core.formats import IMAGE_SUFFIXES
-from scheduler import globbing, repository
+from core.inputs import FolderTooLargeError, iglob, split_literal, walk_files
+from scheduler import repository
 from scheduler.paths import (
     MAX_PATH_LENGTH,
     InvalidPathError,
@@ -317,12 +318,12 @@ def _is_normal_absolute(text: str) -> bool:
 def _walk_images(folder: Path, roots: Sequence[Path], limits: _Limits) -> Iterator[Path]:
     """Image files below ``folder``, depth first, sorted per directory for a stable order.
 
-    Lazy (:func:`scheduler.globbing.walk_files`): only one directory's image names are held
+    Lazy (:func:`core.inputs.walk_files`): only one directory's image names are held
     at a time, so the job limit stops the walk after limit + 1 files. Symlinked directories
     are not followed (a loop would never end); a file found here that leads outside the
     roots becomes an item of its own (:func:`_found_item`), not a refusal of the job.
     """
-    for path in globbing.walk_files(str(folder), accept=_is_image, **limits.walk_options()):
+    for path in walk_files(str(folder), accept=_is_image, **limits.walk_options()):
         yield _found_item(Path(path), roots)
 
 
@@ -356,7 +357,7 @@ def _confine_item(path: Path, roots: Sequence[Path]) -> Path:
 
 def _glob_base(pattern: str) -> str:
     """The literal directory prefix of a glob pattern (what must be inside the roots)."""
-    return globbing.split_literal(pattern)[0]
+    return split_literal(pattern)[0]
 
 
 class ExpansionTimeoutError(SubmissionError):
@@ -411,7 +412,7 @@ def _expand_one(
     if is_glob:
         # Confine the literal prefix before listing anything, after folding ".." segments
         # (``root/**/../../etc/*`` would otherwise list /etc from a prefix inside the root).
-        # Matches come lazily (scheduler.globbing: no list of every match, no symlinked
+        # Matches come lazily (core.inputs: no list of every match, no symlinked
         # folders in **, no folder outside the roots ever listed); a match leading outside
         # the roots is an item of its own that the worker refuses when it reads it, so the
         # job goes on and no target is revealed.
@@ -421,7 +422,7 @@ def _expand_one(
         def may_enter(link: str) -> bool:
             return is_inside(Path(os.path.realpath(link)), roots)
 
-        matches = globbing.iglob(
+        matches = iglob(
             pattern, accept=_is_image, may_enter=may_enter, **limits.walk_options()
         )
         for match in matches:
@@ -498,7 +499,7 @@ def expand_inputs(
             for path in _expand_raw(raw, roots, limits, confiner):
                 limits.tick()
                 yield str(path)
-    except globbing.FolderTooLargeError as exc:
+    except FolderTooLargeError as exc:
         raise TooManyInputsError(exc.limit) from None
 
 

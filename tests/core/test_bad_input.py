@@ -34,7 +34,8 @@ from core.errors import (
     UnsupportedFormatError,
 )
 from core.imaging import read_image
-from core.inference import Prediction, Predictor, expand_inputs
+from core.inference import Prediction, Predictor
+from core.inputs import expand_inputs
 from tests.badinput import (
     BadInput,
     make_corpus,

@@ -21,7 +21,6 @@ from core.inference import (
     Predictor,
     configure_cpu_threads,
     cpu_parallelism,
-    expand_inputs,
     select_device,
 )
 
@@ -365,63 +364,6 @@ def test_prediction_is_frozen() -> None:
     with pytest.raises(AttributeError):
         p.label = "y"  # type: ignore[misc]
     assert not p.ok
-
-
-# ---- expand_inputs --------------------------------------------------------------------
-
-
-def test_expand_files_folders_and_missing(tmp_path: Path) -> None:
-    root = tmp_path / "data"
-    for rel in [
-        "b/2.png",
-        "b/1.jpg",
-        "a/z.PNG",
-        "a/sub/y.dcm",
-        "top.png",
-        "notes.txt",
-        ".hidden/x.png",
-        "a/._resource.jpg",
-    ]:
-        f = root / rel
-        f.parent.mkdir(parents=True, exist_ok=True)
-        f.write_bytes(b"x")
-    single = tmp_path / "single.txt"  # an explicit file is kept whatever its suffix
-    single.write_text("x")
-    missing = tmp_path / "nope.png"
-    got = list(expand_inputs([str(single), str(root), str(missing)]))
-    assert got == [
-        single,
-        root / "a/sub/y.dcm",
-        root / "a/z.PNG",
-        root / "b/1.jpg",
-        root / "b/2.png",
-        root / "top.png",
-        missing,
-    ]
-
-
-def test_expand_list_file(tmp_path: Path) -> None:
-    lists = tmp_path / "lists"
-    lists.mkdir()
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    (folder / "a.png").write_bytes(b"x")
-    abs_file = tmp_path / "abs.png"
-    list_file = lists / "inputs.txt"
-    list_file.write_text(
-        "# comment\n\nrel.png\n  ../imgs  \n" + f"{abs_file}\r\n" + "   \n#another\n"
-    )
-    got = list(expand_inputs([f"@{list_file}", str(abs_file)]))
-    assert got == [lists / "rel.png", lists / "../imgs/a.png", abs_file, abs_file]
-    with pytest.raises(FileNotFoundError, match="list file"):
-        list(expand_inputs([f"@{tmp_path / 'none.txt'}"]))
-
-
-def test_expand_inputs_is_lazy(tmp_path: Path) -> None:
-    it = expand_inputs([f"@{tmp_path / 'missing-list.txt'}"])
-    # nothing happens until the first item is requested
-    with pytest.raises(FileNotFoundError):
-        next(it)
 
 
 # ---- devices and threads ---------------------------------------------------------------
