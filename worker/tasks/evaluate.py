@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from celery import Task
 
+from core.atomicio import write_text_atomically
 from scheduler import repository
 from scheduler.database import is_retryable
 from scheduler.schema import JobStatus
@@ -94,25 +92,6 @@ def evaluate_job(task: Task, job_id: int) -> str:
         return f"failed: {error_text(exc)}"
 
 
-@contextlib.contextmanager
-def _written_atomically(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path`` (same suffix, for writers that pick the format
-    from it) to write; it replaces ``path`` when the block succeeds and is removed when it
-    fails. A full disk thus leaves no half-written artifact, and the error names the file."""
-    # TODO(issue 16): use core.atomicio.atomic_path once h-core's branch has it.
-    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        reason = exc.strerror or str(exc)
-        raise OSError(exc.errno, f"cannot write {path.name} ({reason})", str(path)) from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _relabel(samples: list[Sample], mode: str, classes: tuple[str, ...]) -> list[Sample]:
     """Map scan_folder's label indices (over ``classes_for(mode)``) onto the checkpoint's."""
     from core.labels import classes_for
@@ -184,8 +163,7 @@ def _record_evaluation(
     out_dir.mkdir(parents=True, exist_ok=True)
     report_dict = report.to_dict()
     report_path = out_dir / "evaluation_report.json"
-    with _written_atomically(report_path) as tmp:
-        tmp.write_text(json.dumps(report_dict, indent=2), encoding="utf-8")
+    write_text_atomically(report_path, json.dumps(report_dict, indent=2))
     plots: dict[str, Path] = {
         "confusion_matrix": plot_confusion_matrix(report, out_dir / "confusion_matrix.png"),
         **write_evaluation_plots(outputs, out_dir),
