@@ -13,7 +13,6 @@ import contextlib
 import hashlib
 import io
 import os
-import tempfile
 from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 import torchvision
 from torch import nn
 
+from core.atomicio import write_bytes_atomically
 from core.calibration import Calibration
 from core.labels import as_label_mode
 from core.models import build_model
@@ -165,33 +165,6 @@ def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise _write_error(path, exc) from exc
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        # Never leave a half-written temporary behind (a full disk stays full otherwise).
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise _write_error(path, exc) from exc
-        raise
-
-
-def _write_error(path: Path, exc: OSError) -> OSError:
-    """The OSError of a failed write naming the file it was for (ENOSPC names none)."""
-    if exc.filename is not None and Path(exc.filename) == path:
-        return exc
-    reason = exc.strerror or str(exc)
-    return OSError(exc.errno, f"cannot write the checkpoint ({reason})", str(path))
-
-
 def move_checkpoint(src: Path | str, dst: Path | str) -> bool:
     """Rename ``src`` (and its sidecar, re-pointed at the new name) to ``dst``, replacing
     what is there; returns False when ``src`` does not exist. Renames need no disk space."""
@@ -210,7 +183,7 @@ def move_checkpoint(src: Path | str, dst: Path | str) -> bool:
         # Best effort: ``sha256sum -c`` should check the new name; on a full disk the moved
         # sidecar (whose digest is what verification reads) stays as it is.
         with contextlib.suppress(OSError):
-            _atomic_write(sidecar_path(dst), f"{digest}  {dst.name}\n".encode())
+            write_bytes_atomically(sidecar_path(dst), f"{digest}  {dst.name}\n".encode())
     return True
 
 
@@ -240,10 +213,10 @@ def save_checkpoint(
     torch.save(payload, buffer)
     data = buffer.getvalue()
     digest = hashlib.sha256(data).hexdigest()
-    _atomic_write(path, data)
+    write_bytes_atomically(path, data, what="the checkpoint")
     # The sidecar is written after the file: a crash in between leaves a stale sidecar, which
     # a verifier reports as a mismatch rather than silently accepting the wrong file.
-    _atomic_write(sidecar_path(path), f"{digest}  {path.name}\n".encode())
+    write_bytes_atomically(sidecar_path(path), f"{digest}  {path.name}\n".encode())
     return digest
 
 

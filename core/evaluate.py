@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from core.atomicio import write_text_atomically
 
 if TYPE_CHECKING:
     from core.dataset import Sample
@@ -146,15 +146,7 @@ def format_summary(report: EvalReport) -> str:
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
     # Atomic so a concurrent reader never sees a truncated report.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomically(path, json.dumps(payload, indent=2) + "\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

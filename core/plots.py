@@ -12,14 +12,13 @@ threads) and written atomically. matplotlib is imported lazily, so importing thi
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from core.atomicio import atomic_path
 from core.calibration import ECE_BINS, reliability_bins
 from core.errors import ImageReadError
 
@@ -82,19 +81,8 @@ def _save_png(fig: Any, path: Path | str) -> Path:
     """Write atomically so a reader (API download, artifact listing) never sees half a PNG."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", bbox_inches="tight")
-        os.replace(tmp, target)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        # ENOSPC and friends name no file; the job's error must say which one failed.
-        reason = exc.strerror or str(exc)
-        raise OSError(exc.errno, f"cannot write {target.name} ({reason})", str(target)) from exc
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(target) as tmp:
+        fig.savefig(tmp, format="png", bbox_inches="tight")
     return target
 
 

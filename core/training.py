@@ -20,9 +20,7 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import random
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields, replace
@@ -38,6 +36,7 @@ from torch.optim import SGD, AdamW, Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR, ReduceLROnPlateau
 from torch.utils.data import DataLoader
 
+from core.atomicio import write_text_atomically
 from core.calibration import Calibration, ece, fit_temperature, nll, softmax
 from core.checkpoint import (
     CheckpointError,
@@ -170,17 +169,6 @@ def _derived_seed(seed: int, stream: str) -> int:
     """Independent, stable seeds for the different generators of one run."""
     digest = hashlib.sha256(f"{seed}:{stream}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def macro_f1(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
@@ -652,7 +640,7 @@ class _Run:
         )
 
     def write_metrics(self) -> None:
-        _atomic_write_text(
+        write_text_atomically(
             self.out_dir / METRICS_JSON,
             json.dumps([m.to_dict() for m in self.history], indent=2) + "\n",
         )
@@ -900,7 +888,7 @@ class _Run:
             roots=self.config.data_roots,
         )
         report = outputs.report
-        _atomic_write_text(
+        write_text_atomically(
             self.out_dir / TEST_REPORT_JSON, json.dumps(report.to_dict(), indent=2) + "\n"
         )
         plot_confusion_matrix(report, self.out_dir / CONFUSION_PNG)

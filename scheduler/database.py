@@ -286,13 +286,18 @@ def run_in_transaction(
     session_factory: sessionmaker[Session],
     fn: Callable[[Session], T],
     *,
-    attempts: int = 6,
+    attempts: int | None = 6,
     base_delay: float = 0.5,
     max_delay: float = 15.0,
+    give_up_after: float | None = None,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> T:
     """Run ``fn(session)`` in its own committed transaction, retrying lost connections.
 
-    Example (worker)::
+    The retry bounds are :func:`retrying`'s: ``attempts`` and/or ``give_up_after`` seconds
+    (the worker's ``worker.sessions.with_session`` passes its ``db_outage_limit`` there).
+
+    Example::
 
         added = run_in_transaction(sf, lambda s: repository.record_predictions(s, job_id, recs))
 
@@ -303,4 +308,11 @@ def run_in_transaction(
         with session_factory() as session, session.begin():
             return fn(session)
 
-    return retrying(once, attempts=attempts, base_delay=base_delay, max_delay=max_delay)
+    return retrying(
+        once,
+        attempts=attempts,
+        base_delay=base_delay,
+        max_delay=max_delay,
+        give_up_after=give_up_after,
+        sleep=sleep,
+    )

@@ -34,9 +34,13 @@ import os
 import socket
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from scheduler.dispatch import CPU_QUEUE, GPU_QUEUE
+
+if TYPE_CHECKING:
+    from scheduler.settings import Settings
+    from worker.recovery import RecoveryConfig
 
 POOLS = ("solo", "threads", "prefork")
 #: Marks the re-exec'd child so a failed tuning never loops.
@@ -118,7 +122,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _recovery_config(args: argparse.Namespace) -> Any:
+def _recovery_config(args: argparse.Namespace) -> RecoveryConfig:
     from worker.recovery import RecoveryConfig
 
     return RecoveryConfig(
@@ -211,10 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _beat_schedule_file(settings: Any) -> str:
-    from pathlib import Path
-
-    folder = Path(settings.data_dir).expanduser().resolve() / "beat"
+def _beat_schedule_file(settings: Settings) -> str:
+    folder = settings.data_dir / "beat"
     folder.mkdir(parents=True, exist_ok=True)
     return str(folder / "schedule")
 

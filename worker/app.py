@@ -2,8 +2,9 @@
 
 ``celery -A worker.app worker|flower|inspect ...`` needs a module-level ``app``; it is built on
 first attribute access (PEP 562 ``__getattr__``) from ``load_settings()``, so importing this
-module reads no environment. Tasks get their settings from ``app.conf.mriq_settings``, never
-from the environment, which lets tests and ``python -m worker`` pass explicit settings.
+module reads no environment. Tasks get their settings from ``worker.appsettings.settings_of``
+(``app.conf.mriq_settings``), never from the environment, which lets tests and
+``python -m worker`` pass explicit settings.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from celery import Celery
 
 from scheduler.dispatch import make_celery
+from worker.appsettings import attach_settings
 
 if TYPE_CHECKING:
     from scheduler.settings import Settings
@@ -28,7 +30,7 @@ _app: Celery | None = None
 def create_celery_app(settings: Settings) -> Celery:
     """A worker-side app: routes/acks identical to the producer's, tasks registered."""
     app = make_celery(settings, main="mriq")
-    app.conf.mriq_settings = settings
+    attach_settings(app, settings)
     # A prefork child imports torch and the inference stack in worker_process_init (see
     # worker/runtime.py); on a busy host that takes longer than Celery's default 4 s, after
     # which the parent kills the child and forks another one, forever.
@@ -47,14 +49,6 @@ def create_celery_app(settings: Settings) -> Celery:
     tasks.register(app)
     runtime.install_bootsteps(app)
     return app
-
-
-def settings_of(app: Celery) -> Settings:
-    """The settings a worker app was built with."""
-    settings = getattr(app.conf, "mriq_settings", None)
-    if settings is None:
-        raise RuntimeError("Celery app has no mriq_settings; build it with create_celery_app()")
-    return settings  # type: ignore[no-any-return]
 
 
 def __getattr__(name: str) -> Any:

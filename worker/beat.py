@@ -1,7 +1,7 @@
 """Celery beat schedule: periodic retraining from ``settings.retrain_cron`` (off by default).
 
 Beat only *sends* ``mriq.retrain`` (to the cpu queue); the task itself decides whether to
-submit a training job (see ``worker.tasks.retrain``). Run it embedded with
+submit a training job (see ``worker.tasks.periodic.retrain``). Run it embedded with
 ``python -m worker --beat`` or separately with ``celery -A worker.app beat``; exactly one
 beat per deployment, or the retraining is triggered once per beat.
 """
@@ -47,13 +47,13 @@ def parse_cron(expr: str) -> crontab:
 
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     """The beat schedule for ``settings``: empty when ``retrain_cron`` is unset."""
-    expr = getattr(settings, "retrain_cron", None)
-    if expr is None or not str(expr).strip():
+    expr = settings.retrain_cron
+    if expr is None or not expr.strip():
         return {}
     return {
         RETRAIN_ENTRY: {
             "task": RETRAIN_TASK,
-            "schedule": parse_cron(str(expr)),
+            "schedule": parse_cron(expr),
             "options": {"queue": CPU_QUEUE},
         }
     }

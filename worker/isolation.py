@@ -58,7 +58,8 @@ from typing import IO, TYPE_CHECKING, Any
 
 from scheduler import repository
 from scheduler.pathtext import storable_text
-from worker import runtime
+from worker import sessions
+from worker.appsettings import job_dir
 
 if TYPE_CHECKING:
     from core.inference import Prediction, Predictor
@@ -97,7 +98,7 @@ def crash_report(settings: Settings) -> Path | None:
     global _report_pid, _report_path, _report_file
     if _report_pid == os.getpid():
         return _report_path
-    folder = Path(settings.data_dir).expanduser().resolve() / CRASH_REPORTS_DIR
+    folder = settings.data_dir / CRASH_REPORTS_DIR
     # host + pid + start time: a restarted container often reuses the pid of the last one.
     path = folder / f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}.txt"
     try:
@@ -147,8 +148,7 @@ def _owner(report: Path | None) -> dict[str, Any]:
 
 
 def chunk_state_path(settings: Settings, job_id: int, chunk_index: int) -> Path:
-    root = Path(settings.data_dir).expanduser().resolve()
-    return root / "jobs" / str(job_id) / CHUNKS_DIR / f"{chunk_index}.json"
+    return job_dir(settings, job_id) / CHUNKS_DIR / f"{chunk_index}.json"
 
 
 class ChunkGuard:
@@ -307,7 +307,7 @@ class ChunkGuard:
                 top_k=(),
                 error=reason,
             )
-            runtime.with_session(
+            sessions.with_session(
                 self.settings, lambda s: repository.record_predictions(s, self.job_id, [record])
             )
             log.warning(

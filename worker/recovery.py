@@ -32,8 +32,8 @@ Mechanism (all tasks are idempotent, so sending one twice is always safe, never 
   so several workers sweeping at once send each chunk once per stale period. A re-sent
   chunk is claimed again (``attempts += 1``; only items without a prediction are redone);
   a chunk that keeps killing its worker is failed by the attempts cap in
-  ``worker.tasks.classify_chunk``. A training re-sent while the first run is in fact alive
-  is skipped by the per-job lock in ``worker.tasks.train_job``; a re-run of a killed one
+  ``worker.tasks.classify.classify_chunk``. A training re-sent while the first run is in fact alive
+  is skipped by the per-job lock in ``worker.tasks.train.train_job``; a re-run of a killed one
   resumes from ``last.pt``.
 
 * **Identity** (what makes recovery take seconds, not the staleness window). A claimed
@@ -78,6 +78,8 @@ from scheduler import repository
 from scheduler.database import is_retryable
 from scheduler.dispatch import GPU_QUEUE, Dispatcher
 from scheduler.schema import ChunkStatus, JobKind, JobStatus, utcnow
+from worker import sessions
+from worker.appsettings import job_dir
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -159,7 +161,7 @@ def heartbeat(beat: Callable[[], object], interval_s: float, name: str) -> Itera
 
 
 def job_heartbeat_path(settings: Settings, job_id: int) -> Path:
-    return Path(settings.data_dir).expanduser().resolve() / "jobs" / str(job_id) / HEARTBEAT_FILE
+    return job_dir(settings, job_id) / HEARTBEAT_FILE
 
 
 def touch_job_heartbeat(settings: Settings, job_id: int) -> None:
@@ -171,11 +173,10 @@ def touch_job_heartbeat(settings: Settings, job_id: int) -> None:
 
 
 def chunk_heartbeat(settings: Settings, job_id: int, chunk_index: int) -> Callable[[], object]:
-    from worker import runtime
 
     def beat() -> bool:
         # One attempt: a failed beat is simply retried at the next interval.
-        return runtime.with_session(
+        return sessions.with_session(
             settings, lambda s: repository.touch_chunk(s, job_id, chunk_index), attempts=1
         )
 
@@ -197,7 +198,6 @@ class SweepResult:
 
 
 def _open_jobs(settings: Settings) -> list[tuple[int, JobKind, JobStatus, float]]:
-    from worker import runtime
 
     def fn(session: Session) -> list[tuple[int, JobKind, JobStatus, float]]:
         return [
@@ -212,7 +212,7 @@ def _open_jobs(settings: Settings) -> list[tuple[int, JobKind, JobStatus, float]
             for job in repository.list_open_jobs(session)
         ]
 
-    return runtime.with_session(settings, fn, attempts=1)
+    return sessions.with_session(settings, fn, attempts=1)
 
 
 @dataclass(frozen=True)
@@ -242,13 +242,12 @@ def _take_dead_chunks(
     live: set[str] | None,
 ) -> list[tuple[int, int, str]]:
     """Re-send running chunks whose holder is known to be dead (module docstring)."""
-    from worker import runtime
 
     if identity is None:
         return []
     dead_before = utcnow() - timedelta(seconds=config.dead_after_s)
     taken: list[tuple[int, int, str]] = []
-    running = runtime.with_session(settings, repository.running_chunks, attempts=1)
+    running = sessions.with_session(settings, repository.running_chunks, attempts=1)
     for job_id, index, holder, stamp in running:
         if holder is None:
             continue
@@ -276,7 +275,7 @@ def _take_dead_chunks(
                 dispatcher.classify_chunks(job_id, [index])
             return won
 
-        if runtime.with_session(settings, take, attempts=1):
+        if sessions.with_session(settings, take, attempts=1):
             taken.append((job_id, index, why))
     return taken
 
@@ -295,7 +294,6 @@ def sweep(
     after a database outage their stamps are stale because nobody could write them); chunks
     whose holder is known dead by ping or incarnation are still re-sent.
     """
-    from worker import runtime
 
     now = time.time()
     before = utcnow() - timedelta(seconds=config.stale_after_s)
@@ -339,7 +337,7 @@ def sweep(
                     dispatcher.classify_chunks(job_id, sorted(indices))
                 return sorted(indices)
 
-            taken = runtime.with_session(settings, take, attempts=1)
+            taken = sessions.with_session(settings, take, attempts=1)
             stale.extend((job_id, i) for i in taken)
             continue
         # train / evaluate: the heartbeat file is the stamp (started_at before the first beat).
@@ -374,7 +372,7 @@ class Sweeper:
 
     A chunk's stamp lives in the database, so a database outage longer than
     ``stale_after_s`` makes every running chunk look dead though its task is alive and
-    waiting for the database (``worker.runtime.with_session``). After a sweep failed on a
+    waiting for the database (``worker.sessions.with_session``). After a sweep failed on a
     database error, running chunks are therefore left alone until a sweep has succeeded
     again and ``stale_after_s`` more have passed: their tasks' heartbeats come back by
     then, and a chunk whose worker really died is re-sent one period later. Re-sending the

@@ -1,4 +1,4 @@
-"""Per-process worker state: database sessions, the model cache, CPU threads, the janitor
+"""Per-process worker state: the model cache, CPU threads, the janitor
 and the recovery sweep (``worker/recovery.py``).
 
 Everything here is created lazily *per process id*: a prefork child must never reuse the
@@ -23,24 +23,21 @@ import contextlib
 import logging
 import os
 import threading
-import time
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from celery import Celery, bootsteps
 from celery.signals import worker_process_init
 
-if TYPE_CHECKING:
-    from sqlalchemy.orm import Session, sessionmaker
+from worker.appsettings import settings_of
 
+if TYPE_CHECKING:
     from core.checkpoint import LoadedCheckpoint
     from scheduler.settings import Settings
+    from worker.recovery import Sweeper
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 #: Environment ``python -m worker`` sets before re-exec'ing (see the module docstring).
 ALLOCATOR_ENV: dict[str, str] = {
@@ -49,12 +46,6 @@ ALLOCATOR_ENV: dict[str, str] = {
     # Keep up to 1 GiB of freed heap instead of trimming it back to the kernel per batch.
     "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
 }
-
-#: DB transactions are retried on connection errors with exponential backoff capped at
-#: DB_RETRY_MAX_DELAY_S, for ``settings.db_outage_limit`` seconds (a restart takes seconds,
-#: a failover or maintenance minutes). Best-effort callers pass a small ``attempts`` instead.
-DB_RETRY_BASE_DELAY_S = 0.5
-DB_RETRY_MAX_DELAY_S = 15.0
 
 #: Checkpoints kept loaded per process; two lets a classify job on the new production model
 #: overlap with stragglers on the previous one without reloading on every chunk.
@@ -74,10 +65,10 @@ _concurrency = 1
 
 
 def available_cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+    """The CPUs this process may use, as core counts them (affinity/cpuset aware)."""
+    from core.inference import cpu_parallelism
+
+    return cpu_parallelism(streams=1).threads
 
 
 def threads_per_task(concurrency: int) -> int:
@@ -166,85 +157,7 @@ def _reset_after_fork() -> None:
     _threads_pid = None
     with _models_lock:
         _models.clear()
-    # Engines are keyed by pid (see session_factory) so the parent's pool is simply not used;
-    # it is not disposed here because closing inherited sockets would close the parent's too.
-
-
-# --------------------------------------------------------------------------------------
-# Database sessions
-# --------------------------------------------------------------------------------------
-
-_db_lock = threading.Lock()
-_factories: dict[tuple[int, str], sessionmaker[Session]] = {}
-
-
-def database_url(settings: Settings) -> str:
-    """``settings.database_url``, or the SQLite default under data_dir when unset."""
-    resolved = getattr(settings, "resolved_database_url", None)
-    if resolved:
-        return str(resolved)
-    if settings.database_url:
-        return str(settings.database_url)
-    from pathlib import Path
-
-    return f"sqlite:///{Path(settings.data_dir).expanduser().resolve() / 'mriq.db'}"
-
-
-def session_factory(settings: Settings) -> sessionmaker[Session]:
-    """This process's session factory for ``settings.database_url`` (created on first use)."""
-    url = database_url(settings)
-    key = (os.getpid(), url)
-    factory = _factories.get(key)
-    if factory is not None:
-        return factory
-    with _db_lock:
-        factory = _factories.get(key)
-        if factory is None:
-            from scheduler.database import make_engine, make_session_factory
-
-            factory = make_session_factory(make_engine(url))
-            _factories[key] = factory
-    return factory
-
-
-def with_session(
-    settings: Settings,
-    fn: Callable[[Session], T],
-    *,
-    attempts: int | None = None,
-    sleep: Callable[[float], None] = time.sleep,
-) -> T:
-    """Run ``fn`` in one transaction, re-running it on connection errors with backoff.
-
-    A database outage mid-job must not fail the job, so the whole transaction is retried
-    (``scheduler.database.retrying``: lost/refused connections, locked SQLite) for up to
-    ``settings.db_outage_limit`` seconds, the task waiting meanwhile; with ``attempts`` (a
-    heartbeat, a best-effort note) only that many times. ``fn`` must be safe to run again:
-    repository writes are idempotent by contract, and a commit whose acknowledgement was lost
-    may have happened. Return plain values (ids, tuples) where you can; ORM objects come back
-    detached.
-    """
-    from scheduler.database import retrying
-
-    factory = session_factory(settings)
-
-    def once() -> T:
-        with factory.begin() as session:
-            return fn(session)
-
-    return retrying(
-        once,
-        attempts=attempts,
-        give_up_after=None if attempts is not None else outage_limit(settings),
-        base_delay=DB_RETRY_BASE_DELAY_S,
-        max_delay=DB_RETRY_MAX_DELAY_S,
-        sleep=sleep,
-    )
-
-
-def outage_limit(settings: Settings) -> float:
-    """``settings.db_outage_limit`` (seconds), tolerating settings objects without it."""
-    return float(getattr(settings, "db_outage_limit", 600.0))
+    # Session factories are keyed by pid (worker/sessions.py): nothing to reset for them.
 
 
 # --------------------------------------------------------------------------------------
@@ -322,7 +235,7 @@ class _RuntimeStep(bootsteps.StartStopStep):
         _concurrency = max(1, int(getattr(worker, "concurrency", 1) or 1))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._sweeper: Any = None
+        self._sweeper: Sweeper | None = None
         from scheduler.schema import utcnow
 
         # Before the consumer takes any task: chunks stamped under our node name before
@@ -337,7 +250,7 @@ class _RuntimeStep(bootsteps.StartStopStep):
             configure_threads(_concurrency)
         from scheduler.dispatch import uses_filesystem_broker
 
-        settings = worker.app.conf.mriq_settings
+        settings = settings_of(worker.app)
         # Recovery of work whose worker died (heartbeats go stale): one sweep now, at
         # start-up, then periodically; see worker/recovery.py.
         from worker.recovery import Identity, Sweeper, recovery_of

@@ -52,7 +52,7 @@ def test_round_trip(tmp_path: Path, model: torch.nn.Module) -> None:
     digest = save_checkpoint(path, model=model, meta=_meta(), training_state=state)
     assert digest == file_sha256(path)
     assert (tmp_path / "sub" / "model.pt.sha256").read_text() == f"{digest}  model.pt\n"
-    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temporary left
 
     rng_before = torch.get_rng_state()
     loaded = load_checkpoint(path, expected_sha256=digest)

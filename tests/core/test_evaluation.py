@@ -264,7 +264,7 @@ def test_plot_confusion_matrix_writes_png(tmp_path: Path) -> None:
     r = compute_report([0, 1, 2, 2], one_hot_scores([0, 2, 2, 1], 3), CLS3)
     out = plot_confusion_matrix(r, tmp_path / "sub" / "cm.png")
     assert out.exists() and _is_png(out)
-    assert not [p for p in out.parent.iterdir() if p.name.endswith(".tmp")]
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary left
 
 
 @dataclass(frozen=True)

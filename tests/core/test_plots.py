@@ -43,7 +43,8 @@ def test_every_plot_is_written_as_png(tmp_path: Path) -> None:
     for kind, path in written.items():
         assert path == tmp_path / "plots" / PLOT_FILES[kind]
         assert _is_png(path), kind
-    assert not [p for p in (tmp_path / "plots").iterdir() if p.name.endswith(".tmp")]
+    # no temporary left
+    assert not [p for p in (tmp_path / "plots").iterdir() if p.name.startswith(".")]
 
 
 def test_plots_of_an_empty_evaluation(tmp_path: Path) -> None:

@@ -152,3 +152,29 @@ def test_stale_sweep_spares_chunks_of_live_workers(setup) -> None:  # type: igno
 def test_recovery_config_rejects_a_dead_window_under_two_heartbeats() -> None:
     with pytest.raises(ValueError, match="dead_after_s"):
         recovery.RecoveryConfig(heartbeat_s=10, dead_after_s=15)
+
+
+def test_sweep_resends_a_stale_unowned_chunk_exactly_once(setup) -> None:  # type: ignore[no-untyped-def]
+    """sweep() itself: a running chunk that names no holder and went unstamped past
+    stale_after_s is re-sent once; its fresh neighbours stay, and a second sweep (the
+    message now queued, the chunk pending and freshly stamped) sends nothing more."""
+    settings, factory, dispatcher = setup
+    job_id = _job(factory, 3)
+    with factory.begin() as session:
+        repository.claim_chunk(session, job_id, 0)  # an older worker: no name recorded
+        session.execute(
+            update(JobChunk)
+            .where(JobChunk.job_id == job_id, JobChunk.chunk_index == 0)
+            .values(updated_at=utcnow() - timedelta(seconds=400))
+        )
+    _hold(factory, job_id, 1, OTHER, age_s=0)
+    result = recovery.sweep(settings, CONFIG, dispatcher)
+    assert result.chunks == ((job_id, 0),) and result.jobs == ()
+    assert _statuses(factory, job_id) == [
+        ChunkStatus.PENDING,
+        ChunkStatus.RUNNING,
+        ChunkStatus.PENDING,
+    ]
+    assert dispatcher.queue_size(GPU_QUEUE) == 1
+    assert not recovery.sweep(settings, CONFIG, dispatcher)
+    assert dispatcher.queue_size(GPU_QUEUE) == 1

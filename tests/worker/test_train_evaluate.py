@@ -18,7 +18,7 @@ from scheduler.schema import JobKind, JobStatus
 from scheduler.settings import Settings
 from tests.worker.conftest import TinyModel, make_settings, migrated_factory
 from worker.app import create_celery_app
-from worker.tasks import job_dir
+from worker.appsettings import job_dir
 
 FOLDERS = ("Astrocitoma T1", "Carcinoma T1", "Ependimoma T1")
 
