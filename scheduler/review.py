@@ -32,7 +32,12 @@ from sqlalchemy.orm import Session
 from core.calibration import entropy
 from core.labels import classes_for
 from scheduler.repository import NotFoundError
-from scheduler.review_export import ExportSummary, export_dataset, export_folder_name
+from scheduler.review_export import (
+    ExportSummary,
+    ReviewedItem,
+    export_dataset,
+    export_folder_name,
+)
 from scheduler.schema import (
     REVIEW_BELOW_DEFAULT,
     Artifact,
@@ -134,18 +139,6 @@ class ReviewItem:
         return encode_cursor(self.entropy, self.item_id)
 
 
-@dataclass(frozen=True)
-class ReviewedItem:
-    """The current decision on an item: the label a retrained model learns for its file."""
-
-    review_id: int
-    item_id: int
-    job_id: int
-    path: str
-    label: str
-    decision: ReviewStatus
-    reviewer: str
-    decided_at: datetime
 
 
 # --------------------------------------------------------------------------- rules

@@ -21,15 +21,13 @@ import shutil
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from core.formats import IMAGE_SUFFIXES
 from core.labels import CLASSES_15, CLASSES_44, parse_folder_name
 from scheduler.paths import InvalidPathError, confine
-
-if TYPE_CHECKING:
-    from scheduler.review import ReviewedItem
+from scheduler.schema import ReviewStatus
 
 __all__ = [
     "EXPORT_MARKER",
@@ -62,6 +60,20 @@ class ExportSummary:
     per_label: tuple[tuple[str, int], ...]
     #: Image files linked in from ``base``.
     base_files: int = 0
+
+
+@dataclass(frozen=True)
+class ReviewedItem:
+    """The current decision on an item: the label a retrained model learns for its file."""
+
+    review_id: int
+    item_id: int
+    job_id: int
+    path: str
+    label: str
+    decision: ReviewStatus
+    reviewer: str
+    decided_at: datetime
 
 
 def export_folder_name(label: str, source: str | Path) -> str | None:

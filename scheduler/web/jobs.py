@@ -16,10 +16,10 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, StreamingResponse
 from sqlalchemy.orm import Session
 
+import scheduler.web.queries as queries
 from scheduler import export, repository, submission
 from scheduler.api_models import MAX_ID
 from scheduler.schema import ChunkStatus, Job, JobKind, JobStatus, PredictionRow
-from scheduler.web import queries
 from scheduler.web.context import BadFormError, WebContext, page_route_class
 from scheduler.web.queries import PredictionCursor, PredictionFilter, PredictionSort
 from scheduler.web.thumbnails import THUMB_SIDES, Rendering, artifact_file, thumbnail
