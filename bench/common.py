@@ -524,6 +524,6 @@ def apply_smoke(args: argparse.Namespace) -> None:
 
 
 def resolve_device(spec: str) -> str:
-    from core.inference import select_device
+    from core.devices import select_device
 
     return str(select_device(spec))

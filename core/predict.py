@@ -96,13 +96,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tqdm import tqdm
 
     from core.checkpoint import CheckpointError, load_checkpoint
-    from core.inference import (
+    from core.devices import (
         DeviceUnavailableError,
-        Predictor,
         configure_cpu_threads,
         cpu_parallelism,
         select_device,
     )
+    from core.inference import Predictor
     from core.inputs import NestedListError, expand_inputs
 
     err = sys.stderr
