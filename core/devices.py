@@ -4,16 +4,16 @@ between torch's thread pool and concurrent forward streams."""
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 
 import torch
+
+from core.cpus import available_cpus
 
 __all__ = [
     "MAX_FORWARD_STREAMS",
     "CpuParallelism",
     "DeviceUnavailableError",
-    "available_cpus",
     "configure_cpu_threads",
     "cpu_parallelism",
     "select_device",
@@ -55,15 +55,6 @@ def select_device(spec: str | torch.device = "auto") -> torch.device:
             "CUDA device(s) are visible"
         )
     return device
-
-
-def available_cpus() -> int:
-    """The CPUs this process may use: the one CPU count of mriq (workers size pools by it)."""
-    # sched_getaffinity honours taskset/cgroup cpusets (containers); cpu_count does not.
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
 
 
 def configure_cpu_threads(n: int | None = None) -> int:
