@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         "inputs",
         nargs="+",
         metavar="INPUT",
-        help="image file, folder (searched recursively) or @list.txt (one path per line)",
+        help="image file, folder (searched recursively), glob or @list.txt (one path per line)",
     )
     parser.add_argument(
         "--out", type=Path, default=None, help="CSV file to write (default: stdout)"
