@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.cpus import available_cpus
+
 REPO = Path(__file__).resolve().parents[1]
 
 #: The allocator setting mriq's worker runs with (same values as
@@ -89,13 +91,6 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     if extra:
         env.update(extra)
     return env
-
-
-def available_cpus() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
 
 
 def machine_description(device: str | None) -> dict[str, Any]:
@@ -524,6 +519,6 @@ def apply_smoke(args: argparse.Namespace) -> None:
 
 
 def resolve_device(spec: str) -> str:
-    from core.inference import select_device
+    from core.devices import select_device
 
     return str(select_device(spec))

@@ -332,7 +332,7 @@ def stream_choices(device: torch.device) -> list[int]:
     mriq's worker picks; whichever is fastest is the ceiling, whatever the worker uses."""
     import torch
 
-    from core.inference import cpu_parallelism
+    from core.devices import cpu_parallelism
 
     if device.type != "cpu":
         return [1]
@@ -351,7 +351,7 @@ def model_only_sweep(
     compile_too: bool,
 ) -> Best:
     """Ceiling and default-settings rows; returns the best batch size and stream count."""
-    from core.inference import prepare_inference_model
+    from core.model_preparation import prepare_inference_model
 
     # The same preparation the Predictor applies (BatchNorm folded, channels_last): the
     # best settings found are the ceiling, and mriq is measured against them.
@@ -408,7 +408,7 @@ def recheck_ceiling(
     A shared machine's speed drifts by 10-20 % over minutes. Every ratio divides by the
     ceiling, so taking the faster measurement makes the drift count against mriq, never for.
     """
-    from core.inference import prepare_inference_model
+    from core.model_preparation import prepare_inference_model
 
     first = report.row(CEILING)
     if first is None:
@@ -437,7 +437,7 @@ def _compiled_row(
 ) -> None:
     import torch
 
-    from core.inference import prepare_inference_model
+    from core.model_preparation import prepare_inference_model
 
     try:
         model = prepare_inference_model(net, device)
@@ -461,7 +461,7 @@ def _child_setup(spec_path: Path) -> tuple[dict[str, Any], torch.device, LoadedC
     import torch
 
     from core.checkpoint import load_checkpoint
-    from core.inference import configure_cpu_threads
+    from core.devices import configure_cpu_threads
 
     spec: dict[str, Any] = json.loads(spec_path.read_text())
     configure_cpu_threads(spec.get("threads"))
@@ -471,7 +471,7 @@ def _child_setup(spec_path: Path) -> tuple[dict[str, Any], torch.device, LoadedC
 
 def child_model_only(spec_path: Path) -> int:
     """Child mode: time the ceiling configuration under this process's allocator."""
-    from core.inference import prepare_inference_model
+    from core.model_preparation import prepare_inference_model
 
     spec, device, loaded = _child_setup(spec_path)
     pool = predecode([Path(p) for p in spec["paths"]], loaded.meta.preset)
@@ -732,7 +732,8 @@ def run_predictor(
 ) -> Measurement:
     import torch
 
-    from core.inference import CpuParallelism, Predictor, cpu_parallelism
+    from core.devices import CpuParallelism, cpu_parallelism
+    from core.inference import Predictor
 
     # The worker's configuration: on CPU the cores split into forward streams
     # (worker.runtime.inference_streams); the Predictor prepares its own model copy
@@ -975,7 +976,7 @@ def run(args: argparse.Namespace) -> Report:
     import torch
 
     from core.checkpoint import load_checkpoint
-    from core.inference import configure_cpu_threads
+    from core.devices import configure_cpu_threads
 
     device_name = resolve_device(args.device)
     device = torch.device(device_name)

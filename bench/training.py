@@ -271,7 +271,7 @@ def warm_up(cfg: TrainConfig) -> None:
 
 
 def run(args: argparse.Namespace) -> Report:
-    from core.inference import configure_cpu_threads
+    from core.devices import configure_cpu_threads
     from core.synth import synthesize
 
     device = resolve_device(args.device)

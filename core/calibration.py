@@ -166,7 +166,7 @@ def fit_temperature(
             loss.backward()  # type: ignore[no-untyped-call]
             return loss
 
-        optimizer.step(closure)
+        optimizer.step(closure)  # type: ignore[no-untyped-call]
         with torch.no_grad():
             t = float(log_t.exp().clamp(T_MIN, T_MAX))
             fitted = float(F.cross_entropy(z / t, y))

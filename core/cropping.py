@@ -222,7 +222,7 @@ def _halve_passes(src: np.ndarray, order: int) -> np.ndarray:
     if order == 1:
         part = np.add(src[:, 0::2], src[:, 1::2])
         part *= _HALF
-        out = np.add(part[0::2], part[1::2])
+        out: np.ndarray = np.add(part[0::2], part[1::2])
     else:
         part = np.add(src[0::2], src[1::2])
         part *= _HALF
@@ -235,7 +235,7 @@ def _halve_passes(src: np.ndarray, order: int) -> np.ndarray:
 def _gaussian_kernel() -> np.ndarray:
     # sigma 1.1 is what OpenCV derives for a 5x5 kernel with sigma=0, as in the recipe.
     x = np.arange(-2, 3, dtype=np.float32)
-    k = np.exp(-(x**2) / (2 * 1.1**2))
+    k: np.ndarray = np.exp(-(x**2) / (2 * 1.1**2))
     k /= k.sum()
     return k
 
@@ -285,7 +285,7 @@ def _gaussian5(img: np.ndarray) -> np.ndarray:
     v0 = np.multiply(rows, k0)
     v1 = np.multiply(rows, k1)
     v2 = np.multiply(rows, k2)
-    out = np.add(v0[0:h], v1[1 : h + 1])
+    out: np.ndarray = np.add(v0[0:h], v1[1 : h + 1])
     out += v2[2 : h + 2]
     out += v1[3 : h + 3]
     out += v0[4 : h + 4]

@@ -162,8 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from core.checkpoint import CheckpointError, load_checkpoint
     from core.dataset import scan_folder
+    from core.devices import DeviceUnavailableError, select_device
     from core.evaluation import evaluate_checkpoint_outputs
-    from core.inference import DeviceUnavailableError, select_device
     from core.labels import UnknownFolderError
     from core.plots import plot_confusion_matrix, write_evaluation_plots
 

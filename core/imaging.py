@@ -409,7 +409,7 @@ def _read_dicom(
     if arr.ndim != 2:
         raise CorruptImageError(p, f"unexpected DICOM pixel layout {arr.shape}")
 
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
 
     values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
     center = _first_float(ds.get("WindowCenter"))

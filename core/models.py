@@ -90,7 +90,7 @@ def _spec(arch: str) -> _ArchSpec:
 
 
 def _imagenet_weights(arch: str) -> WeightsEnum:
-    weights: WeightsEnum = _spec(arch).weights.DEFAULT  # type: ignore[attr-defined]
+    weights: WeightsEnum = _spec(arch).weights.DEFAULT
     return weights
 
 

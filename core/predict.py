@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         "inputs",
         nargs="+",
         metavar="INPUT",
-        help="image file, folder (searched recursively) or @list.txt (one path per line)",
+        help="image file, folder (searched recursively), glob or @list.txt (one path per line)",
     )
     parser.add_argument(
         "--out", type=Path, default=None, help="CSV file to write (default: stdout)"
@@ -96,13 +96,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tqdm import tqdm
 
     from core.checkpoint import CheckpointError, load_checkpoint
-    from core.inference import (
+    from core.devices import (
         DeviceUnavailableError,
-        Predictor,
         configure_cpu_threads,
         cpu_parallelism,
         select_device,
     )
+    from core.inference import Predictor
     from core.inputs import NestedListError, expand_inputs
 
     err = sys.stderr

@@ -195,7 +195,8 @@ class _Canvas:
             p1, p2 = self.rng.uniform(0, 2 * math.pi, size=2)
             k = int(self.rng.integers(3, 6))
             d = d * (1.0 + wobble * (0.6 * np.sin(k * a + p1) + 0.4 * np.sin((k + 2) * a + p2)))
-        return np.clip(0.5 + (1.0 - d) / (2.0 * soft), 0.0, 1.0).astype(np.float32)
+        mask: np.ndarray = np.clip(0.5 + (1.0 - d) / (2.0 * soft), 0.0, 1.0).astype(np.float32)
+        return mask
 
     def lesion_value(self, enhancement: float) -> float:
         """Solid tumour tissue; on T1C+ it brightens in proportion to its enhancement."""

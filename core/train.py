@@ -155,8 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Heavy imports after argument parsing so --help and usage errors are instant.
     from tqdm import tqdm
 
+    from core.devices import DeviceUnavailableError
     from core.errors import ImageReadError
-    from core.inference import DeviceUnavailableError
     from core.models import WeightsUnavailableError
     from core.training import EpochMetrics, train
 

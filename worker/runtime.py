@@ -115,13 +115,13 @@ def inference_streams(device: str, requested: int | None = None) -> int:
     """Forward streams for a bulk-classification task on ``device``; sets the threads.
 
     On CPU, ``requested`` (the ``inference_streams`` setting) or else the split
-    ``core.inference.cpu_parallelism`` picks for the task's cores (one stream per 4 cores);
+    ``core.devices.cpu_parallelism`` picks for the task's cores (one stream per 4 cores);
     never more streams than the task has cores. A GPU runs one stream.
     """
     if device.split(":")[0] != "cpu":
         configure_threads()
         return 1
-    from core.inference import cpu_parallelism
+    from core.devices import cpu_parallelism
 
     cores = threads_per_task(_concurrency)
     split = cpu_parallelism(cores, streams=None if requested is None else min(requested, cores))
@@ -182,7 +182,7 @@ def load_model(path: str, sha256: str, *, device: str = "cpu") -> CachedModel:
     Keyed by sha256 (not path): a checkpoint overwritten in place is a different model and
     fails verification instead of silently serving stale weights.
     """
-    from core.inference import select_device
+    from core.devices import select_device
 
     # "auto" -> the concrete device, so the cache key and load_checkpoint agree.
     device = str(select_device(device))

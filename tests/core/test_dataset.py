@@ -10,7 +10,6 @@ import torch
 from PIL import Image
 
 from core.dataset import (
-    NEAR_DUPLICATE_DISTANCE,
     ImageDataset,
     MissingSequenceError,
     Sample,
@@ -18,16 +17,19 @@ from core.dataset import (
     class_counts,
     class_weights,
     format_class_table,
-    group_near_duplicates,
-    hamming_distance,
     load_splits,
     make_weighted_sampler,
-    perceptual_hash,
     scan_folder,
     split_samples,
 )
 from core.errors import ImageReadError
 from core.labels import CLASSES_15, CLASSES_44, UnknownFolderError
+from core.near_duplicates import (
+    NEAR_DUPLICATE_DISTANCE,
+    group_near_duplicates,
+    hamming_distance,
+    perceptual_hash,
+)
 from tests.factories import (
     make_dataset,
     make_flat_dataset,

@@ -15,14 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from core.inference import (
+from core.devices import (
     DeviceUnavailableError,
-    Prediction,
-    Predictor,
     configure_cpu_threads,
     cpu_parallelism,
     select_device,
 )
+from core.inference import Prediction, Predictor
 
 IMAGE_SIZE = 32  # tiny inputs keep a resnet18 forward pass at a few ms on 2 cores
 
@@ -451,7 +450,7 @@ def test_roots_confine_each_input_when_it_is_read(ckpt_dir: Path, tmp_path: Path
 
 
 def test_batches_are_built_channels_last_with_the_same_values() -> None:
-    from core.inference import _stack_channels_last
+    from core.decoding import _stack_channels_last
 
     g = torch.Generator().manual_seed(0)
     images = [torch.rand(3, 9, 7, generator=g) for _ in range(4)]

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from core.config import ARCHITECTURES
-from core.inference import prepare_inference_model
+from core.model_preparation import prepare_inference_model
 from core.models import build_model
 
 CPU = torch.device("cpu")
@@ -110,7 +110,7 @@ def test_unfoldable_model_runs_unfolded_with_a_warning(caplog: pytest.LogCapture
     model = _ConvOutputReused()
     _randomise_batchnorm(model)
     model.eval()
-    with caplog.at_level(logging.WARNING, logger="core.inference"):
+    with caplog.at_level(logging.WARNING, logger="core.model_preparation"):
         prepared = prepare_inference_model(model, CPU)
     assert "BatchNorm folding skipped" in caplog.text
     assert _count_bn(prepared) == 1

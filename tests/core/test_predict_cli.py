@@ -117,7 +117,7 @@ def test_streams_give_the_same_rows(ckpt: tuple[Path, str], tmp_path: Path,
                                     capsys: pytest.CaptureFixture[str]) -> None:
     import torch
 
-    from core.inference import cpu_parallelism
+    from core.devices import cpu_parallelism
 
     path, _ = ckpt
     folder = tmp_path / "imgs"

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 
 from core import safefile
+from core.decoding import input_sha256
 from core.errors import NotAFileError, OutsideDataRootsError, UnreadableFileError
 from core.imaging import read_image
-from core.inference import input_sha256
 from core.safefile import OUTSIDE_ROOTS_REASON, leads_inside, open_input
 from tests.core.imagefiles import phantom
 from tests.core.imagefiles import write_gray as _write_gray

@@ -12,11 +12,15 @@ from typing import Any
 import pytest
 import torch
 
+import core.optimization as optimization
 import core.training as training
+import core.training_data as training_data
+import core.validation as validation
 from core.checkpoint import ChecksumMismatchError, file_sha256, load_checkpoint
 from core.config import TrainConfig
 from core.dataset import ImageDataset, SplitSamples, load_splits
 from core.labels import CLASSES_15, label_index
+from core.optimization import lr_lambda
 from core.training import EpochMetrics, TrainResult, train
 from core.transforms import EvalPreset, TrainPreset
 from tests.factories import make_dataset, make_flat_dataset
@@ -94,8 +98,8 @@ def observed(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             return super().__getitem__(index)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(training, "CrossEntropyLoss", SpyLoss)
-        mp.setattr(training, "ImageDataset", SpyDataset)
+        mp.setattr(optimization, "CrossEntropyLoss", SpyLoss)
+        mp.setattr(training_data, "ImageDataset", SpyDataset)
         # The tiny split has 2 validation images; calibrate anyway to cover that step.
         mp.setattr(training, "CALIBRATION_MIN_VAL", 1)
         seen_epochs: list[EpochMetrics] = []
@@ -145,7 +149,7 @@ def test_run_stores_a_fitted_temperature(observed: Observed) -> None:
     assert cal.val_nll is not None and cal.val_nll_uncalibrated is not None
     assert cal.val_nll <= cal.val_nll_uncalibrated
     # The temperature is the one fitted on the validation split's raw logits.
-    val = training.ImageDataset(
+    val = ImageDataset(
         splits_of(observed.config).val, EvalPreset(params=best.meta.preset)
     )
     with torch.inference_mode():
@@ -306,7 +310,7 @@ def test_early_stopping_on_flat_macro_f1(
     data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A constant validation macro-F1 never improves after epoch 1.
-    monkeypatch.setattr(training, "macro_f1", lambda y_true, y_pred: 0.5)
+    monkeypatch.setattr(validation, "macro_f1", lambda y_true, y_pred: 0.5)
     logs: list[str] = []
     result = train(tiny(data_dir, tmp_path / "out", epochs=6, early_stopping_patience=1,
                         scheduler="plateau", optimizer="sgd", clip="value",
@@ -346,19 +350,19 @@ def test_warm_start_from_checkpoint(data_dir: Path, tmp_path: Path) -> None:
 
 def test_lr_schedules_warm_up_then_decay() -> None:
     kw = {"warmup_steps": 4, "total_steps": 20, "steps_per_epoch": 4, "epochs": 5}
-    cosine = training._lr_lambda("cosine", **kw)
+    cosine = lr_lambda("cosine", **kw)
     assert [cosine(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert cosine(4) == pytest.approx(1.0) and cosine(19) < 0.05
     values = [cosine(s) for s in range(4, 20)]
     assert values == sorted(values, reverse=True)
-    step = training._lr_lambda("step", **kw)
+    step = lr_lambda("step", **kw)
     assert step(4) == 1.0 and step(8) == pytest.approx(0.1) and step(16) == pytest.approx(0.01)
-    flat = training._lr_lambda("none", **kw)
+    flat = lr_lambda("none", **kw)
     assert flat(0) == 0.25 and flat(10) == 1.0
 
 
 def test_macro_f1_matches_definition() -> None:
-    assert training.macro_f1([0, 0, 1, 1], [0, 0, 1, 1]) == 1.0
+    assert validation.macro_f1([0, 0, 1, 1], [0, 0, 1, 1]) == 1.0
     # class 0: tp1 fp0 fn1 -> 2/3; class 1: tp1 fp1 fn0 -> 2/3; class 2 absent everywhere
-    assert training.macro_f1([0, 0, 1], [0, 1, 1]) == pytest.approx(2 / 3)
-    assert training.macro_f1([], []) == 0.0
+    assert validation.macro_f1([0, 0, 1], [0, 1, 1]) == pytest.approx(2 / 3)
+    assert validation.macro_f1([], []) == 0.0

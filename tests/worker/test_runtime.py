@@ -45,7 +45,7 @@ def test_threads_per_task() -> None:
 def test_inference_streams_split_the_task_cores_and_training_gets_them_back() -> None:
     import torch
 
-    from core.inference import cpu_parallelism
+    from core.devices import cpu_parallelism
 
     before = torch.get_num_threads()
     try:
