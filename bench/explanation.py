@@ -168,7 +168,7 @@ def measure(
 
 
 def run(args: argparse.Namespace) -> Report:
-    from core.inference import configure_cpu_threads
+    from core.devices import configure_cpu_threads
 
     device = resolve_device(args.device)
     configure_cpu_threads(args.threads)

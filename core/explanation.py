@@ -47,7 +47,7 @@ from torch import nn
 
 from core.errors import ImageReadError
 from core.imaging import read_image
-from core.inference import select_device
+from core.devices import select_device
 from core.transforms import EvalPreset
 
 if TYPE_CHECKING:

@@ -66,9 +66,9 @@ _concurrency = 1
 
 def available_cores() -> int:
     """The CPUs this process may use, as core counts them (affinity/cpuset aware)."""
-    from core.inference import cpu_parallelism
+    from core.cpus import available_cpus
 
-    return cpu_parallelism(streams=1).threads
+    return available_cpus()
 
 
 def threads_per_task(concurrency: int) -> int:
