@@ -18,7 +18,7 @@ from typer.core import TyperGroup
 
 from scheduler import submission
 from scheduler.cli.render import stderr_console
-from scheduler.cli_review import review_app
+from scheduler.cli.review import review_app
 from scheduler.paths import InvalidPathError
 
 if TYPE_CHECKING:
