@@ -8,6 +8,8 @@ cancelling goes through :func:`scheduler.submission.cancel_job`.
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
@@ -17,8 +19,10 @@ from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Stre
 from sqlalchemy.orm import Session
 
 import scheduler.web.queries as queries
-from scheduler import export, repository, submission
+import scheduler.web.review as web_review
+from scheduler import export, repository, review, submission
 from scheduler.api_models import MAX_ID
+from scheduler.dispatch import Dispatcher
 from scheduler.schema import ChunkStatus, Job, JobKind, JobStatus, PredictionRow
 from scheduler.web.context import BadFormError, WebContext, page_route_class
 from scheduler.web.queries import PredictionCursor, PredictionFilter, PredictionSort
@@ -211,13 +215,42 @@ def _add_item_routes(api: APIRouter, ctx: WebContext) -> None:
         )
 
     @api.get("/ui/jobs/{job_id}/items/{item_index}")
-    def item_page(request: Request, job_id: IdPath, item_index: ItemPath) -> Response:
+    def item_page(request: Request, job_id: IdPath, item_index: ItemPath,
+                  explanation: str | None = None) -> Response:
         with ctx.sessions() as session:
             job = repository.get_job(session, job_id)
             row = _prediction_or_404(session, job_id, item_index)
+            here = f"/ui/jobs/{job_id}/items/{item_index}"
+            controls = None
+            if row.error is None and row.label is not None:
+                item = review.get_item(session, int(row.id))
+                controls = web_review.controls_of(ctx, session, item, here)
             return ctx.render(request, "item.html", {
-                "job": job, "row": row, "explanation": getattr(row, "explanation", None),
+                "job": job, "row": row, "explanation": row.explanation,
+                "overlay": bool(row.explanation and row.explanation.endswith(".png")),
+                "explanation_requested": explanation == "requested",
+                "controls": controls, "history": review.history(session, int(row.id)),
             })
+
+    @api.post("/ui/jobs/{job_id}/items/{item_index}/explanation")
+    async def request_explanation(request: Request, job_id: IdPath,
+                                  item_index: ItemPath) -> Response:
+        await ctx.form(request)
+        with ctx.sessions() as session:
+            row = _prediction_or_404(session, job_id, item_index)
+            item_id, error = int(row.id), row.error
+        try:
+            if error is not None:
+                raise review.NotReviewableError(item_id, error)
+            request_explanation_of(ctx.sessions, ctx.dispatcher(), job_id, item_id)
+        except submission.SubmissionError:
+            raise  # the pages' usual refusal
+        except ValueError as exc:  # an error row, not a classify job: nothing to explain
+            return ctx.error(request, 409, str(exc))
+        except ExplanationsUnavailableError as exc:
+            return ctx.error(request, 503, str(exc))
+        return RedirectResponse(f"/ui/jobs/{job_id}/items/{item_index}?explanation=requested",
+                                status_code=303)
 
     @api.get("/ui/jobs/{job_id}/items/{item_index}/image")
     def item_image(job_id: IdPath, item_index: ItemPath, side: int = 128,
@@ -236,7 +269,7 @@ def _add_item_routes(api: APIRouter, ctx: WebContext) -> None:
     @api.get("/ui/jobs/{job_id}/items/{item_index}/explanation")
     def item_explanation(job_id: IdPath, item_index: ItemPath) -> Response:
         with ctx.sessions() as session:
-            stored = getattr(_prediction_or_404(session, job_id, item_index), "explanation", None)
+            stored = _prediction_or_404(session, job_id, item_index).explanation
         if not stored:
             raise repository.NotFoundError(f"job {job_id} explanation", item_index)
         # Overlays are written under the job's folder: the artifacts' confinement applies.
@@ -248,6 +281,22 @@ def _add_item_routes(api: APIRouter, ctx: WebContext) -> None:
             stored = repository.get_artifact(session, artifact_id).path
         path = artifact_file(ctx.settings, stored)
         return FileResponse(path, filename=path.name)
+
+
+class ExplanationsUnavailableError(RuntimeError):
+    """This server has no on-demand explanations (``scheduler.explanations`` is missing)."""
+
+
+def request_explanation_of(sessions: Callable[[], Session], dispatcher: Dispatcher,
+                           job_id: int, item_id: int) -> None:
+    """:func:`scheduler.explanations.request_explanation`, looked up when called: the
+    module lands with the worker's explain task; until then the button answers 503."""
+    try:
+        module = importlib.import_module("scheduler.explanations")
+    except ModuleNotFoundError:
+        raise ExplanationsUnavailableError(
+            "on-demand explanations are not available on this server yet") from None
+    module.request_explanation(sessions, dispatcher, job_id, item_id)
 
 
 def _prediction_or_404(session: Session, job_id: int, item_index: int) -> PredictionRow:
