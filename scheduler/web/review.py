@@ -35,7 +35,7 @@ __all__ = ["ACTIONS", "QUEUE_SHOWN", "ReviewControls", "controls_of", "reviewer_
 #: What a review form can do; "accept" and "correct" decide, "flag" queues the item.
 ACTIONS = ("accept", "correct", "flag")
 #: Items listed under the current one (the queue's next page of work).
-QUEUE_SHOWN = 20
+QUEUE_SHOWN = 12
 #: Top-k labels that get a button (and a digit shortcut, 1-9).
 MAX_LABEL_BUTTONS = 9
 IdPath = Annotated[int, Path(ge=1, le=MAX_ID)]
