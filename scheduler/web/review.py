@@ -24,7 +24,7 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import RedirectResponse
 from sqlalchemy.orm import Session
 
-from scheduler import review
+from scheduler import repository, review
 from scheduler.api_models import MAX_ID
 from scheduler.endpoints.review import ANONYMOUS_REVIEWER, TOKEN_REVIEWER
 from scheduler.schema import ReviewStatus
@@ -51,6 +51,8 @@ class ReviewControls:
     classes: tuple[str, ...]
     back: str
     reviewer_placeholder: str | None
+    #: Keyboard shortcuts (the queue page only: browsing images never decides by a stray key).
+    shortcuts: bool = False
 
     @property
     def picks(self) -> tuple[tuple[str, float], ...]:
@@ -83,14 +85,14 @@ def reviewer_of(ctx: WebContext, form: dict[str, str]) -> str:
 
 
 def controls_of(ctx: WebContext, session: Session, item: review.ReviewItem,
-                back: str) -> ReviewControls:
+                back: str, *, shortcuts: bool = False) -> ReviewControls:
     """The form's data for one item; a job without a model version offers no correction."""
     try:
         classes = review.model_classes(session, item.job_id)
     except review.ReviewError:
         classes = ()
     placeholder = None if ctx.settings.api_token is not None else default_reviewer()
-    return ReviewControls(item, classes, back, placeholder)
+    return ReviewControls(item, classes, back, placeholder, shortcuts)
 
 
 def _safe_back(value: str | None, default: str) -> str:
@@ -122,6 +124,8 @@ def router(ctx: WebContext) -> APIRouter:
                     job: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
                     after: Annotated[str | None, Query(max_length=64)] = None) -> Response:
         with ctx.sessions() as session:
+            if job is not None:
+                repository.get_job(session, job)  # an unknown job is a 404, not "all done"
             try:
                 items = review.queue(session, job_id=job, limit=QUEUE_SHOWN + 1,
                                      after=after or None)
@@ -137,7 +141,8 @@ def router(ctx: WebContext) -> APIRouter:
                 "skipped": bool(after),
                 "first_url": _queue_url(job, None),
                 "skip_url": _queue_url(job, current.cursor) if current else None,
-                "controls": controls_of(ctx, session, current, here) if current else None,
+                "controls": (controls_of(ctx, session, current, here, shortcuts=True)
+                             if current else None),
             }
             return ctx.render(request, "review.html", data)
 

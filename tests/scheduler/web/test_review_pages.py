@@ -218,3 +218,19 @@ def test_with_a_token_the_reviewer_is_the_tokens_identity(
             assert review.get_item(s, ids[4]).reviewer == TOKEN_REVIEWER
     finally:
         engine.dispose()
+
+
+def test_queue_of_one_job_and_no_shortcuts_on_the_image_page(
+    client: TestClient, sessions: sessionmaker[Session], root: Path
+) -> None:
+    seeded, ids = _seed(sessions, root)
+    other, _ = _seed(sessions, root)
+    page = client.get(f"/ui/review?job={other.job_id}").text
+    assert _current(page) not in ids.values()
+    assert client.get("/ui/review?job=9999").status_code == 404
+    item = client.get(f"/ui/jobs/{seeded.job_id}/items/4").text
+    assert "review-form" in item and "data-key=" not in item  # no decision by a stray key
+    # Enter in a text field submits the form's default button: a disabled one.
+    form = item[item.index('id="review-form"'):]
+    default = re.search(r"<button [^>]*>", form)
+    assert default and "disabled" in default.group(0)
