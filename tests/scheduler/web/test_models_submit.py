@@ -31,6 +31,21 @@ def test_models_page_lists_versions_with_metrics_and_lineage(
     assert f'href="/ui/models/{first}/promote"' not in page  # already production
 
 
+def test_models_page_shows_the_reviews_a_version_trained_on(
+    client: TestClient, sessions: sessionmaker[Session]
+) -> None:
+    from scheduler import review
+
+    plain = add_model(sessions)
+    reviewed = add_model(sessions)
+    with sessions() as s, s.begin():
+        review.record_lineage(s, reviewed, review_ids=[5, 6, 7])
+    page = client.get("/ui/models").text
+    row = page[page.index(f'id="model-{reviewed}"'):page.index(f'id="model-{plain}"')]
+    assert "/d/train" in row and "+ 3 reviews" in row
+    assert "review" not in page[page.index(f'id="model-{plain}"'):].split("</tr>")[0]
+
+
 def test_promote_confirms_then_needs_csrf(
     client: TestClient, sessions: sessionmaker[Session]
 ) -> None:
