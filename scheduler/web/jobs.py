@@ -8,8 +8,6 @@ cancelling goes through :func:`scheduler.submission.cancel_job`.
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
@@ -20,9 +18,8 @@ from sqlalchemy.orm import Session
 
 import scheduler.web.queries as queries
 import scheduler.web.review as web_review
-from scheduler import export, repository, review, submission
+from scheduler import explanations, export, repository, review, submission
 from scheduler.api_models import MAX_ID
-from scheduler.dispatch import Dispatcher
 from scheduler.schema import ChunkStatus, Job, JobKind, JobStatus, PredictionRow
 from scheduler.web.context import BadFormError, WebContext, page_route_class
 from scheduler.web.queries import PredictionCursor, PredictionFilter, PredictionSort
@@ -237,17 +234,12 @@ def _add_item_routes(api: APIRouter, ctx: WebContext) -> None:
                                   item_index: ItemPath) -> Response:
         await ctx.form(request)
         with ctx.sessions() as session:
-            row = _prediction_or_404(session, job_id, item_index)
-            item_id, error = int(row.id), row.error
+            item_id = int(_prediction_or_404(session, job_id, item_index).id)
         try:
-            if error is not None:
-                raise review.NotReviewableError(item_id, error)
-            request_explanation_of(ctx.sessions, ctx.dispatcher(), job_id, item_id)
-        except submission.SubmissionError:
-            raise  # the pages' usual refusal
-        except ValueError as exc:  # an error row, not a classify job: nothing to explain
+            explanations.request_explanation(ctx.sessions, ctx.dispatcher(), job_id, item_id)
+        except explanations.NotExplainableError as exc:  # an error row: nothing to explain
             return ctx.error(request, 409, str(exc))
-        except ExplanationsUnavailableError as exc:
+        except explanations.ExplanationNotSentError as exc:
             return ctx.error(request, 503, str(exc))
         return RedirectResponse(f"/ui/jobs/{job_id}/items/{item_index}?explanation=requested",
                                 status_code=303)
@@ -281,22 +273,6 @@ def _add_item_routes(api: APIRouter, ctx: WebContext) -> None:
             stored = repository.get_artifact(session, artifact_id).path
         path = artifact_file(ctx.settings, stored)
         return FileResponse(path, filename=path.name)
-
-
-class ExplanationsUnavailableError(RuntimeError):
-    """This server has no on-demand explanations (``scheduler.explanations`` is missing)."""
-
-
-def request_explanation_of(sessions: Callable[[], Session], dispatcher: Dispatcher,
-                           job_id: int, item_id: int) -> None:
-    """:func:`scheduler.explanations.request_explanation`, looked up when called: the
-    module lands with the worker's explain task; until then the button answers 503."""
-    try:
-        module = importlib.import_module("scheduler.explanations")
-    except ModuleNotFoundError:
-        raise ExplanationsUnavailableError(
-            "on-demand explanations are not available on this server yet") from None
-    module.request_explanation(sessions, dispatcher, job_id, item_id)
 
 
 def _prediction_or_404(session: Session, job_id: int, item_index: int) -> PredictionRow:

@@ -18,10 +18,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from scheduler import review
 from scheduler.api import create_app
 from scheduler.database import upgrade
+from scheduler.dispatch import EXPLAIN_TASK
 from scheduler.endpoints.review import TOKEN_REVIEWER
 from scheduler.schema import Job, PredictionRow, ReviewStatus
 from scheduler.settings import Settings
 from scheduler.web.review import default_reviewer
+from tests.scheduler.api_factories import sent_tasks
 from tests.scheduler.web.conftest import CLASSES, SeededJob, csrf_of, seed_classify, web_settings
 
 TOKEN = "review-t0ken"
@@ -167,27 +169,22 @@ def test_image_page_review_controls_flag_and_explanation(
 
 
 def test_requesting_an_explanation_sends_the_task(
-    client: TestClient, sessions: sessionmaker[Session], root: Path
+    client: TestClient, settings: Settings, sessions: sessionmaker[Session], root: Path
 ) -> None:
-    explanations = pytest.importorskip("scheduler.explanations")
     seeded, ids = _seed(sessions, root)
-    sent: list[tuple[int, int]] = []
-    original = explanations.request_explanation
-
-    def recording(sessions_: object, dispatcher: object, job_id: int, item_id: int) -> None:
-        sent.append((job_id, item_id))
-        original(sessions_, dispatcher, job_id, item_id)
-
-    explanations.request_explanation = recording
-    try:
-        csrf = csrf_of(client.get(f"/ui/jobs/{seeded.job_id}/items/0").text)
-        response = client.post(f"/ui/jobs/{seeded.job_id}/items/0/explanation",
-                               data={"csrf": csrf}, follow_redirects=False)
-    finally:
-        explanations.request_explanation = original
+    csrf = csrf_of(client.get(f"/ui/jobs/{seeded.job_id}/items/0").text)
+    response = client.post(f"/ui/jobs/{seeded.job_id}/items/0/explanation",
+                           data={"csrf": csrf}, follow_redirects=False)
     assert response.status_code == 303
-    assert response.headers["location"].endswith("/items/0?explanation=requested")
-    assert sent == [(seeded.job_id, ids[0])]
+    assert response.headers["location"] == (
+        f"/ui/jobs/{seeded.job_id}/items/0?explanation=requested")
+    assert sent_tasks(settings.data_dir) == [(EXPLAIN_TASK, [seeded.job_id, ids[0]])]
+    page = client.get(response.headers["location"]).text
+    assert "Explanation requested" in page and "Request again" in page
+    # The error row is refused by request_explanation itself: nothing more is sent.
+    refused = client.post(f"/ui/jobs/{seeded.job_id}/items/5/explanation", data={"csrf": csrf})
+    assert refused.status_code == 409 and "is an error row" in refused.text
+    assert len(sent_tasks(settings.data_dir)) == 1
 
 
 @pytest.fixture
