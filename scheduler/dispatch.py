@@ -53,6 +53,8 @@ TRAIN_TASK = "mriq.train"
 EVALUATE_TASK = "mriq.evaluate"
 CLASSIFY_CHUNK_TASK = "mriq.classify_chunk"
 RETRAIN_TASK = "mriq.retrain"
+#: Grad-CAM explanation of one prediction (args: job id, item id = the prediction's id).
+EXPLAIN_TASK = "mriq.explain"
 #: Re-derives a classify job's final status from its chunks (repair after lost messages).
 FINALIZE_TASK = "mriq.finalize"
 #: Periodic clean-up of the embedded broker's folders (consumed on every worker's own queues).
@@ -118,6 +120,7 @@ def make_celery(settings: Settings, *, main: str = "mriq") -> Celery:
             TRAIN_TASK: {"queue": GPU_QUEUE},
             EVALUATE_TASK: {"queue": GPU_QUEUE},
             CLASSIFY_CHUNK_TASK: {"queue": GPU_QUEUE},
+            EXPLAIN_TASK: {"queue": GPU_QUEUE},
             RETRAIN_TASK: {"queue": CPU_QUEUE},
             FINALIZE_TASK: {"queue": CPU_QUEUE},
             BROKER_JANITOR_TASK: {"queue": CPU_QUEUE},
@@ -228,6 +231,11 @@ class Dispatcher:
                 )
                 ids.append(task_id)
         return ids
+
+    def explain(self, job_id: int, item_id: int) -> str:
+        """Ask a worker to explain one prediction (see :mod:`scheduler.explanations`)."""
+        return self._send(EXPLAIN_TASK, [job_id, item_id], job_id,
+                          _task_id("explain", job_id, item_id))
 
     def finalize(self, job_id: int) -> str:
         return self._send(FINALIZE_TASK, [job_id], job_id, _task_id("finalize", job_id))

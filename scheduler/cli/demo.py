@@ -29,6 +29,7 @@ from scheduler.cli.render import (
 from scheduler.cli.results import write_predictions_csv
 from scheduler.cli.waiting import embedded_worker, outcome, wait_for_job
 from scheduler.schema import JobStatus
+from scheduler.settings import Settings
 
 DEMO_MARKER = ".mriq-demo"
 
@@ -53,6 +54,17 @@ def _synthesise(folder: Path, *, per_folder: int, seed: int, size: tuple[int, in
     if proc.returncode != 0:
         tail = (proc.stderr or "").strip().splitlines()[-5:]
         raise CliError(f"synthesising {folder} failed: {' | '.join(tail)}")
+
+
+def dashboard_url(settings: Settings) -> str:
+    """Where ``mriq api`` (same settings) serves the dashboard; a wildcard bind is reached
+    on the loopback address."""
+    host = settings.api_host
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    elif ":" in host:  # an IPv6 literal
+        host = f"[{host}]"
+    return f"http://{host}:{settings.api_port}/ui/"
 
 
 def _step(text: str) -> None:
@@ -155,6 +167,7 @@ def _summarise(
         "csv": str(csv_path),
         "artifacts": [a["path"] for d in details.values() for a in d["artifacts"]],
         "seconds": round(time.monotonic() - started, 1),
+        "dashboard": dashboard_url(rt.settings),
     }
     return summary, preds, labelled
 
@@ -193,6 +206,11 @@ def _print_summary(
         console.print(f"  {path}", highlight=False)
     console.print(f"CSV export: {summary['csv']}", highlight=False)
     console.print(f"demo finished in {summary['seconds']:.0f} s", highlight=False)
+    console.print(
+        f"dashboard: run `mriq api` (with the same MRIQ_* settings), then open "
+        f"{summary['dashboard']} (the review queue is at {summary['dashboard']}review)",
+        highlight=False, soft_wrap=True,
+    )
 
 
 @app.command()

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from scheduler.dispatch import Dispatcher
 from scheduler.settings import Settings
-from scheduler.web import auth, jobs, models, submit, workers
+from scheduler.web import auth, jobs, models, review, submit, workers
 from scheduler.web.context import STATIC_DIR, WebContext
 
 __all__ = ["STATIC_FILES", "create_router"]
@@ -48,6 +48,6 @@ def create_router(settings: Settings, sessions: Callable[[], Session],
             return Response("not found", status_code=404, media_type="text/plain")
         return FileResponse(path, headers={"Cache-Control": "public, max-age=300"})
 
-    for page_group in (auth, jobs, models, submit, workers):
+    for page_group in (auth, jobs, models, review, submit, workers):
         router.include_router(page_group.router(ctx))
     return router

@@ -17,7 +17,8 @@ from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Stre
 from sqlalchemy.orm import Session
 
 import scheduler.web.queries as queries
-from scheduler import export, repository, submission
+import scheduler.web.review as web_review
+from scheduler import explanations, export, repository, review, submission
 from scheduler.api_models import MAX_ID
 from scheduler.schema import ChunkStatus, Job, JobKind, JobStatus, PredictionRow
 from scheduler.web.context import BadFormError, WebContext, page_route_class
@@ -211,13 +212,37 @@ def _add_item_routes(api: APIRouter, ctx: WebContext) -> None:
         )
 
     @api.get("/ui/jobs/{job_id}/items/{item_index}")
-    def item_page(request: Request, job_id: IdPath, item_index: ItemPath) -> Response:
+    def item_page(request: Request, job_id: IdPath, item_index: ItemPath,
+                  explanation: str | None = None) -> Response:
         with ctx.sessions() as session:
             job = repository.get_job(session, job_id)
             row = _prediction_or_404(session, job_id, item_index)
+            here = f"/ui/jobs/{job_id}/items/{item_index}"
+            controls = None
+            if row.error is None and row.label is not None:
+                item = review.get_item(session, int(row.id))
+                controls = web_review.controls_of(ctx, session, item, here)
             return ctx.render(request, "item.html", {
-                "job": job, "row": row, "explanation": getattr(row, "explanation", None),
+                "job": job, "row": row, "explanation": row.explanation,
+                "overlay": bool(row.explanation and row.explanation.endswith(".png")),
+                "explanation_requested": explanation == "requested",
+                "controls": controls, "history": review.history(session, int(row.id)),
             })
+
+    @api.post("/ui/jobs/{job_id}/items/{item_index}/explanation")
+    async def request_explanation(request: Request, job_id: IdPath,
+                                  item_index: ItemPath) -> Response:
+        await ctx.form(request)
+        with ctx.sessions() as session:
+            item_id = int(_prediction_or_404(session, job_id, item_index).id)
+        try:
+            explanations.request_explanation(ctx.sessions, ctx.dispatcher(), job_id, item_id)
+        except explanations.NotExplainableError as exc:  # an error row: nothing to explain
+            return ctx.error(request, 409, str(exc))
+        except explanations.ExplanationNotSentError as exc:
+            return ctx.error(request, 503, str(exc))
+        return RedirectResponse(f"/ui/jobs/{job_id}/items/{item_index}?explanation=requested",
+                                status_code=303)
 
     @api.get("/ui/jobs/{job_id}/items/{item_index}/image")
     def item_image(job_id: IdPath, item_index: ItemPath, side: int = 128,
@@ -236,7 +261,7 @@ def _add_item_routes(api: APIRouter, ctx: WebContext) -> None:
     @api.get("/ui/jobs/{job_id}/items/{item_index}/explanation")
     def item_explanation(job_id: IdPath, item_index: ItemPath) -> Response:
         with ctx.sessions() as session:
-            stored = getattr(_prediction_or_404(session, job_id, item_index), "explanation", None)
+            stored = _prediction_or_404(session, job_id, item_index).explanation
         if not stored:
             raise repository.NotFoundError(f"job {job_id} explanation", item_index)
         # Overlays are written under the job's folder: the artifacts' confinement applies.

@@ -3,8 +3,9 @@
 
 One browser session walks the pages in order: refused without the token, log in, submit a
 classify job through the form, watch its bar reach 100 % without a reload, filter the
-predictions, open an image, promote a model behind its confirmation, log out. Screenshots
-of each page go to ``test-output/screenshots/``. Playwright's own browser download cannot
+predictions, open an image, correct the first review item with a keyboard shortcut, promote
+a model behind its confirmation, log out. Screenshots of each page go to
+``test-output/screenshots/``. Playwright's own browser download cannot
 work offline: ``scripts/test.sh`` installs ``chromium`` with apt-get when it is missing.
 """
 
@@ -254,6 +255,35 @@ def test_filter_predictions_and_open_an_image(dashboard: Dashboard, page: Any) -
     assert len(widths) == 2 and all(w > 0 for w in widths), widths
     assert page.locator(".topbar").count() == 3
     _shot(page, "image")
+
+
+def test_correct_a_review_item_with_a_shortcut(dashboard: Dashboard, page: Any) -> None:
+    with dashboard.sessions() as s, s.begin():
+        job = repository.list_jobs(s, kind=JobKind.CLASSIFY, limit=1)[0]
+        job.review_below = 1.0  # every error-free prediction of the job is queued
+        job_id = int(job.id)
+    page.goto(f"{dashboard.url}/ui/review?job={job_id}")
+    current = page.locator("#review-current")
+    first = current.get_attribute("data-item-id")
+    assert page.inner_text("[data-field=pending]") == str(N_IMAGES)
+    assert page.inner_text("[data-field=decided]") == "0"
+    item_url = current.locator("h2 a[href*='/items/']").get_attribute("href")
+    label = page.locator("button[data-key='2']").get_attribute("value")  # the 2nd of top-k
+    page.wait_for_load_state("networkidle")
+    _shot(page, "review")
+    with page.expect_navigation():
+        page.keyboard.press("2")
+    assert page.locator("#review-current").get_attribute("data-item-id") != first
+    assert page.inner_text("[data-field=pending]") == str(N_IMAGES - 1)
+    assert page.inner_text("[data-field=decided]") == "1"
+    page.goto(dashboard.url + item_url)
+    decision = page.locator("#history tr.decision").first
+    assert decision.locator("td").nth(1).inner_text() == "corrected"
+    assert decision.locator("td").nth(2).inner_text() == label
+    assert decision.locator("td").nth(3).inner_text() == "api-token"
+    assert page.inner_text("[data-field=review-status]") == "corrected"
+    page.wait_for_load_state("networkidle")
+    _shot(page, "image-review")
 
 
 def test_promote_a_model_behind_its_confirmation(dashboard: Dashboard, page: Any) -> None:

@@ -91,6 +91,9 @@ def test_mriq_demo_on_the_embedded_default(tmp_path: Path) -> None:
     csv_path = Path(csv_match.group(1))
     assert csv_path.is_file() and csv_path.parent == out
     assert re.search(r"demo finished in \d+ s", stdout), report
+    # It ends by saying how to open the dashboard (the settings' default address).
+    assert ("dashboard: run `mriq api` (with the same MRIQ_* settings), then open "
+            "http://127.0.0.1:8000/ui/") in stdout, report
 
     # The embedded database: SQLite under the data dir, no other database was used.
     db_file = data_dir / "mriq.db"

@@ -1,5 +1,6 @@
-// mriq dashboard: live progress. The pages work without this file; it only keeps the
-// progress bars of running jobs current by polling the dashboard's small JSON endpoints.
+// mriq dashboard: live progress and review shortcuts. The pages work without this file; it
+// only keeps the progress bars of running jobs current by polling the dashboard's small JSON
+// endpoints, and turns keys into clicks on the review buttons that carry data-key.
 "use strict";
 (function () {
   var INTERVAL_MS = 1000;
@@ -79,7 +80,30 @@
     window.setTimeout(poll, INTERVAL_MS);
   }
 
+  // Review pages: a = accept, 1-9 = that top-k label, n = next, f = flag. Each key clicks
+  // the button (or link) marked data-key, so a shortcut sends exactly the form a click does.
+  function reviewKeys(event) {
+    if (event.ctrlKey || event.metaKey || event.altKey || event.repeat) { return; }
+    var target = event.target;
+    if (target && target.closest && target.closest("input, select, textarea, [contenteditable]")) {
+      return;
+    }
+    var key = event.key && event.key.length === 1 ? event.key.toLowerCase() : "";
+    if (!/^[a-z0-9]$/.test(key)) { return; }
+    var el = document.querySelector("[data-key='" + key + "']");
+    if (!el || el.disabled) { return; }
+    event.preventDefault();
+    el.click();
+    if (el.tagName === "BUTTON") {
+      // One decision per page: the next key press waits for the next page.
+      document.removeEventListener("keydown", reviewKeys);
+    }
+  }
+
   document.addEventListener("DOMContentLoaded", function () {
+    if (document.querySelector("[data-key]")) {
+      document.addEventListener("keydown", reviewKeys);
+    }
     var bar = document.querySelector("#job-progress [data-progress-url]");
     if (bar) { followJob(bar); }
     var table = document.querySelector("table[data-live-jobs]");

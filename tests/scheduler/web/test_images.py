@@ -25,7 +25,8 @@ def test_item_page_shows_slice_crop_and_top_k(
     page = client.get(f"/ui/jobs/{seeded.job_id}/items/0").text
     assert f"/ui/jobs/{seeded.job_id}/items/0/image?side=512&amp;rendering=cropped" in page
     assert "Glioblastoma" in page and 'class="topbar"' in page
-    assert "Grad-CAM" not in page  # no explanation recorded
+    # No explanation recorded: no overlay, a button that requests one.
+    assert 'alt="Grad-CAM overlay"' not in page and "Request a Grad-CAM explanation" in page
     failed = client.get(f"/ui/jobs/{seeded.job_id}/items/2").text
     assert "not an image" in failed and "/image?" not in failed
 
