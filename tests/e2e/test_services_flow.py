@@ -359,7 +359,8 @@ def _db_predictions(stack: Stack, job_id: int) -> list[PredictionRow]:
 
 def _assert_csv_matches_rows(text: str, rows: list[PredictionRow]) -> None:
     reader = csv.DictReader(text.splitlines())
-    assert reader.fieldnames == ["item_index", "path", "label", "confidence", "top_k", "error"]
+    assert reader.fieldnames == ["item_index", "path", "label", "confidence", "top_k", "error",
+                                 "explanation"]
     exported = list(reader)
     assert len(exported) == len(rows)
     for line, row in zip(exported, rows, strict=True):
