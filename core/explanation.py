@@ -45,9 +45,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from core.devices import select_device
 from core.errors import ImageReadError
 from core.imaging import read_image
-from core.devices import select_device
 from core.transforms import EvalPreset
 
 if TYPE_CHECKING:

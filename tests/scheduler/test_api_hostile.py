@@ -37,6 +37,7 @@ from scheduler.api import create_app
 from scheduler.database import make_engine, make_session_factory, upgrade
 from scheduler.schema import JobKind
 from scheduler.settings import Settings
+from scheduler.web.session import is_public_ui_path, is_ui_path
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "tok-3f9a7c0e-hostile-SECRET"
@@ -148,11 +149,14 @@ class FifoWatch:
 # ----------------------------------------------------------------------------- auth
 
 
-def _protected_routes(app: Any) -> list[tuple[str, str]]:
+def _protected_routes(app: Any, *, dashboard: bool = False) -> list[tuple[str, str]]:
+    """The JSON API's routes (bearer token), or with ``dashboard`` the pages' (cookie)."""
     out = []
     # Through included routers too (FastAPI keeps each ``include_router`` as one entry).
     for route in iter_route_contexts(app.routes):
         if not isinstance(route.original_route, APIRoute) or route.path in PUBLIC:
+            continue
+        if is_ui_path(route.path) != dashboard or is_public_ui_path(route.path):
             continue
         url = route.path
         for name in route.param_convertors:
@@ -189,6 +193,24 @@ def test_every_non_public_route_needs_the_token(settings: Settings) -> None:
             assert ok.status_code != 401, (method, url)
         for url in PUBLIC - {"/docs/oauth2-redirect"}:
             assert anon.get(url).status_code in (200, 503), url
+
+
+def test_every_dashboard_page_needs_the_session(settings: Settings) -> None:
+    # Pages take the login cookie, not the bearer token: without it a page read is sent to
+    # the login form and a form post is refused, whatever Authorization header it carries.
+    app = create_app(settings)
+    routes = _protected_routes(app, dashboard=True)
+    assert len(routes) >= 10, routes  # jobs, job, item, models, review, submit, workers
+    with TestClient(app, raise_server_exceptions=False, follow_redirects=False) as anon:
+        for method, url in routes:
+            for headers in (BAD_CREDENTIALS[0], AUTH):
+                response = anon.request(method, url, headers=headers)
+                if method in ("GET", "HEAD"):
+                    assert response.status_code == 303, (method, url, response.text)
+                    assert response.headers["location"].endswith("/ui/login")
+                else:
+                    assert response.status_code == 401, (method, url, response.text)
+                assert TOKEN not in response.text
 
 
 def test_token_is_compared_in_constant_time(
