@@ -87,6 +87,7 @@ from scheduler.repository.predictions import (
     iter_predictions,
     list_predictions,
     record_predictions,
+    set_explanation,
 )
 
 __all__ = [
@@ -128,6 +129,7 @@ __all__ = [
     "record_epoch_metric",
     "record_evaluation",
     "record_predictions",
+    "set_explanation",
     "register_model_version",
     "release_chunk",
     "request_cancel",

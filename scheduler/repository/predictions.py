@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from scheduler.repository.base import dialect_insert, psycopg_connection, table_of
+from scheduler.repository.base import NotFoundError, dialect_insert, psycopg_connection, table_of
 from scheduler.schema import PredictionRow, utcnow
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "iter_predictions",
     "list_predictions",
     "record_predictions",
+    "set_explanation",
 ]
 
 
@@ -37,6 +38,8 @@ class PredictionRecord:
     confidence: float | None
     top_k: tuple[tuple[str, float], ...] = ()
     error: str | None = None
+    #: Entropy of the calibrated probabilities (scheduler.review ranks the queue by it).
+    entropy: float | None = None
 
 
 def record_predictions(session: Session, job_id: int, records: Sequence[PredictionRecord]) -> int:
@@ -64,6 +67,7 @@ def record_predictions(session: Session, job_id: int, records: Sequence[Predicti
             "confidence": r.confidence,
             "top_k": _top_k_json(r.top_k),
             "error": r.error,
+            "entropy": r.entropy,
             "created_at": now,
         }
         for r in records
@@ -93,11 +97,12 @@ def _copy_predictions(
         cursor.execute(
             f"CREATE TEMPORARY TABLE IF NOT EXISTS {_STAGE_TABLE} ("
             "item_index integer, path text, file_sha256 text, label text, "
-            "confidence double precision, top_k text, error text) ON COMMIT DELETE ROWS"
+            "confidence double precision, top_k text, error text, entropy double precision) "
+            "ON COMMIT DELETE ROWS"
         )
         with cursor.copy(
             f"COPY {_STAGE_TABLE} (item_index, path, file_sha256, label, confidence, top_k, "
-            "error) FROM STDIN"
+            "error, entropy) FROM STDIN"
         ) as copy:
             for r in records:
                 copy.write_row(
@@ -109,13 +114,15 @@ def _copy_predictions(
                         r.confidence,
                         json.dumps(_top_k_json(r.top_k)),
                         r.error,
+                        r.entropy,
                     )
                 )
         # A batch repeating an item_index is fine too: DO NOTHING skips the second row.
         cursor.execute(
             "INSERT INTO predictions (job_id, item_index, path, file_sha256, label, confidence, "
-            "top_k, error, created_at) "
-            f"SELECT %s, item_index, path, file_sha256, label, confidence, top_k::json, error, %s "
+            "top_k, error, entropy, created_at) "
+            "SELECT %s, item_index, path, file_sha256, label, confidence, top_k::json, error, "
+            f"entropy, %s "
             f"FROM {_STAGE_TABLE} ON CONFLICT (job_id, item_index) DO NOTHING",
             (job_id, now),
         )
@@ -180,3 +187,13 @@ def iter_predictions(session: Session, job_id: int, batch: int = 5000) -> Iterat
             return
         yield from rows
         last = rows[-1].item_index
+
+
+def set_explanation(session: Session, item_id: int, path: str) -> None:
+    """Point prediction ``item_id`` (its row id) at its explanation artifact; a newer one
+    replaces it (a re-explained item keeps one path)."""
+    row = session.get(PredictionRow, item_id)
+    if row is None:
+        raise NotFoundError("prediction", item_id)
+    row.explanation = path
+    session.flush()
