@@ -55,6 +55,9 @@ CLASSIFY_CHUNK_TASK = "mriq.classify_chunk"
 RETRAIN_TASK = "mriq.retrain"
 #: Re-derives a classify job's final status from its chunks (repair after lost messages).
 FINALIZE_TASK = "mriq.finalize"
+#: The on-demand Grad-CAM of one prediction (args: job_id, item_id); beside the classify
+#: chunks, whose model it uses.
+EXPLAIN_TASK = "mriq.explain"
 #: Periodic clean-up of the embedded broker's folders (consumed on every worker's own queues).
 BROKER_JANITOR_TASK = "mriq.broker_janitor"
 
@@ -118,6 +121,7 @@ def make_celery(settings: Settings, *, main: str = "mriq") -> Celery:
             TRAIN_TASK: {"queue": GPU_QUEUE},
             EVALUATE_TASK: {"queue": GPU_QUEUE},
             CLASSIFY_CHUNK_TASK: {"queue": GPU_QUEUE},
+            EXPLAIN_TASK: {"queue": GPU_QUEUE},
             RETRAIN_TASK: {"queue": CPU_QUEUE},
             FINALIZE_TASK: {"queue": CPU_QUEUE},
             BROKER_JANITOR_TASK: {"queue": CPU_QUEUE},
