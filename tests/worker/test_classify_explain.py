@@ -180,3 +180,40 @@ def test_explain_all_skips_unexplainable_files_and_stops_on_cancel(
         assert all(r.explanation is None for r in _rows(factory, job_id))
     finally:
         factory.kw["bind"].dispose()
+
+
+def test_the_explain_task_explains_one_item_on_demand(
+    tmp_path: Path, sqlite_url: str, tiny_model: TinyModel
+) -> None:
+    from scheduler.dispatch import EXPLAIN_TASK
+    from worker.app import create_celery_app
+
+    settings = make_settings(tmp_path, database_url=sqlite_url, broker_url=None)
+    factory = migrated_factory(sqlite_url)
+    try:
+        paths = write_images(tmp_path / "images", 2, broken=1)
+        job_id = _job(factory, tiny_model, paths, explain="none", review_below=0.6)
+        _run(settings, job_id)
+        rows = _rows(factory, job_id)
+        good = next(r for r in rows if r.error is None)
+        bad = next(r for r in rows if r.error is not None)
+        explain = create_celery_app(settings).tasks[EXPLAIN_TASK]
+
+        # Run in this process (the registered body, as the worker would run it).
+        assert explain(job_id, good.id).startswith("explained")
+        expected = str((job_dir(settings, job_id) / "explanations" / f"{good.id}.png").resolve())
+        assert explain(job_id, good.id).startswith("explained")  # again: the same one file
+        after = {r.id: r.explanation for r in _rows(factory, job_id)}
+        assert after == {r.id: expected if r.id == good.id else None for r in rows}
+        assert Path(expected).is_file()
+        assert _explanation_artifacts(factory, job_id) == {expected}
+
+        assert explain(job_id, bad.id) == f"skipped: item {bad.id} is an error row: " \
+            "nothing was predicted"
+        assert explain(job_id + 1, good.id) == f"skipped: job {job_id + 1} not found"
+        with factory.begin() as session:
+            other = repository.create_job(session, kind=JobKind.CLASSIFY, params={})
+            other_id = int(other.id)
+        assert explain(other_id, good.id).startswith(f"skipped: item {good.id} of job")
+    finally:
+        factory.kw["bind"].dispose()
