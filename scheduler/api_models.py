@@ -16,9 +16,9 @@ from typing import Annotated, Any, Literal
 from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field
 
-from scheduler.options import TrainOptions
+from scheduler.options import MAX_TOP_K, ExplainMode, TrainOptions
 from scheduler.pathtext import PathText
-from scheduler.schema import JobKind, JobStatus, ModelStage, ReviewStatus
+from scheduler.schema import REVIEW_BELOW_DEFAULT, JobKind, JobStatus, ModelStage, ReviewStatus
 
 __all__ = [
     "BODY_BYTES_BASE",
@@ -32,6 +32,7 @@ __all__ = [
     "ErrorOut",
     "EvaluateRequest",
     "EvaluationOut",
+    "ExplanationRequested",
     "HealthOut",
     "Id",
     "JobCreated",
@@ -86,7 +87,16 @@ class ClassifyRequest(_Request):
         ),
     )
     model_version_id: Id | None = Field(None, description="Default: the production model.")
-    top_k: int = Field(3, ge=1, le=44)
+    top_k: int = Field(3, ge=1, le=MAX_TOP_K)
+    review_below: float = Field(
+        REVIEW_BELOW_DEFAULT, ge=0.0, le=1.0,
+        description="Predictions less confident than this enter the review queue.",
+    )
+    explain: ExplainMode = Field(
+        "none",
+        description=("Grad-CAM explanations: none, uncertain (exactly the predictions that "
+                     "enter the review queue) or all."),
+    )
 
 
 class TrainRequest(TrainOptions):
@@ -117,6 +127,9 @@ class JobOut(BaseModel):
     error: str | None
     cancel_requested: bool
     model_version_id: int | None
+    review_below: float | None = Field(
+        None, description="Classify jobs: the review queue's confidence threshold."
+    )
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -132,6 +145,7 @@ class JobPage(BaseModel):
 class PredictionOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
+    item_id: int = Field(validation_alias="id", description="The prediction's id (review item).")
     item_index: int
     path: str
     file_sha256: str | None
@@ -139,6 +153,25 @@ class PredictionOut(BaseModel):
     confidence: float | None
     top_k: list[tuple[str, float]]
     error: str | None
+    # Read from no attribute (the row's ``explanation`` is a server path): the endpoint fills
+    # it in with the artifact's download URL (:func:`with_explanation`).
+    explanation: str | None = Field(
+        None, validation_alias="explanation_url",
+        description="Download URL of the Grad-CAM explanation (/artifacts/{id}), if any.",
+    )
+
+    def with_explanation(self, explanation: str | None) -> PredictionOut:
+        """This prediction with its explanation (a URL in the API, a path in the CLI)."""
+        return self.model_copy(update={"explanation": explanation})
+
+
+class ExplanationRequested(BaseModel):
+    """The answer to an explanation request: the task is queued; the prediction as it is
+    now (``explanation`` set once the worker has written it)."""
+
+    job_id: int
+    item_id: int
+    item: PredictionOut
 
 
 class PredictionPage(BaseModel):
@@ -217,6 +250,12 @@ class ModelOut(BaseModel):
     ece_uncalibrated: float | None = Field(None, description="Test-split ECE before it.")
     nll: float | None = Field(None, description="Test-split NLL after the temperature.")
     nll_uncalibrated: float | None = Field(None, description="Test-split NLL before it.")
+    reviews_used: int | None = Field(
+        None, description="Review decisions it was trained on (None: trained without reviews)."
+    )
+    review_ids: list[int] | None = Field(
+        None, description="Ids of those review decisions (None: trained without reviews)."
+    )
 
 
 class ModelCliOut(ModelOut):

@@ -53,11 +53,10 @@ TRAIN_TASK = "mriq.train"
 EVALUATE_TASK = "mriq.evaluate"
 CLASSIFY_CHUNK_TASK = "mriq.classify_chunk"
 RETRAIN_TASK = "mriq.retrain"
+#: Grad-CAM explanation of one prediction (args: job id, item id = the prediction's id).
+EXPLAIN_TASK = "mriq.explain"
 #: Re-derives a classify job's final status from its chunks (repair after lost messages).
 FINALIZE_TASK = "mriq.finalize"
-#: The on-demand Grad-CAM of one prediction (args: job_id, item_id); beside the classify
-#: chunks, whose model it uses.
-EXPLAIN_TASK = "mriq.explain"
 #: Periodic clean-up of the embedded broker's folders (consumed on every worker's own queues).
 BROKER_JANITOR_TASK = "mriq.broker_janitor"
 
@@ -232,6 +231,11 @@ class Dispatcher:
                 )
                 ids.append(task_id)
         return ids
+
+    def explain(self, job_id: int, item_id: int) -> str:
+        """Ask a worker to explain one prediction (see :mod:`scheduler.explanations`)."""
+        return self._send(EXPLAIN_TASK, [job_id, item_id], job_id,
+                          _task_id("explain", job_id, item_id))
 
     def finalize(self, job_id: int) -> str:
         return self._send(FINALIZE_TASK, [job_id], job_id, _task_id("finalize", job_id))

@@ -7,7 +7,7 @@ import io
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, TextIO
 
 from sqlalchemy.orm import Session
@@ -17,6 +17,7 @@ from scheduler import repository
 __all__ = [
     "CSV_FLUSH_BYTES",
     "PREDICTION_COLUMNS",
+    "explanation_cell",
     "export_to_file",
     "prediction_csv_row",
     "stream_predictions_csv",
@@ -27,8 +28,29 @@ __all__ = [
 CSV_FLUSH_BYTES = 64 * 1024
 
 PREDICTION_COLUMNS: tuple[str, ...] = (
-    "item_index", "path", "label", "confidence", "top_k", "error"
+    "item_index", "path", "label", "confidence", "top_k", "error", "explanation"
 )
+
+
+def explanation_cell(row: Any) -> str:
+    """The row's explanation as the export names it: the artifact's path relative to the job
+    folder (``explanations/7.png``), or "" when it has none.
+
+    The job folder is ``settings.jobs_dir / str(job_id)``, the nearest folder of the stored
+    path named by the job's id, so the export needs no settings; a path outside any such
+    folder keeps only its file name (a server path is never exported)."""
+    stored = getattr(row, "explanation", None)
+    if not stored:
+        return ""
+    path = PurePath(stored)
+    if not path.is_absolute():
+        return path.as_posix()
+    parts = path.parts
+    job = str(getattr(row, "job_id", ""))
+    for i in range(len(parts) - 2, -1, -1):
+        if parts[i] == job:
+            return PurePath(*parts[i + 1:]).as_posix()
+    return path.name
 
 
 def prediction_csv_row(row: Any) -> list[Any]:
@@ -43,6 +65,7 @@ def prediction_csv_row(row: Any) -> list[Any]:
         "" if row.confidence is None else repr(float(row.confidence)),
         json.dumps([list(pair) for pair in (row.top_k or [])]),
         row.error or "",
+        explanation_cell(row),
     ]
 
 

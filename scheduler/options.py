@@ -6,7 +6,12 @@ to :data:`TrainOptions` (the API's request body), to :func:`validate_train_optio
 submission) and to what the CLI reads here (:func:`option_help`, :func:`option_default`,
 :func:`option_bounds`, :func:`option_choices`). The job system adds what only it knows: a
 device may name a GPU index (``cuda:N``) and defaults to ``settings.default_device``,
-``weights`` is a path confined to the data roots, and ``warm_start``.
+``weights`` is a path confined to the data roots, ``warm_start``, and the review options
+``with_reviews``/``reviews_from`` (train on the review queue's decisions too).
+
+A classify job's options live here as well (:func:`validate_classify_options`): ``top_k``,
+``review_below`` (``scheduler.review.check_review_below``) and ``explain``
+(:data:`EXPLAIN_MODES`).
 """
 
 from __future__ import annotations
@@ -22,9 +27,15 @@ from core.config import OptionSpec, TrainConfig, option_fields, option_spec
 from scheduler.paths import confine
 from scheduler.pathtext import PathText, check_text
 from scheduler.refusals import InvalidOptionsError
+from scheduler.review import ReviewError, check_review_below
+from scheduler.schema import REVIEW_BELOW_DEFAULT
 
 __all__ = [
+    "EXPLAIN_MODES",
     "JOB_DEVICES",
+    "MAX_TOP_K",
+    "REVIEW_BELOW_DEFAULT",
+    "ExplainMode",
     "TrainOptions",
     "option_bounds",
     "option_choices",
@@ -33,8 +44,16 @@ __all__ = [
     "option_names",
     "options_model",
     "refusal",
+    "validate_classify_options",
     "validate_train_options",
 ]
+
+#: What a classify job explains with Grad-CAM: nothing, exactly the predictions that enter
+#: the review queue (error-free, confidence below ``review_below``), or every prediction.
+EXPLAIN_MODES: tuple[str, ...] = ("none", "uncertain", "all")
+ExplainMode = Literal["none", "uncertain", "all"]
+#: A classify job keeps at most this many labels per image (the 44-class label space).
+MAX_TOP_K = 44
 
 #: Devices a train job may ask for, besides ``cuda:N`` (the worker maps them onto
 #: TrainConfig's auto/cpu/cuda).
@@ -49,6 +68,13 @@ _JOB_SPECS: dict[str, OptionSpec] = {
         allowed=f"one of {', '.join(JOB_DEVICES)} or cuda:N",
     ),
     "warm_start": OptionSpec(help="Start from the production model's weights."),
+    "with_reviews": OptionSpec(
+        help="Add the reviewed predictions (the review queue's decisions) to the data."
+    ),
+    "reviews_from": OptionSpec(
+        help="Only the reviews of this classify job (implies with_reviews).",
+        ge=1, allowed="the id of a classify job",
+    ),
 }
 _JOB_FIELDS: dict[str, tuple[Any, Any]] = {
     "device": (
@@ -57,6 +83,11 @@ _JOB_FIELDS: dict[str, tuple[Any, Any]] = {
               description=_JOB_SPECS["device"].help),
     ),
     "warm_start": (bool, Field(False, description=_JOB_SPECS["warm_start"].help)),
+    "with_reviews": (bool, Field(False, description=_JOB_SPECS["with_reviews"].help)),
+    "reviews_from": (
+        int | None,
+        Field(None, ge=1, le=2**31 - 1, description=_JOB_SPECS["reviews_from"].help),
+    ),
 }
 # The weights option is a path in a request body (no NUL, bounded length).
 _PATH_OPTIONS = frozenset({"weights"})
@@ -190,6 +221,8 @@ def validate_train_options(
         raise InvalidOptionsError(refusal(name, merged[name])) from None
     out = parsed.model_dump()
     out["weights"] = _checkpoint(out["weights"], roots)
+    if out["reviews_from"] is not None:  # the reviews of one job are still reviews
+        out["with_reviews"] = True
     return out
 
 
@@ -201,3 +234,25 @@ def _checkpoint(weights: str, roots: Sequence[Path]) -> str:
     if not Path(confined).is_file():
         raise InvalidOptionsError(f"weights: {confined}: no such checkpoint file")
     return confined
+
+
+def validate_classify_options(
+    *, top_k: int = 3, review_below: float = REVIEW_BELOW_DEFAULT, explain: str = "none"
+) -> dict[str, Any]:
+    """Check a classify job's options; returns them as stored (``review_below`` as a float).
+    Raises ``InvalidOptionsError`` naming the option."""
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K:
+        raise InvalidOptionsError(f"top_k: must be between 1 and {MAX_TOP_K}, not {top_k!r}")
+    if isinstance(review_below, bool):
+        raise InvalidOptionsError(f"review_below: must be a number, not {review_below!r}")
+    try:
+        below = check_review_below(review_below)
+    except ReviewError:
+        raise InvalidOptionsError(
+            f"review_below: must be a number between 0 and 1, not {review_below!r}"
+        ) from None
+    if explain not in EXPLAIN_MODES:
+        raise InvalidOptionsError(
+            f"explain: {explain!r} is not one of {', '.join(EXPLAIN_MODES)}"
+        )
+    return {"top_k": top_k, "review_below": below, "explain": explain}

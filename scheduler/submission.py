@@ -19,7 +19,11 @@ from sqlalchemy.orm import Session
 
 from scheduler import repository
 from scheduler.expansion import data_folder, read_spool, spool_inputs
-from scheduler.options import validate_train_options
+from scheduler.options import (
+    REVIEW_BELOW_DEFAULT,
+    validate_classify_options,
+    validate_train_options,
+)
 from scheduler.refusals import (
     DispatchError,
     ExpansionTimeoutError,
@@ -97,14 +101,17 @@ def submit_classify(
     model_version_id: int | None = None,
     submitter: str | None = None,
     top_k: int = 3,
+    review_below: float = REVIEW_BELOW_DEFAULT,
+    explain: str = "none",
 ) -> int:
     """Store a classify job over ``inputs`` and dispatch its chunks; returns the job id.
 
-    Raises ``PathOutsideRootsError``/``TooManyInputsError``/``SubmissionError`` before
-    anything is stored, ``repository.NotFoundError`` for an unknown model version.
+    ``review_below`` goes to the job's column (the review queue's rule reads it there),
+    ``top_k`` and ``explain`` to its params. Raises ``PathOutsideRootsError``/
+    ``TooManyInputsError``/``SubmissionError`` before anything is stored,
+    ``repository.NotFoundError`` for an unknown model version.
     """
-    if isinstance(top_k, bool) or not 1 <= top_k <= 44:
-        raise InvalidOptionsError(f"top_k: must be between 1 and 44, not {top_k!r}")
+    chosen = validate_classify_options(top_k=top_k, review_below=review_below, explain=explain)
     inputs = [inputs] if isinstance(inputs, str) else inputs
     # Resolve the model first: a missing model should not cost a folder walk.
     with session_factory() as session:
@@ -121,9 +128,10 @@ def submit_classify(
         job = repository.create_job(
             session,
             kind=JobKind.CLASSIFY,
-            params={"top_k": top_k, "count": count},
+            params={"top_k": chosen["top_k"], "explain": chosen["explain"], "count": count},
             submitter=submitter,
             model_version_id=model_version_id,
+            review_below=chosen["review_below"],
         )
         job_id = int(job.id)
         repository.add_job_items(session, job_id, read_spool(spool), chunk_size=chunk_size)
@@ -146,7 +154,8 @@ def submit_train(
     """Store a train job on ``data_dir`` (a class-folder tree) and dispatch it.
 
     ``params`` holds ``data`` plus every validated option, so the worker never guesses
-    defaults; ``warm_start`` asks the worker to start from the production model's weights.
+    defaults; ``warm_start`` asks the worker to start from the production model's weights,
+    ``with_reviews``/``reviews_from`` to add the reviewed predictions (of one classify job).
     """
     folder = data_folder(data_dir, settings.data_roots)
     params = validate_train_options(
@@ -159,6 +168,8 @@ def submit_train(
             if production is None:
                 raise InvalidOptionsError("warm_start: there is no production model to start from")
             warm_from = int(production.id)
+        if params["reviews_from"] is not None:
+            _check_reviews_from(session, int(params["reviews_from"]))
         job = repository.create_job(
             session,
             kind=JobKind.TRAIN,
@@ -169,6 +180,19 @@ def submit_train(
         job_id = int(job.id)
     _dispatch_or_fail(session_factory, job_id, lambda: dispatcher.train(job_id))
     return job_id
+
+
+def _check_reviews_from(session: Session, job_id: int) -> None:
+    try:
+        job = repository.get_job(session, job_id)
+    except repository.NotFoundError:
+        raise InvalidOptionsError(f"reviews_from: there is no job {job_id}") from None
+    if job.kind != JobKind.CLASSIFY:
+        kind = JobKind(job.kind).value
+        raise InvalidOptionsError(
+            f"reviews_from: job {job_id} is a {kind} job, not a classify job (only "
+            "classify jobs have reviewed predictions)"
+        )
 
 
 def submit_evaluate(

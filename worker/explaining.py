@@ -33,7 +33,6 @@ if TYPE_CHECKING:
     from core.explanation import Explainer
 
 __all__ = [
-    "ARTIFACT_KIND",
     "EXPLANATIONS_DIR",
     "explain_items",
     "explain_targets",
@@ -45,8 +44,6 @@ log = logging.getLogger(__name__)
 
 #: Folder of the explanations inside a job's artifact directory.
 EXPLANATIONS_DIR = "explanations"
-#: The artifact kind of an explanation overlay.
-ARTIFACT_KIND = "explanation"
 
 #: (item id, stored path) of one prediction to explain.
 Target = tuple[int, str]
@@ -104,11 +101,10 @@ def explanation_targets(
 def record_explanations(
     session: Session, job_id: int, out_dir: Path, overlays: dict[int, str]
 ) -> None:
-    """Point each prediction at its overlay and record the overlay as a job artifact."""
+    """Point each prediction at its overlay (an absolute path in the job folder, as every
+    artifact) and record it as the job's artifact (``repository.set_explanation``)."""
     for item_id, relative in sorted(overlays.items()):
-        path = str((out_dir / relative).resolve())
-        repository.set_explanation(session, item_id, path)
-        repository.record_artifact(session, job_id=job_id, kind=ARTIFACT_KIND, path=path)
+        repository.set_explanation(session, item_id, str((out_dir / relative).resolve()))
 
 
 def explain_targets(

@@ -17,6 +17,7 @@ one module per group of commands. Importing them registers their commands, in th
 
 from scheduler.cli import submit as submit  # noqa: I001  (import order = command order)
 from scheduler.cli import results as results
+from scheduler.cli import explain as explain
 from scheduler.cli import services as services
 from scheduler.cli import demo as demo
 from scheduler.cli import jobs as jobs

@@ -22,8 +22,8 @@ from scheduler.cli.render import (
 
 def _models_table(rows: list[dict[str, Any]], title: str) -> Table:
     table = Table(title=title)
-    for col in ("id", "arch", "labels", "stage", "accuracy", "macro_f1", "train job", "created",
-                "promoted"):
+    for col in ("id", "arch", "labels", "stage", "accuracy", "macro_f1", "train job", "reviews",
+                "created", "promoted"):
         table.add_column(col, overflow="fold")
     for m in rows:
         table.add_row(*cells(
@@ -34,6 +34,7 @@ def _models_table(rows: list[dict[str, Any]], title: str) -> Table:
             fmt_float(metric(m["metrics"], "accuracy", "test_accuracy")),
             fmt_float(metric(m["metrics"], "macro_f1", "test_macro_f1")),
             "" if m["training_job_id"] is None else str(m["training_job_id"]),
+            "" if m["reviews_used"] is None else str(m["reviews_used"]),
             (m["created_at"] or "")[:19],
             (m["promoted_at"] or "")[:19],
         ))
@@ -57,7 +58,7 @@ def models_list(ctx: typer.Context, as_json: bool = JsonOpt) -> None:
 def models_show(
     ctx: typer.Context, model_id: int = typer.Argument(..., min=1), as_json: bool = JsonOpt
 ) -> None:
-    """Show one model version with its metrics."""
+    """Show one model version with its metrics and lineage (the reviews it trained on)."""
     from scheduler import repository
 
     with runtime(ctx).sessions()() as session:
@@ -69,7 +70,7 @@ def models_show(
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
     for key, value in doc.items():
-        if key in ("classes", "metrics"):
+        if key in ("classes", "metrics", "review_ids"):
             value = json.dumps(value)
         table.add_row(*cells(key, "" if value is None else str(value)))
     stdout_console().print(table)

@@ -97,9 +97,12 @@ def model_doc(model: ModelVersion) -> dict[str, Any]:
 
 def prediction_doc(row: PredictionRow) -> dict[str, Any]:
     from scheduler.api_models import PredictionOut
+    from scheduler.export import explanation_cell
 
-    # The export keeps the CSV's columns (export.PREDICTION_COLUMNS): no file hash.
-    return PredictionOut.model_validate(row).model_dump(mode="json", exclude={"file_sha256"})
+    # The export keeps the CSV's columns (export.PREDICTION_COLUMNS): no file hash, no
+    # item id, and the explanation as the CSV names it (relative to the job folder).
+    out = PredictionOut.model_validate(row).with_explanation(explanation_cell(row) or None)
+    return out.model_dump(mode="json", exclude={"file_sha256", "item_id"})
 
 
 def epoch_doc(row: EpochMetric) -> dict[str, Any]:

@@ -65,7 +65,8 @@ def results(
 ) -> None:
     """Export a classify job's predictions (streamed from SQL, in input order).
 
-    CSV columns: item_index, path, label, confidence, top_k (JSON [[label, p], ...]), error.
+    CSV columns: item_index, path, label, confidence, top_k (JSON [[label, p], ...]), error,
+    explanation (the Grad-CAM file, relative to the job folder).
     """
     rt = runtime(ctx)
     writer = write_predictions_csv if fmt is ResultFormat.csv else write_predictions_json

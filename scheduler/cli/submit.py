@@ -24,6 +24,12 @@ def submitter() -> str:
         return "cli"
 
 
+# The explanation modes as Typer choices (``--explain [none|uncertain|all]``).
+ExplainChoice = StrEnum(  # type: ignore[misc]  # members from options, not literals
+    "ExplainChoice", {mode: mode for mode in options.EXPLAIN_MODES}
+)
+
+
 @app.command()
 def classify(
     ctx: typer.Context,
@@ -33,7 +39,17 @@ def classify(
     model: int | None = typer.Option(
         None, "--model", "-m", help="Model version id (default: the production model)."
     ),
-    top_k: int = typer.Option(3, "--top-k", min=1, max=44, help="Labels kept per image."),
+    top_k: int = typer.Option(
+        3, "--top-k", min=1, max=options.MAX_TOP_K, help="Labels kept per image."
+    ),
+    review_below: float = typer.Option(
+        options.REVIEW_BELOW_DEFAULT, "--review-below", min=0.0, max=1.0,
+        help="Predictions less confident than this enter the review queue.",
+    ),
+    explain: ExplainChoice = typer.Option(
+        ExplainChoice("none"), "--explain",
+        help="Grad-CAM explanations: none, uncertain (what enters the review queue) or all.",
+    ),
     wait: bool = WaitOpt,
     as_json: bool = JsonOpt,
 ) -> None:
@@ -47,6 +63,8 @@ def classify(
         model_version_id=model,
         submitter=submitter(),
         top_k=top_k,
+        review_below=review_below,
+        explain=ExplainChoice(explain).value,
     )
     report_submitted(rt, job_id, wait=wait, as_json=as_json)
 
@@ -84,6 +102,8 @@ def train(
     seed: int = _train_option("seed"),
     device: str | None = _train_option("device"),
     warm_start: bool = _train_option("warm_start", "--warm-start"),
+    with_reviews: bool = _train_option("with_reviews", "--with-reviews"),
+    reviews_from: int | None = _train_option("reviews_from", "--reviews-from"),
     wait: bool = WaitOpt,
     as_json: bool = JsonOpt,
 ) -> None:
@@ -101,6 +121,8 @@ def train(
         "seed": seed,
         "device": device,
         "warm_start": warm_start,
+        "with_reviews": with_reviews,
+        "reviews_from": reviews_from,
     }
     job_id = submission.submit_train(
         rt.sessions(), rt.dispatcher, rt.settings, data, chosen, submitter=submitter()

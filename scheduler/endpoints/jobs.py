@@ -47,6 +47,7 @@ def submit_classify(
     job_id = submission.submit_classify(
         sessions, dispatcher, settings, body.inputs,
         model_version_id=body.model_version_id, submitter="api", top_k=body.top_k,
+        review_below=body.review_below, explain=body.explain,
     )
     return JobCreated(id=job_id)
 

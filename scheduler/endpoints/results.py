@@ -4,13 +4,15 @@ downloads (confined to the job and model folders, never the database or the brok
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path as FsPath
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Path, Query
 from fastapi.responses import FileResponse, StreamingResponse
+from sqlalchemy.orm import Session
 
-from scheduler import export, repository
+from scheduler import explanations, export, repository
 from scheduler.api_models import (
     ERROR_RESPONSES,
     MAX_ID,
@@ -19,15 +21,22 @@ from scheduler.api_models import (
     EpochOut,
     ErrorOut,
     EvaluationOut,
+    ExplanationRequested,
     JobIdPath,
     MetricsOut,
     PredictionOut,
     PredictionPage,
 )
-from scheduler.endpoints.deps import AuthDependencies, SessionsDep, SettingsDep
+from scheduler.endpoints.deps import (
+    AuthDependencies,
+    DispatcherDep,
+    SessionsDep,
+    SettingsDep,
+)
 from scheduler.paths import InvalidPathError, PathOutsideRootsError, confine
+from scheduler.schema import PredictionRow
 
-__all__ = ["router"]
+__all__ = ["prediction_outs", "router"]
 
 router = APIRouter(tags=["results"], dependencies=AuthDependencies)
 
@@ -46,7 +55,8 @@ def predictions(
     format: Annotated[Literal["json", "csv"], Query()] = "json",
 ) -> PredictionPage | StreamingResponse:
     """A classify job's predictions in input order. ``format=csv`` streams every row
-    (columns item_index, path, label, confidence, top_k as JSON, error); paging applies
+    (columns item_index, path, label, confidence, top_k as JSON, error, explanation: the
+    artifact path relative to the job folder); paging applies
     to JSON only."""
     with sessions() as session:
         repository.get_job(session, job_id)  # 404 before any streaming starts
@@ -55,13 +65,52 @@ def predictions(
             rows = repository.list_predictions(session, job_id, offset=offset, limit=limit)
             return PredictionPage(
                 job_id=job_id, total=total, offset=offset, limit=limit,
-                items=[PredictionOut.model_validate(r) for r in rows],
+                items=prediction_outs(session, job_id, rows),
             )
     return StreamingResponse(
         export.stream_predictions_csv(sessions, job_id),
         media_type="text/csv; charset=utf-8",
         headers={"Content-Disposition": f'attachment; filename="job-{job_id}.csv"'},
     )
+
+
+def prediction_outs(
+    session: Session, job_id: int, rows: Sequence[PredictionRow]
+) -> list[PredictionOut]:
+    """The rows as the API shows them: an explanation is its artifact's download URL."""
+    ids = repository.artifact_ids(session, job_id, (r.explanation for r in rows))
+    return [
+        PredictionOut.model_validate(r).with_explanation(
+            f"/artifacts/{ids[r.explanation]}" if r.explanation in ids else None
+        )
+        for r in rows
+    ]
+
+
+ItemIdPath = Annotated[int, Path(ge=1, le=2**63 - 1, description="Item (prediction) id.")]
+
+
+@router.post(
+    "/jobs/{job_id}/predictions/{item_id}/explanation",
+    response_model=ExplanationRequested, status_code=202,
+    responses={**ERROR_RESPONSES, 409: {"model": ErrorOut}, 503: {"model": ErrorOut}},
+)
+def request_explanation(
+    job_id: JobIdPath, item_id: ItemIdPath, sessions: SessionsDep, dispatcher: DispatcherDep
+) -> ExplanationRequested:
+    """Explain one prediction with Grad-CAM (a worker task; asking again re-explains it).
+    The answer is the prediction as it is now: its ``explanation`` URL appears once the
+    worker is done. 404: unknown job or item; 409: an error row or not a classify job."""
+    try:
+        explanations.request_explanation(sessions, dispatcher, job_id, item_id)
+    except explanations.NotExplainableError as exc:
+        raise HTTPException(status_code=409, detail=str(exc)) from None
+    except explanations.ExplanationNotSentError as exc:
+        raise HTTPException(status_code=503, detail=str(exc)) from None
+    with sessions() as session:
+        row = explanations.explanation_of(session, job_id, item_id)
+        (item,) = prediction_outs(session, job_id, [row])
+    return ExplanationRequested(job_id=job_id, item_id=item_id, item=item)
 
 
 @router.get("/jobs/{job_id}/metrics", response_model=MetricsOut, responses=ERROR_RESPONSES)

@@ -28,6 +28,7 @@ task: ``claim_chunk`` -> ``record_predictions`` (per batch) -> ``complete_chunk`
 from __future__ import annotations
 
 from scheduler.repository.artifacts import (
+    artifact_ids,
     get_artifact,
     list_artifacts,
     record_artifact,
@@ -81,6 +82,7 @@ from scheduler.repository.models import (
     rollback_production,
 )
 from scheduler.repository.predictions import (
+    EXPLANATION_KIND,
     PredictionRecord,
     count_prediction_errors,
     count_predictions,
@@ -92,11 +94,13 @@ from scheduler.repository.predictions import (
 
 __all__ = [
     "CALIBRATION_FIELDS",
+    "EXPLANATION_KIND",
     "ITEM_BATCH_SIZE",
     "NoRollbackTargetError",
     "NotFoundError",
     "PredictionRecord",
     "abandon_chunk",
+    "artifact_ids",
     "add_job_items",
     "chunk_status_counts",
     "claim_chunk",
@@ -129,12 +133,12 @@ __all__ = [
     "record_epoch_metric",
     "record_evaluation",
     "record_predictions",
-    "set_explanation",
     "register_model_version",
     "release_chunk",
     "request_cancel",
     "rollback_production",
     "running_chunks",
+    "set_explanation",
     "set_progress",
     "take_dead_chunk",
     "take_stale_chunks",

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -10,6 +12,7 @@ from scheduler.repository.base import NotFoundError
 from scheduler.schema import Artifact, utcnow
 
 __all__ = [
+    "artifact_ids",
     "get_artifact",
     "list_artifacts",
     "record_artifact",
@@ -56,3 +59,16 @@ def get_artifact(session: Session, artifact_id: int) -> Artifact:
     if artifact is None:
         raise NotFoundError("artifact", artifact_id)
     return artifact
+
+
+def artifact_ids(session: Session, job_id: int, paths: Iterable[str | None]) -> dict[str, int]:
+    """path -> id of the job's artifact at that path (Nones and unrecorded paths left out):
+    the API links a stored path to its download URL, never the path itself."""
+    wanted = {p for p in paths if p}
+    if not wanted:
+        return {}
+    rows = session.execute(
+        select(Artifact.path, Artifact.id).where(Artifact.job_id == job_id,
+                                                 Artifact.path.in_(wanted))
+    )
+    return {str(path): int(aid) for path, aid in rows}

@@ -56,8 +56,10 @@ def create_job(
     params: dict[str, Any],
     submitter: str | None = None,
     model_version_id: int | None = None,
+    review_below: float | None = None,
 ) -> Job:
-    """Insert a queued job and flush it so ``job.id`` is set."""
+    """Insert a queued job and flush it so ``job.id`` is set (``review_below``: a classify
+    job's review threshold; None keeps the column's default)."""
     job = Job(
         kind=JobKind(kind),
         status=JobStatus.QUEUED,
@@ -69,6 +71,8 @@ def create_job(
         model_version_id=model_version_id,
         created_at=utcnow(),
     )
+    if review_below is not None:
+        job.review_below = review_below
     session.add(job)
     session.flush()
     return job

@@ -10,13 +10,20 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from scheduler.repository.base import NotFoundError, dialect_insert, psycopg_connection, table_of
-from scheduler.schema import PredictionRow, utcnow
+from scheduler.repository.artifacts import record_artifact
+from scheduler.repository.base import (
+    NotFoundError,
+    dialect_insert,
+    psycopg_connection,
+    table_of,
+)
+from scheduler.schema import Artifact, PredictionRow, utcnow
 
 __all__ = [
+    "EXPLANATION_KIND",
     "PredictionRecord",
     "count_prediction_errors",
     "count_predictions",
@@ -25,6 +32,9 @@ __all__ = [
     "record_predictions",
     "set_explanation",
 ]
+
+#: The artifact kind of a prediction's Grad-CAM explanation.
+EXPLANATION_KIND = "explanation"
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,8 +48,11 @@ class PredictionRecord:
     confidence: float | None
     top_k: tuple[tuple[str, float], ...] = ()
     error: str | None = None
-    #: Entropy of the calibrated probabilities (scheduler.review ranks the queue by it).
+    #: Entropy of the calibrated probabilities (the review queue's order).
     entropy: float | None = None
+    #: Path of the Grad-CAM artifact, when the worker explained the item with the batch
+    #: (it records the Artifact row itself, or calls :func:`set_explanation`).
+    explanation: str | None = None
 
 
 def record_predictions(session: Session, job_id: int, records: Sequence[PredictionRecord]) -> int:
@@ -68,6 +81,7 @@ def record_predictions(session: Session, job_id: int, records: Sequence[Predicti
             "top_k": _top_k_json(r.top_k),
             "error": r.error,
             "entropy": r.entropy,
+            "explanation": r.explanation,
             "created_at": now,
         }
         for r in records
@@ -97,12 +111,12 @@ def _copy_predictions(
         cursor.execute(
             f"CREATE TEMPORARY TABLE IF NOT EXISTS {_STAGE_TABLE} ("
             "item_index integer, path text, file_sha256 text, label text, "
-            "confidence double precision, top_k text, error text, entropy double precision) "
-            "ON COMMIT DELETE ROWS"
+            "confidence double precision, top_k text, error text, entropy double precision, "
+            "explanation text) ON COMMIT DELETE ROWS"
         )
         with cursor.copy(
             f"COPY {_STAGE_TABLE} (item_index, path, file_sha256, label, confidence, top_k, "
-            "error, entropy) FROM STDIN"
+            "error, entropy, explanation) FROM STDIN"
         ) as copy:
             for r in records:
                 copy.write_row(
@@ -115,20 +129,41 @@ def _copy_predictions(
                         json.dumps(_top_k_json(r.top_k)),
                         r.error,
                         r.entropy,
+                        r.explanation,
                     )
                 )
         # A batch repeating an item_index is fine too: DO NOTHING skips the second row.
         cursor.execute(
             "INSERT INTO predictions (job_id, item_index, path, file_sha256, label, confidence, "
-            "top_k, error, entropy, created_at) "
+            "top_k, error, entropy, explanation, created_at) "
             "SELECT %s, item_index, path, file_sha256, label, confidence, top_k::json, error, "
-            f"entropy, %s "
-            f"FROM {_STAGE_TABLE} ON CONFLICT (job_id, item_index) DO NOTHING",
+            f"entropy, explanation, %s FROM {_STAGE_TABLE} "
+            "ON CONFLICT (job_id, item_index) DO NOTHING",
             (job_id, now),
         )
         added = cursor.rowcount
         cursor.execute(f"DELETE FROM {_STAGE_TABLE}")
     return int(added)
+
+
+def set_explanation(session: Session, item_id: int, path: str) -> Artifact:
+    """Record ``path`` (the artifact file, as other artifacts: a path inside the job folder)
+    as the explanation of prediction ``item_id`` and register it as an artifact of the job.
+
+    Idempotent: explaining an item again replaces its explanation, and the artifact row of
+    an earlier file at another path goes with it (the old file is no longer the item's).
+    Raises :class:`NotFoundError` for an unknown item."""
+    row = session.get(PredictionRow, item_id)
+    if row is None:
+        raise NotFoundError("prediction", item_id)
+    previous = row.explanation
+    if previous and previous != path:
+        session.execute(
+            delete(Artifact).where(Artifact.job_id == row.job_id, Artifact.path == previous,
+                                   Artifact.kind == EXPLANATION_KIND)
+        )
+    row.explanation = path
+    return record_artifact(session, job_id=row.job_id, kind=EXPLANATION_KIND, path=path)
 
 
 def count_predictions(session: Session, job_id: int) -> int:
@@ -187,13 +222,3 @@ def iter_predictions(session: Session, job_id: int, batch: int = 5000) -> Iterat
             return
         yield from rows
         last = rows[-1].item_index
-
-
-def set_explanation(session: Session, item_id: int, path: str) -> None:
-    """Point prediction ``item_id`` (its row id) at its explanation artifact; a newer one
-    replaces it (a re-explained item keeps one path)."""
-    row = session.get(PredictionRow, item_id)
-    if row is None:
-        raise NotFoundError("prediction", item_id)
-    row.explanation = path
-    session.flush()

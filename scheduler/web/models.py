@@ -14,7 +14,7 @@ from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import RedirectResponse
 from sqlalchemy.orm import Session
 
-from scheduler import repository
+from scheduler import repository, review
 from scheduler.api_models import MAX_ID
 from scheduler.schema import Artifact, Job, ModelStage, ModelVersion
 from scheduler.web.context import WebContext, page_route_class
@@ -34,6 +34,7 @@ class ModelRow:
     data: str | None  # the training job's data folder
     warm_start_from: int | None
     plots: tuple[Artifact, ...]
+    reviews_used: int | None = None  # None: trained without reviews
 
 
 def _metric(version: ModelVersion, *keys: str) -> float | None:
@@ -55,7 +56,8 @@ def _row(session: Session, version: ModelVersion) -> ModelRow:
             plots = tuple(a for a in repository.list_artifacts(session, job.id)
                           if a.path.lower().endswith(".png"))
     return ModelRow(version, _metric(version, "test_macro_f1", "val_macro_f1"),
-                    _metric(version, "test_accuracy", "val_accuracy"), data, warm, plots)
+                    _metric(version, "test_accuracy", "val_accuracy"), data, warm, plots,
+                    review.lineage(version)["reviews_used"])
 
 
 def router(ctx: WebContext) -> APIRouter:

@@ -17,22 +17,23 @@ from fastapi.responses import RedirectResponse
 
 from scheduler import repository, submission
 from scheduler.api_models import ClassifyRequest, TrainRequest
-from scheduler.options import JOB_DEVICES, option_choices
+from scheduler.options import EXPLAIN_MODES, JOB_DEVICES, REVIEW_BELOW_DEFAULT, option_choices
 from scheduler.web.context import WebContext, page_route_class, refusal_of
 from scheduler.web.session import CSRF_FIELD
 
 __all__ = ["router"]
 
-_TRAIN_FLAGS = ("finetune", "warm_start")
+_TRAIN_FLAGS = ("finetune", "warm_start", "with_reviews")
+# Classify form fields passed to ClassifyRequest as typed (empty: the API's default).
+_CLASSIFY_FIELDS = ("model_version_id", "top_k", "review_below", "explain")
 
 
 def _classify_request(form: dict[str, str]) -> ClassifyRequest:
     inputs = [line.strip() for line in form.get("inputs", "").splitlines() if line.strip()]
     body: dict[str, Any] = {"inputs": inputs}
-    if form.get("model_version_id", "").strip():
-        body["model_version_id"] = form["model_version_id"].strip()
-    if form.get("top_k", "").strip():
-        body["top_k"] = form["top_k"].strip()
+    for name in _CLASSIFY_FIELDS:
+        if form.get(name, "").strip():
+            body[name] = form[name].strip()
     return ClassifyRequest.model_validate(body)
 
 
@@ -55,6 +56,7 @@ def router(ctx: WebContext) -> APIRouter:
             return ctx.render(request, "submit.html", {
                 "models": models, "archs": option_choices("arch"),
                 "devices": JOB_DEVICES, "error": error, "which": which,
+                "explain_modes": EXPLAIN_MODES, "review_below": REVIEW_BELOW_DEFAULT,
                 "form": form or {}, "max_paths": ctx.settings.max_paths_per_job,
                 "roots": [str(r) for r in ctx.settings.data_roots],
             }, status=status)
@@ -73,6 +75,7 @@ def router(ctx: WebContext) -> APIRouter:
             job_id = submission.submit_classify(
                 ctx.sessions, ctx.dispatcher(), ctx.settings, body.inputs,
                 model_version_id=body.model_version_id, submitter="web", top_k=body.top_k,
+                review_below=body.review_below, explain=body.explain,
             )
         except Exception as exc:
             return _refused(page, request, exc, form, "classify")

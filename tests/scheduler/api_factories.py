@@ -48,3 +48,17 @@ def make_images(root: Path, n: int, folder: str = "imgs") -> Path:
 def classify_job_count(sessions: sessionmaker[Session]) -> int:
     with sessions() as s:
         return len(repository.list_jobs(s, kind=JobKind.CLASSIFY, limit=1000))
+
+
+def sent_tasks(data_dir: Path) -> list[tuple[str, list[Any]]]:
+    """(task name, args) of every message waiting in the embedded broker's queue folder."""
+    import base64
+    import json
+
+    folder = data_dir / "broker" / "queue"
+    sent = []
+    for path in sorted(folder.glob("*.msg")) if folder.exists() else []:
+        message = json.loads(path.read_text("utf-8"))
+        body = json.loads(base64.b64decode(message["body"]))
+        sent.append((str(message["headers"]["task"]), list(body[0])))
+    return sent

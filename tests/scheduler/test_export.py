@@ -13,6 +13,7 @@ import pytest
 
 from scheduler.export import (
     PREDICTION_COLUMNS,
+    explanation_cell,
     export_to_file,
     prediction_csv_row,
     write_predictions_csv,
@@ -35,8 +36,23 @@ def test_csv_rows_round_trip() -> None:
     assert tuple(header) == PREDICTION_COLUMNS
     assert float(good[3]) == 0.1 + 0.2  # repr: no precision lost
     assert json.loads(good[4]) == [["Normal", 0.3], ["Glioma", 0.2]]
-    assert bad == ["1", "/d/1.png", "", "", "[]", "cannot decode"]
+    assert bad == ["1", "/d/1.png", "", "", "[]", "cannot decode", ""]
     assert prediction_csv_row(_row(2))[:3] == [2, "/d/2.png", "Normal"]
+
+
+def test_explanation_is_exported_relative_to_the_job_folder() -> None:
+    def cell(path: str | None, job_id: int = 12) -> str:
+        return explanation_cell(SimpleNamespace(job_id=job_id, explanation=path))
+
+    assert cell("/srv/state/jobs/12/explanations/7.png") == "explanations/7.png"
+    # The nearest folder named by the job: a data dir under /12/ does not confuse it.
+    assert cell("/12/state/jobs/12/explanations/7.png") == "explanations/7.png"
+    assert cell("explanations/7.png") == "explanations/7.png"
+    assert cell("/elsewhere/7.png") == "7.png"  # never a server path
+    assert cell(None) == cell("") == ""
+    assert prediction_csv_row(SimpleNamespace(**vars(_row(0)), job_id=3,
+                                              explanation="/s/3/explanations/1.png"))[-1] == (
+        "explanations/1.png")
 
 
 def test_export_file_is_all_or_nothing(tmp_path: Path) -> None:

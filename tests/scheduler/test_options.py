@@ -13,6 +13,8 @@ from pydantic import ValidationError
 from core.config import ARCHITECTURES, TrainConfig, option, option_fields
 from scheduler.api_models import TrainRequest
 from scheduler.options import (
+    EXPLAIN_MODES,
+    REVIEW_BELOW_DEFAULT,
     TrainOptions,
     option_bounds,
     option_choices,
@@ -20,6 +22,7 @@ from scheduler.options import (
     option_help,
     option_names,
     options_model,
+    validate_classify_options,
     validate_train_options,
 )
 from scheduler.refusals import InvalidOptionsError
@@ -43,15 +46,17 @@ def test_a_new_option_field_appears_in_the_options_model() -> None:
     assert "dropout" not in TrainOptions.model_fields  # TrainConfig itself is unchanged
 
 
-def test_options_are_the_option_fields_of_train_config_plus_warm_start() -> None:
+def test_options_are_the_option_fields_of_train_config_plus_the_job_systems() -> None:
     config_options = [f.name for f in option_fields(TrainConfig)]
-    assert list(option_names()) == [*config_options, "warm_start"]
+    assert list(option_names()) == [*config_options, "warm_start", "with_reviews",
+                                    "reviews_from"]
     assert {"optimizer", "data_dir", "out_dir", "resume"}.isdisjoint(option_names())
     defaults = {f.name: f.default for f in fields(TrainConfig)}
     for name in config_options:
         expected = None if name == "device" else defaults[name]  # None: the settings' one
         assert option_default(name) == expected, name
     assert option_default("warm_start") is False
+    assert option_default("with_reviews") is False and option_default("reviews_from") is None
 
 
 def test_cli_reads_help_bounds_and_choices() -> None:
@@ -88,7 +93,8 @@ def test_cli_reads_help_bounds_and_choices() -> None:
         (
             {"optimizer": "sgd"},
             "unknown training option(s): optimizer; known: arch, batch_size, device, epochs, "
-            "finetune, image_size, labels, lr, seed, warm_start, weights",
+            "finetune, image_size, labels, lr, reviews_from, seed, warm_start, weights, "
+            "with_reviews",
         ),
     ],
 )
@@ -111,7 +117,7 @@ def test_valid_options_are_completed_and_normalised(tmp_path: Path) -> None:
     assert out == {
         "arch": "efficientnet_b0", "epochs": 10, "image_size": 224, "batch_size": 32,
         "lr": 1.0, "finetune": False, "weights": str(weights), "labels": "44", "seed": 0,
-        "device": "cuda:1", "warm_start": False,
+        "device": "cuda:1", "warm_start": False, "with_reviews": False, "reviews_from": None,
     }
     assert isinstance(out["lr"], float)
     with pytest.raises(InvalidOptionsError, match="no such checkpoint file"):
@@ -141,3 +147,34 @@ def test_api_request_is_the_options_plus_data() -> None:
     assert set(TrainRequest.model_fields) == {*option_names(), "data"}
     # JSON is parsed laxly (a JSON "5" is 5 epochs), unlike Python callers of submission.
     assert TrainRequest.model_validate({"data": "d", "epochs": "5"}).model_dump()["epochs"] == 5
+
+
+def test_review_options_of_a_train_job(tmp_path: Path) -> None:
+    plain = validate_train_options({}, roots=[tmp_path])
+    assert plain["with_reviews"] is False and plain["reviews_from"] is None
+    chosen = validate_train_options({"with_reviews": True}, roots=[tmp_path])
+    assert chosen["with_reviews"] is True and chosen["reviews_from"] is None
+    # The reviews of one classify job are reviews too: reviews_from implies with_reviews.
+    one_job = validate_train_options({"reviews_from": 7}, roots=[tmp_path])
+    assert one_job["with_reviews"] is True and one_job["reviews_from"] == 7
+    for bad in (0, "7", True, 2.5):
+        with pytest.raises(InvalidOptionsError, match="^reviews_from: must be the id of a "):
+            validate_train_options({"reviews_from": bad}, roots=[tmp_path])
+    with pytest.raises(InvalidOptionsError, match="^with_reviews: must be true or false"):
+        validate_train_options({"with_reviews": "yes"}, roots=[tmp_path])
+
+
+def test_classify_options_are_checked_and_named() -> None:
+    assert validate_classify_options() == {"top_k": 3, "review_below": REVIEW_BELOW_DEFAULT,
+                                           "explain": "none"}
+    assert validate_classify_options(top_k=5, review_below=0, explain="uncertain") == {
+        "top_k": 5, "review_below": 0.0, "explain": "uncertain"}
+    assert EXPLAIN_MODES == ("none", "uncertain", "all")
+    for kwargs, name in [({"top_k": 0}, "top_k"), ({"top_k": True}, "top_k"),
+                         ({"review_below": 1.5}, "review_below"),
+                         ({"review_below": -0.1}, "review_below"),
+                         ({"review_below": float("nan")}, "review_below"),
+                         ({"review_below": True}, "review_below"),
+                         ({"explain": "some"}, "explain")]:
+        with pytest.raises(InvalidOptionsError, match=f"^{name}: "):
+            validate_classify_options(**kwargs)  # type: ignore[arg-type]

@@ -362,3 +362,48 @@ def test_submit_classify_on_postgresql(
     finally:
         dispatcher.close()
         engine.dispose()
+
+
+def test_classify_options_reach_the_job_row(
+    root: Path, settings: Settings, sessions: sessionmaker[Session], dispatcher: Dispatcher
+) -> None:
+    _touch(root / "a.png")
+    _model(sessions)
+    default_id = submission.submit_classify(sessions, dispatcher, settings, [str(root)])
+    chosen_id = submission.submit_classify(
+        sessions, dispatcher, settings, [str(root)], review_below=0.25, explain="uncertain"
+    )
+    with sessions() as s:
+        default, chosen = repository.get_job(s, default_id), repository.get_job(s, chosen_id)
+        assert default.review_below == 0.6 and default.params["explain"] == "none"
+        assert chosen.review_below == 0.25 and chosen.params["explain"] == "uncertain"
+    before = _counts(sessions)
+    for kwargs in ({"review_below": 2.0}, {"explain": "every"}):
+        with pytest.raises(submission.InvalidOptionsError, match=f"^{next(iter(kwargs))}: "):
+            submission.submit_classify(sessions, dispatcher, settings, [str(root)], **kwargs)
+    assert _counts(sessions) == before  # refused before anything was stored
+
+
+def test_reviews_from_must_name_a_classify_job(
+    root: Path, settings: Settings, sessions: sessionmaker[Session], dispatcher: Dispatcher
+) -> None:
+    (root / "data").mkdir()
+    _touch(root / "a.png")
+    _model(sessions)
+    classify_id = submission.submit_classify(sessions, dispatcher, settings, [str(root)])
+    with sessions() as s:
+        train_id = repository.list_jobs(s, kind=JobKind.TRAIN)[0].id
+    with pytest.raises(submission.InvalidOptionsError, match="^reviews_from: there is no job 99"):
+        submission.submit_train(sessions, dispatcher, settings, root / "data", {"reviews_from": 99})
+    with pytest.raises(submission.InvalidOptionsError, match="is a train job, not a classify"):
+        submission.submit_train(sessions, dispatcher, settings, root / "data",
+                                {"reviews_from": train_id})
+    job_id = submission.submit_train(sessions, dispatcher, settings, root / "data",
+                                     {"reviews_from": classify_id})
+    plain_id = submission.submit_train(sessions, dispatcher, settings, root / "data",
+                                       {"with_reviews": True})
+    with sessions() as s:
+        params = repository.get_job(s, job_id).params
+        assert params["reviews_from"] == classify_id and params["with_reviews"] is True
+        plain = repository.get_job(s, plain_id).params
+        assert plain["with_reviews"] is True and plain["reviews_from"] is None

@@ -208,12 +208,15 @@ def test_the_explain_task_explains_one_item_on_demand(
         assert Path(expected).is_file()
         assert _explanation_artifacts(factory, job_id) == {expected}
 
-        assert explain(job_id, bad.id) == f"skipped: item {bad.id} is an error row: " \
-            "nothing was predicted"
-        assert explain(job_id + 1, good.id) == f"skipped: job {job_id + 1} not found"
+        # Re-checked by the task (scheduler.explanations.explanation_of): skipped, not run.
+        assert explain(job_id, bad.id).startswith(f"skipped: item {bad.id} of job {job_id} "
+                                                  "is an error row")
         with factory.begin() as session:
-            other = repository.create_job(session, kind=JobKind.CLASSIFY, params={})
-            other_id = int(other.id)
-        assert explain(other_id, good.id).startswith(f"skipped: item {good.id} of job")
+            other = int(repository.create_job(session, kind=JobKind.CLASSIFY, params={}).id)
+            train = int(repository.create_job(session, kind=JobKind.TRAIN, params={}).id)
+        assert explain(other + 99, good.id) == f"skipped: job {other + 99} not found"
+        assert explain(other, good.id) == f"skipped: job {other} item {good.id} not found"
+        assert explain(train, good.id).startswith(f"skipped: job {train} is a train job")
+        assert _explanation_artifacts(factory, job_id) == {expected}
     finally:
         factory.kw["bind"].dispose()

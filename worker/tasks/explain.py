@@ -17,9 +17,8 @@ from typing import TYPE_CHECKING
 
 from celery import Task
 
-from scheduler import repository
+from scheduler import explanations, repository
 from scheduler.pathtext import filesystem_path
-from scheduler.schema import JobKind, PredictionRow
 from worker import explaining, runtime, sessions
 from worker.appsettings import job_dir
 from worker.tasks.common import task_settings
@@ -38,18 +37,12 @@ class _Target:
 
 
 def _target(session: Session, job_id: int, item_id: int) -> _Target | str:
-    """What to explain, or why there is nothing to."""
+    """What to explain, or why there is nothing to (the request's own checks, again)."""
     try:
-        job = repository.get_job(session, job_id)
-    except repository.NotFoundError:
-        return f"job {job_id} not found"
-    if JobKind(job.kind) is not JobKind.CLASSIFY:
-        return f"job {job_id} is a {job.kind} job, not a classify job"
-    row = session.get(PredictionRow, item_id)
-    if row is None or row.job_id != job_id:
-        return f"item {item_id} of job {job_id} not found"
-    if row.error is not None or row.label is None:
-        return f"item {item_id} is an error row: nothing was predicted"
+        row = explanations.explanation_of(session, job_id, item_id)
+    except (repository.NotFoundError, explanations.NotExplainableError) as exc:
+        return str(exc)
+    job = repository.get_job(session, job_id)
     if job.model_version_id is None:
         return f"job {job_id} has no model version"
     version = repository.get_model_version(session, job.model_version_id)

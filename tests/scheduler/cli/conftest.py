@@ -42,3 +42,24 @@ def sessions(env: dict[str, str]) -> Iterator[sessionmaker[Session]]:
     engine = make_engine(env["MRIQ_DATABASE_URL"])
     yield make_session_factory(engine)
     engine.dispose()
+
+
+#: The CLI tests' own Redis database (worker tests use 13, end-to-end tests 12).
+REDIS_DB = 11
+
+
+@pytest.fixture
+def redis_broker() -> Iterator[str]:
+    """A real Redis broker URL (``MRIQ_TEST_REDIS_PORT``), its database emptied around."""
+    import os
+
+    import redis
+
+    port = int(os.environ.get("MRIQ_TEST_REDIS_PORT", "6379"))
+    client = redis.Redis(host="127.0.0.1", port=port, db=REDIS_DB)
+    client.flushdb()
+    try:
+        yield f"redis://127.0.0.1:{port}/{REDIS_DB}"
+    finally:
+        client.flushdb()
+        client.close()

@@ -68,3 +68,19 @@ def test_models_show_json_has_calibration_fields(
     assert legacy["ece"] is None and legacy["nll"] is None
     table = mriq(env, "models", "show", str(new))
     assert table.exit_code == 0 and "temperature" in table.stdout
+
+
+def test_models_show_prints_the_review_lineage(
+    env: dict[str, str], sessions: sessionmaker[Session]
+) -> None:
+    from scheduler import review
+
+    model_id = make_model(sessions)
+    with sessions() as s, s.begin():
+        review.record_lineage(s, model_id, review_ids=[3, 1])
+    doc = json.loads(mriq(env, "models", "show", str(model_id), "--json").stdout)
+    assert doc["reviews_used"] == 2 and doc["review_ids"] == [1, 3]
+    table = mriq(env, "models", "show", str(model_id)).stdout
+    assert "reviews_used" in table and "[1, 3]" in table
+    plain = json.loads(mriq(env, "models", "show", str(make_model(sessions)), "--json").stdout)
+    assert plain["reviews_used"] is None and plain["review_ids"] is None

@@ -35,6 +35,10 @@ def _classified_job(env: dict[str, str], root: Path, sessions: sessionmaker[Sess
                                         error=f"{items[4][1]}: cannot identify image file"))
         # Out of order on purpose: the export must follow item_index.
         repository.record_predictions(s, job_id, list(reversed(records)))
+        first = repository.list_predictions(s, job_id, limit=1)[0]
+        state = Path(env["MRIQ_DATA_DIR"])
+        repository.set_explanation(
+            s, first.id, str(state / "jobs" / str(job_id) / "explanations" / f"{first.id}.png"))
     return job_id
 
 
@@ -47,7 +51,11 @@ def test_results_csv_equals_database_rows(
     rows = list(csv.DictReader(io.StringIO(result.stdout)))
     with sessions() as s:
         db_rows = repository.list_predictions(s, job_id)
-    assert list(rows[0]) == ["item_index", "path", "label", "confidence", "top_k", "error"]
+    assert list(rows[0]) == ["item_index", "path", "label", "confidence", "top_k", "error",
+                             "explanation"]
+    # The explanation relative to the job folder: never the server's path.
+    assert rows[0]["explanation"] == f"explanations/{db_rows[0].id}.png"
+    assert [r["explanation"] for r in rows[1:]] == [""] * 4
     assert len(rows) == len(db_rows) == 5
     for got, want in zip(rows, db_rows, strict=True):
         assert int(got["item_index"]) == want.item_index
@@ -62,6 +70,7 @@ def test_results_csv_equals_database_rows(
     docs = json.loads(as_json.stdout)
     assert [d["item_index"] for d in docs] == [r.item_index for r in db_rows]
     assert docs[4]["error"] and docs[4]["label"] is None
+    assert docs[0]["explanation"] == rows[0]["explanation"] and docs[1]["explanation"] is None
 
     out = tmp_path / "export.csv"
     result = mriq(env, "results", str(job_id), "--out", str(out))

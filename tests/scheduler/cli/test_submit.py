@@ -75,3 +75,32 @@ def test_train_options_come_from_the_job_options(
     params = json.loads(mriq(env, "jobs", "show", str(job_id), "--json").stdout)["params"]
     for name in ("arch", "epochs", "image_size", "batch_size", "lr", "labels", "seed"):
         assert params[name] == options.option_default(name), name
+
+
+def test_classify_review_options(env: dict[str, str], root: Path,
+                                 sessions: sessionmaker[Session]) -> None:
+    make_model(sessions, promote=True)
+    (root / "a.png").write_bytes(b"x")
+    result = mriq(env, "classify", str(root), "--review-below", "0.4", "--explain", "uncertain",
+                  "--json")
+    assert result.exit_code == 0, result.output
+    job = json.loads(mriq(env, "jobs", "show", str(json.loads(result.stdout)["id"]),
+                          "--json").stdout)
+    assert job["review_below"] == 0.4 and job["params"]["explain"] == "uncertain"
+    bad = mriq(env, "classify", str(root), "--review-below", "1.5")
+    assert bad.exit_code == 2 and "--review-below" in bad.output
+    bad = mriq(env, "classify", str(root), "--explain", "some")
+    assert bad.exit_code == 2 and "--explain" in bad.output
+
+
+def test_train_with_reviews(env: dict[str, str], root: Path,
+                            sessions: sessionmaker[Session]) -> None:
+    (root / "data").mkdir()
+    result = mriq(env, "train", "--data", str(root / "data"), "--with-reviews", "--json")
+    assert result.exit_code == 0, result.output
+    train_id = json.loads(result.stdout)["id"]
+    params = json.loads(mriq(env, "jobs", "show", str(train_id), "--json").stdout)["params"]
+    assert params["with_reviews"] is True and params["reviews_from"] is None
+    bad = mriq(env, "train", "--data", str(root / "data"), "--reviews-from", str(train_id))
+    assert bad.exit_code == 2
+    assert f"reviews_from: job {train_id} is a train job, not a classify job" in bad.stderr

@@ -170,3 +170,45 @@ def test_cancel(client: TestClient, root: Path, sessions: sessionmaker[Session])
     job_id = client.post("/jobs/classify", json={"inputs": inputs}).json()["id"]
     response = client.post(f"/jobs/{job_id}/cancel")
     assert response.status_code == 200 and response.json()["status"] == "cancelled"
+
+
+def test_classify_review_options_reach_the_job_and_bad_ones_are_422(
+    client: TestClient, root: Path, sessions: sessionmaker[Session]
+) -> None:
+    add_model(sessions)
+    folder = make_images(root, 1)
+    response = client.post("/jobs/classify", json={"inputs": [str(folder)],
+                                                   "review_below": 0.3, "explain": "all"})
+    assert response.status_code == 201, response.text
+    job = client.get(f"/jobs/{response.json()['id']}").json()
+    assert job["review_below"] == 0.3 and job["params"]["explain"] == "all"
+    default = client.get(
+        f"/jobs/{client.post('/jobs/classify', json={'inputs': [str(folder)]}).json()['id']}"
+    ).json()
+    assert default["review_below"] == 0.6 and default["params"]["explain"] == "none"
+    for body, name in [({"review_below": 1.2}, "review_below"),
+                       ({"review_below": "low"}, "review_below"),
+                       ({"explain": "some"}, "explain")]:
+        bad = client.post("/jobs/classify", json={"inputs": [str(folder)], **body})
+        assert bad.status_code == 422, (body, bad.text)
+        assert bad.json()["detail"][0]["loc"] == ["body", name]
+    assert classify_job_count(sessions) == 2
+
+
+def test_train_with_reviews_from_a_classify_job(
+    client: TestClient, root: Path, sessions: sessionmaker[Session]
+) -> None:
+    add_model(sessions)
+    (root / "data").mkdir()
+    classify_id = client.post("/jobs/classify",
+                              json={"inputs": [str(make_images(root, 1))]}).json()["id"]
+    created = client.post("/jobs/train", json={"data": str(root / "data"),
+                                               "reviews_from": classify_id})
+    assert created.status_code == 201, created.text
+    params = client.get(f"/jobs/{created.json()['id']}").json()["params"]
+    assert params["with_reviews"] is True and params["reviews_from"] == classify_id
+    missing = client.post("/jobs/train", json={"data": str(root / "data"), "reviews_from": 999})
+    assert missing.status_code == 422
+    assert missing.json()["detail"] == "reviews_from: there is no job 999"
+    bad = client.post("/jobs/train", json={"data": str(root / "data"), "with_reviews": "maybe"})
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "with_reviews"]

@@ -47,3 +47,20 @@ def test_model_out_has_calibration_fields(
     assert body["ece_uncalibrated"] is None
     old = client.get(f"/models/{legacy}").json()
     assert old["temperature"] == 1.0 and old["calibrated"] is False and old["ece"] is None
+
+
+def test_model_lineage_names_the_reviews_it_trained_on(
+    client: TestClient, sessions: sessionmaker[Session]
+) -> None:
+    from scheduler import review
+
+    plain = add_model(sessions, promote=False)
+    reviewed = add_model(sessions, promote=False)
+    with sessions() as s, s.begin():
+        review.record_lineage(s, reviewed, review_ids=[9, 4, 4])
+    doc = client.get(f"/models/{reviewed}").json()
+    assert doc["reviews_used"] == 2 and doc["review_ids"] == [4, 9]
+    without = client.get(f"/models/{plain}").json()
+    assert without["reviews_used"] is None and without["review_ids"] is None
+    listed = {m["id"]: m["reviews_used"] for m in client.get("/models").json()}
+    assert listed == {plain: None, reviewed: 2}

@@ -31,6 +31,21 @@ def test_models_page_lists_versions_with_metrics_and_lineage(
     assert f'href="/ui/models/{first}/promote"' not in page  # already production
 
 
+def test_models_page_shows_the_reviews_a_version_trained_on(
+    client: TestClient, sessions: sessionmaker[Session]
+) -> None:
+    from scheduler import review
+
+    plain = add_model(sessions)
+    reviewed = add_model(sessions)
+    with sessions() as s, s.begin():
+        review.record_lineage(s, reviewed, review_ids=[5, 6, 7])
+    page = client.get("/ui/models").text
+    row = page[page.index(f'id="model-{reviewed}"'):page.index(f'id="model-{plain}"')]
+    assert "/d/train" in row and "+ 3 reviews" in row
+    assert "review" not in page[page.index(f'id="model-{plain}"'):].split("</tr>")[0]
+
+
 def test_promote_confirms_then_needs_csrf(
     client: TestClient, sessions: sessionmaker[Session]
 ) -> None:
@@ -142,3 +157,35 @@ def test_submit_train_validates_like_the_api(
 def test_workers_page_without_workers(client: TestClient) -> None:
     page = client.get("/ui/workers").text
     assert "No worker answered" in page and ":5555/" in page
+
+
+def test_submit_forms_carry_the_review_options(
+    client: TestClient, sessions: sessionmaker[Session], root: Path
+) -> None:
+    add_model(sessions, promote=True)
+    write_png(root / "inbox" / "a.png")
+    (root / "train").mkdir()
+    page = client.get("/ui/submit").text
+    assert 'name="review_below"' in page and 'name="explain"' in page
+    assert 'name="with_reviews"' in page and 'name="reviews_from"' in page
+    csrf = csrf_of(page)
+    done = client.post("/ui/submit/classify", follow_redirects=False, data={
+        "csrf": csrf, "inputs": str(root / "inbox"), "review_below": "0.35",
+        "explain": "uncertain"})
+    assert done.status_code == 303, done.text
+    classify_id = int(done.headers["location"].rsplit("/", 1)[1])
+    bad = client.post("/ui/submit/classify", data={
+        "csrf": csrf, "inputs": str(root / "inbox"), "review_below": "2"})
+    assert bad.status_code == 422 and "review_below" in bad.text
+    bad = client.post("/ui/submit/train", data={
+        "csrf": csrf, "data": str(root / "train"), "reviews_from": "999"})
+    assert bad.status_code == 422 and "reviews_from: there is no job 999" in bad.text
+    done = client.post("/ui/submit/train", follow_redirects=False, data={
+        "csrf": csrf, "data": str(root / "train"), "reviews_from": str(classify_id)})
+    assert done.status_code == 303, done.text
+    train_id = int(done.headers["location"].rsplit("/", 1)[1])
+    with sessions() as s:
+        job = repository.get_job(s, classify_id)
+        assert job.review_below == 0.35 and job.params["explain"] == "uncertain"
+        params = repository.get_job(s, train_id).params
+        assert params["reviews_from"] == classify_id and params["with_reviews"] is True
