@@ -49,6 +49,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from core.calibration import entropy
 from core.decoding import Batch, ImageFiles, PathStream, background_batches, collate
 from core.devices import select_device
 from core.model_preparation import prepare_inference_model
@@ -72,6 +73,9 @@ class Prediction:
     #: sha256 of the file's bytes when the predictor hashes inputs (``hash_inputs=True``);
     #: None otherwise, or when the file could not be read.
     sha256: str | None = None
+    #: Shannon entropy (nats) of the calibrated probabilities over all classes, the review
+    #: queue's uncertainty; None for an error.
+    entropy: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -341,6 +345,8 @@ class Predictor:
                 # Stable sort: equal probabilities rank by class index, as argmax does.
                 order = np.argsort(-probs, kind="stable")[:k]
                 top = tuple((self.classes[int(i)], float(probs[i])) for i in order)
-                yield Prediction(path, top[0][0], top[0][1], top, None, digest)
+                # Over the full vector, not the top-k: what the review queue ranks by.
+                uncertainty = entropy(probs)
+                yield Prediction(path, top[0][0], top[0][1], top, None, digest, uncertainty)
         finally:
             stream.close()

@@ -10,11 +10,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from scheduler import repository
 from scheduler.schema import ChunkStatus, JobStatus
-from worker import sessions
+from worker import explaining, sessions
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -39,6 +40,11 @@ class ChunkWork:
     checkpoint_sha256: str
     top_k: int
     batch_size: int
+    #: The job's ``explain`` option (worker/explaining.py): "none", "uncertain" or "all".
+    explain: str = "none"
+    #: The chunk's item range [start, stop), for the explanations a retry still owes.
+    start_index: int = 0
+    stop_index: int = 0
 
 
 class ChunkLedger:
@@ -72,6 +78,9 @@ class ChunkLedger:
                 checkpoint_sha256=str(version.checkpoint_sha256),
                 top_k=int(params.get("top_k", 3)),
                 batch_size=int(params.get("batch_size", DEFAULT_BATCH_SIZE)),
+                explain=str(params.get("explain") or "none"),
+                start_index=int(chunk.start_index),
+                stop_index=int(chunk.stop_index),
             )
 
         return sessions.with_session(self.settings, fn)
@@ -89,6 +98,23 @@ class ChunkLedger:
             return repository.is_cancel_requested(session, job_id)
 
         return sessions.with_session(self.settings, fn)
+
+    def explanation_targets(self, work: ChunkWork) -> list[tuple[int, str]]:
+        """(item id, path) of the chunk's predictions ``work.explain`` selects that have no
+        explanation yet."""
+        return sessions.with_session(
+            self.settings,
+            lambda s: explaining.explanation_targets(
+                s, self.job_id, mode=work.explain, start=work.start_index, stop=work.stop_index
+            ),
+        )
+
+    def record_explanations(self, out_dir: Path, overlays: dict[int, str]) -> None:
+        """Record one batch of explanations (rows point at them, artifact rows)."""
+        sessions.with_session(
+            self.settings,
+            lambda s: explaining.record_explanations(s, self.job_id, out_dir, overlays),
+        )
 
     def complete(self, status: ChunkStatus = ChunkStatus.SUCCEEDED) -> JobStatus | None:
         """Mark the chunk ``status``; the job's final status if that finished it."""

@@ -33,7 +33,11 @@ from celery.signals import worker_process_init
 from worker.appsettings import settings_of
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from pathlib import Path
+
     from core.checkpoint import LoadedCheckpoint
+    from core.explanation import Explainer
     from scheduler.settings import Settings
     from worker.recovery import Sweeper
 
@@ -157,6 +161,7 @@ def _reset_after_fork() -> None:
     _threads_pid = None
     with _models_lock:
         _models.clear()
+        _explainers.clear()
     # Session factories are keyed by pid (worker/sessions.py): nothing to reset for them.
 
 
@@ -206,6 +211,45 @@ def load_model(path: str, sha256: str, *, device: str = "cpu") -> CachedModel:
         _models.move_to_end(key)
         while len(_models) > MODEL_CACHE_SIZE:
             _models.popitem(last=False)
+    return entry
+
+
+@dataclass(frozen=True)
+class CachedExplainer:
+    """A Grad-CAM explainer of a cached model, with the lock its callers take: captum hooks
+    the explainer's one model copy per call, so two threads must not explain at once."""
+
+    explainer: Explainer
+    lock: threading.Lock
+
+
+_explainers: OrderedDict[tuple[str, str, tuple[str, ...] | None], CachedExplainer] = OrderedDict()
+
+#: Items per Grad-CAM batch (one forward and one backward pass each).
+EXPLAIN_BATCH_SIZE = 16
+
+
+def load_explainer(model: CachedModel, *, roots: Sequence[Path] | None) -> CachedExplainer:
+    """The explainer of ``model`` (loaded by :func:`load_model`), built once per process:
+    it keeps its own frozen copy of the weights, which is worth building only once."""
+    from core.explanation import Explainer
+
+    # The roots are part of the key: the explainer confines its reads to them.
+    key = (model.sha256, model.device, None if roots is None else tuple(str(r) for r in roots))
+    with _models_lock:
+        cached = _explainers.get(key)
+        if cached is not None:
+            _explainers.move_to_end(key)
+            return cached
+    explainer = Explainer(
+        model.checkpoint, device=model.device, batch_size=EXPLAIN_BATCH_SIZE, roots=roots
+    )
+    entry = CachedExplainer(explainer=explainer, lock=threading.Lock())
+    with _models_lock:
+        entry = _explainers.setdefault(key, entry)
+        _explainers.move_to_end(key)
+        while len(_explainers) > MODEL_CACHE_SIZE:
+            _explainers.popitem(last=False)
     return entry
 
 

@@ -493,3 +493,19 @@ def test_confidences_are_temperature_scaled_and_argmax_unchanged(
     assert all(p.confidence > q.confidence for p, q in zip(got, plain, strict=True))  # type: ignore[operator]
     probs = np.stack([row for _, row, _ in scaled.predict_proba(images)])
     np.testing.assert_allclose(probs, expected, atol=1e-5)
+
+
+def test_entropy_is_that_of_the_calibrated_probabilities(
+    predictor: Predictor, images: list[Path], tmp_path: Path
+) -> None:
+    from core.calibration import entropy
+
+    bad = list(broken_files(tmp_path).values())[:1]
+    preds = list(predictor.predict([*images, *bad]))
+    probs = [row for _, row, _ in predictor.predict_proba(images)]
+    for pred, row in zip(preds, probs, strict=False):
+        assert row is not None and pred.entropy is not None
+        # Over all 15 classes, not the top-k the row keeps.
+        assert pred.entropy == pytest.approx(entropy(row), abs=1e-6)
+        assert 0.0 <= pred.entropy <= float(np.log(15)) + 1e-6
+    assert preds[-1].error is not None and preds[-1].entropy is None

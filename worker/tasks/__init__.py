@@ -1,7 +1,8 @@
 """mriq's Celery tasks: thin, idempotent wrappers that call ``core`` and record via ``scheduler``.
 
 One module per job kind: ``classify`` (``mriq.classify_chunk``), ``train`` (``mriq.train``),
-``evaluate`` (``mriq.evaluate``), ``finalize`` (``mriq.finalize``), ``periodic``
+``evaluate`` (``mriq.evaluate``), ``explain`` (``mriq.explain``, one prediction's Grad-CAM
+on demand), ``finalize`` (``mriq.finalize``), ``periodic``
 (``mriq.retrain``, ``mriq.broker_janitor``); ``common`` holds what they share.
 
 Every task takes ids only and re-reads its state from SQL, so a redelivered or duplicated
@@ -24,6 +25,7 @@ from scheduler.dispatch import (
     BROKER_JANITOR_TASK,
     CLASSIFY_CHUNK_TASK,
     EVALUATE_TASK,
+    EXPLAIN_TASK,
     FINALIZE_TASK,
     RETRAIN_TASK,
     TRAIN_TASK,
@@ -32,6 +34,7 @@ from worker.appsettings import settings_of
 from worker.tasks.classify import classify_chunk, on_chunk_failure
 from worker.tasks.common import logged
 from worker.tasks.evaluate import evaluate_job
+from worker.tasks.explain import explain_item
 from worker.tasks.finalize import finalize_job
 from worker.tasks.periodic import broker_janitor, retrain
 from worker.tasks.train import train_job
@@ -69,6 +72,10 @@ def register(app: Celery) -> None:
     app.task(
         name=EVALUATE_TASK, max_retries=0, time_limit=limit(settings.evaluate_time_limit), **common
     )(logged(evaluate_job))
+    # No retries: a request that fails is made again by whoever asked (mriq explain).
+    app.task(
+        name=EXPLAIN_TASK, max_retries=0, time_limit=limit(settings.chunk_time_limit), **common
+    )(logged(explain_item))
     app.task(name=FINALIZE_TASK, max_retries=0, **common)(logged(finalize_job))
     app.task(name=RETRAIN_TASK, max_retries=0, **common)(logged(retrain))
     app.task(name=BROKER_JANITOR_TASK, max_retries=0, **common)(logged(broker_janitor))

@@ -22,7 +22,8 @@ from scheduler.database import is_retryable
 from scheduler.pathtext import filesystem_path, storable_text
 from scheduler.schema import ChunkStatus, utcnow
 from scheduler.settings import Settings
-from worker import isolation, liveness, recovery, runtime
+from worker import explaining, isolation, liveness, recovery, runtime
+from worker.appsettings import job_dir
 from worker.ledger import ChunkLedger, ChunkWork, PermanentChunkError
 from worker.tasks.common import CancelCheck, error_text, task_settings
 
@@ -96,7 +97,7 @@ def _guarded(task: Task, ledger: ChunkLedger, work: ChunkWork, guard: isolation.
     if work.attempts - guard.set_aside_count > int(settings.task_max_retries) + 1:
         reason = f"gave up after {work.attempts - 1} attempts (worker lost while running)"
         return _fail(ledger, reason)
-    if not work.items:
+    if not work.items and work.explain == "none":
         status = ledger.complete(ChunkStatus.SUCCEEDED)
         return f"nothing left to do ({status or 'job running'})"
     # The chunk's updated_at is its heartbeat: if this process dies, it goes stale and
@@ -174,7 +175,11 @@ def _abandoned(
     if abandons == 0:
         return f"abandoned ({exc.reason}); the chunk was no longer running"
     # Batches are recorded in order, so the first unrecorded item is where it got stuck.
-    stuck_at = work.items[min(exc.progress_items, len(work.items) - 1)][1]
+    stuck_at = (
+        work.items[min(exc.progress_items, len(work.items) - 1)][1]
+        if work.items
+        else "the explanations"
+    )
     reason = (
         f"chunk abandoned after missing its deadline: {exc.reason}; stuck at or after {stuck_at}"
     )
@@ -188,15 +193,19 @@ def _abandoned(
     raise task.retry(countdown=0, max_retries=None)
 
 
-def _predictor(settings: Settings, work: ChunkWork, progress: liveness.Progress) -> Predictor:
-    from core.inference import Predictor
-
+def _model(settings: Settings, work: ChunkWork, progress: liveness.Progress) -> runtime.CachedModel:
     runtime.configure_threads()
     model = runtime.load_model(
         work.checkpoint_path, work.checkpoint_sha256, device=settings.default_device
     )
     # Loading a model (the first chunk of a process) is progress too, not a stall.
     progress.advance()
+    return model
+
+
+def _predictor(settings: Settings, work: ChunkWork, model: runtime.CachedModel) -> Predictor:
+    from core.inference import Predictor
+
     return Predictor(
         model.checkpoint,
         device=model.device,
@@ -220,7 +229,8 @@ def _run_chunk(
 ) -> str:
     settings = ledger.settings
     progress = progress or liveness.Progress()
-    predictor = _predictor(settings, work, progress)
+    model = _model(settings, work, progress)
+    predictor = _predictor(settings, work, model)
     cancel = CancelCheck(settings, ledger.job_id)
     # Items hold storable_path() text (non-UTF-8 bytes as \\xNN); open the real file names.
     paths = [filesystem_path(path) for _, path in work.items]
@@ -241,6 +251,7 @@ def _run_chunk(
                 confidence=pred.confidence,
                 top_k=pred.top_k,
                 error=None if pred.error is None else storable_text(pred.error),
+                entropy=pred.entropy,
             )
             for (index, stored), pred in batch
         ]
@@ -257,7 +268,47 @@ def _run_chunk(
         progress.advance(len(records))
         if cancel():
             break
+    if done == len(work.items) and work.explain != "none":
+        _explain_chunk(ledger, work, model, progress, cancel)
     return _chunk_outcome(ledger, work, progress, cancel, done)
+
+
+def _explain_chunk(
+    ledger: ChunkLedger,
+    work: ChunkWork,
+    model: runtime.CachedModel,
+    progress: liveness.Progress,
+    cancel: CancelCheck,
+) -> None:
+    """Grad-CAM of the chunk's selected predictions (worker/explaining.py), once they are
+    all recorded; what a previous attempt explained already is not redone."""
+    targets = ledger.explanation_targets(work)
+    if not targets or progress.abandoned.is_set() or cancel():
+        return
+    cached = runtime.load_explainer(model, roots=ledger.settings.data_roots)
+    out_dir = job_dir(ledger.settings, ledger.job_id)
+
+    def record(overlays: dict[int, str]) -> None:
+        if not progress.abandoned.is_set():
+            ledger.record_explanations(out_dir, overlays)
+
+    with cached.lock:
+        explained = explaining.explain_targets(
+            cached.explainer,
+            targets,
+            out_dir,
+            record=record,
+            should_stop=lambda: progress.abandoned.is_set() or cancel(),
+            on_batch=progress.advance,
+        )
+    log.info(
+        "chunk %s/%s: explained %d of %d items (%s)",
+        ledger.job_id,
+        ledger.chunk_index,
+        explained,
+        len(targets),
+        work.explain,
+    )
 
 
 def _chunk_outcome(

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from celery import Task
 
-from scheduler import repository
+from scheduler import repository, review
 from scheduler.database import is_retryable
 from scheduler.schema import JobStatus
 from worker import runtime, sessions
@@ -36,8 +36,21 @@ log = logging.getLogger(__name__)
 
 #: Job params that are not TrainConfig fields (or that the worker sets itself).
 _NOT_CONFIG = frozenset(
-    {"data", "warm_start", "out_dir", "resume", "init_checkpoint", "data_dir", "data_roots"}
+    {
+        "data",
+        "warm_start",
+        "out_dir",
+        "resume",
+        "init_checkpoint",
+        "data_dir",
+        "data_roots",
+        "with_reviews",
+        "reviews_from",
+    }
 )
+
+#: Folder (in the job's directory) of the dataset a train job with reviews trains on.
+REVIEWS_DATA_DIR = "data-with-reviews"
 
 _TRAIN_ARTIFACTS: tuple[tuple[str, str], ...] = (
     ("best.pt", "checkpoint"),
@@ -146,11 +159,47 @@ def _verified_init(job: _TrainJob) -> Path | None:
     return init
 
 
+def uses_reviews(params: dict[str, Any]) -> bool:
+    """Whether a train job learns from review decisions too (``--with-reviews`` or
+    ``--reviews-from JOB``)."""
+    return bool(params.get("with_reviews")) or params.get("reviews_from") is not None
+
+
+def _with_reviews(
+    settings: Settings, job_id: int, params: dict[str, Any], config: TrainConfig
+) -> tuple[TrainConfig, tuple[int, ...]]:
+    """The job's data plus the reviewed items (scheduler.review.training_set), linked into
+    the job's folder; the config trains on that folder, and the review ids are its lineage.
+
+    Rebuilt on a redelivered run (the export replaces the folder whole), so a resumed
+    training and its lineage agree with the reviews of that moment."""
+    reviews_from = params.get("reviews_from")
+    ts = sessions.with_session(
+        settings,
+        lambda s: review.training_set(
+            s,
+            data_dir=Path(params["data"]),
+            out_dir=job_dir(settings, job_id) / REVIEWS_DATA_DIR,
+            roots=settings.data_roots,
+            reviews_from=None if reviews_from is None else int(reviews_from),
+        ),
+    )
+    for path, reason in ts.export.skipped:
+        log.warning("train job %s: review of %s not used: %s", job_id, path, reason)
+    log.info("train job %s: %d reviewed items added to %s", job_id, ts.reviews_used, ts.data_dir)
+    # The links in the folder lead into the data roots; the folder itself is in the job's.
+    roots = (*settings.data_roots, ts.data_dir)
+    return replace(config, data_dir=ts.data_dir, data_roots=roots), ts.review_ids
+
+
 def _run_training(settings: Settings, job_id: int, job: _TrainJob) -> str:
     from core.training import train
 
     runtime.configure_threads()
     config = build_train_config(settings, job_id, job.params, _verified_init(job))
+    review_ids: tuple[int, ...] | None = None
+    if uses_reviews(job.params):
+        config, review_ids = _with_reviews(settings, job_id, job.params, config)
     total_epochs = int(config.epochs)
     sessions.with_session(settings, lambda s: repository.set_progress(s, job_id, 0, total_epochs))
     cancel = CancelCheck(settings, job_id, interval=5.0)
@@ -181,7 +230,7 @@ def _run_training(settings: Settings, job_id: int, job: _TrainJob) -> str:
     if result.cancelled:
         finish(settings, job_id, JobStatus.CANCELLED)
         return "cancelled"
-    _record_training(settings, job_id, config, result)
+    _record_training(settings, job_id, config, result, review_ids)
     return f"trained {len(result.epochs)} epochs"
 
 
@@ -208,7 +257,11 @@ def _training_metrics(result: TrainResult, report: dict[str, Any] | None) -> dic
 
 
 def _record_training(
-    settings: Settings, job_id: int, config: TrainConfig, result: TrainResult
+    settings: Settings,
+    job_id: int,
+    config: TrainConfig,
+    result: TrainResult,
+    review_ids: tuple[int, ...] | None = None,
 ) -> None:
     from core.checkpoint import load_checkpoint
 
@@ -230,6 +283,10 @@ def _record_training(
             metrics=metrics,
             calibration=calibration_record(meta, report),
         )
+        if review_ids is not None:
+            # In the version's own transaction: a model trained on reviews is never
+            # registered without saying which.
+            review.record_lineage(session, version.id, review_ids=review_ids)
         if report is not None:
             repository.record_evaluation(
                 session,
