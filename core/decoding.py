@@ -24,6 +24,7 @@ from torch.utils.data import Dataset, Sampler
 from core.errors import ImageReadError
 from core.imaging import read_open_image
 from core.safefile import open_input
+from core.transforms import EvalPreset
 
 __all__ = ["Batch", "ImageFiles", "PathStream", "background_batches", "collate", "input_sha256"]
 
@@ -73,6 +74,11 @@ class ImageFiles(Dataset[Item]):
     that were classified, not of whatever the name pointed at a moment later. With
     ``hash_inputs`` the hash is taken here, where the decoding happens (a loader process or
     the decode thread), off the forward pass's thread.
+
+    ``min_decode_side`` goes to :func:`core.imaging.read_open_image` (JPEGs decoded at a
+    reduced scale that keeps both sides >= it). ``None`` takes it from the transform when
+    that is an :class:`~core.transforms.EvalPreset` (its ``image_size``): inference and
+    evaluation, which both come through here, then decode the same way.
     """
 
     def __init__(
@@ -81,10 +87,14 @@ class ImageFiles(Dataset[Item]):
         *,
         hash_inputs: bool = False,
         roots: Sequence[Path | str] | None = None,
+        min_decode_side: int | None = None,
     ) -> None:
         self._transform = transform
         self._hash_inputs = hash_inputs
         self._roots = None if roots is None else tuple(roots)
+        if min_decode_side is None and isinstance(transform, EvalPreset):
+            min_decode_side = transform.params.image_size
+        self._min_decode_side = min_decode_side
 
     def __getitem__(self, key: str) -> Item:
         path = Path(key)
@@ -97,7 +107,7 @@ class ImageFiles(Dataset[Item]):
         try:
             with fh:
                 digest = _file_sha256(fh) if self._hash_inputs else None
-                img = read_open_image(fh, path)
+                img = read_open_image(fh, path, min_decode_side=self._min_decode_side)
         except ImageReadError as exc:
             return key, None, exc.reason, digest
         except OSError as exc:
