@@ -24,7 +24,6 @@ from torch.utils.data import Dataset, Sampler
 from core.errors import ImageReadError
 from core.imaging import read_open_image
 from core.safefile import open_input
-from core.transforms import EvalPreset
 
 __all__ = ["Batch", "ImageFiles", "PathStream", "background_batches", "collate", "input_sha256"]
 
@@ -76,9 +75,11 @@ class ImageFiles(Dataset[Item]):
     the decode thread), off the forward pass's thread.
 
     ``min_decode_side`` goes to :func:`core.imaging.read_open_image` (JPEGs decoded at a
-    reduced scale that keeps both sides >= it). ``None`` takes it from the transform when
-    that is an :class:`~core.transforms.EvalPreset` (its ``image_size``): inference and
-    evaluation, which both come through here, then decode the same way.
+    reduced scale that keeps both sides >= it); ``None``, the default, decodes at full size.
+    The predictor does not pass it yet: the brain crop's ``padding`` is in pixels of the
+    image it cuts, so on a half-size decode the margin doubles relative to the brain and
+    the model sees it ~2% smaller (mean |difference| 0.04 at 224 px; 0.003 with the padding
+    scaled to the reduction, which needs the reduction passed to the crop; issue 14).
     """
 
     def __init__(
@@ -92,8 +93,6 @@ class ImageFiles(Dataset[Item]):
         self._transform = transform
         self._hash_inputs = hash_inputs
         self._roots = None if roots is None else tuple(roots)
-        if min_decode_side is None and isinstance(transform, EvalPreset):
-            min_decode_side = transform.params.image_size
         self._min_decode_side = min_decode_side
 
     def __getitem__(self, key: str) -> Item:

@@ -230,3 +230,78 @@ def test_normalise_is_subtract_then_divide() -> None:
     want = (gray.expand(3, -1, -1) - mean) / std
     assert got.shape == (3, 32, 32) and got.is_contiguous()
     assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+# ---------------------------------------------------------- same answers end to end (issue 14)
+
+
+def _fitted_checkpoint(
+    directory: Path, inputs: torch.Tensor, labels: list[int], params: PresetParams
+) -> Path:
+    """A resnet18 whose classifier is fitted to ``inputs`` and saved as a real checkpoint.
+
+    Only the last layer is trained, on the frozen random backbone's features: a model with
+    real margins on these images in well under a second, where ``core.training.train``
+    needs many epochs (a minute on 2 busy cores) to leave chance level.
+    """
+    from core.checkpoint import CheckpointMeta, save_checkpoint
+    from core.labels import CLASSES_15
+    from core.models import build_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = build_model("resnet18", len(CLASSES_15), weights="none").eval()
+        head = model.fc
+        model.fc = torch.nn.Identity()
+        with torch.no_grad():
+            features = model(inputs)
+        model.fc = head
+        optimiser = torch.optim.Adam(head.parameters(), lr=1e-2)
+        target = torch.tensor(labels)
+        for _ in range(200):
+            optimiser.zero_grad()
+            torch.nn.functional.cross_entropy(head(features), target).backward()
+            optimiser.step()
+    meta = CheckpointMeta(arch="resnet18", classes=CLASSES_15, label_mode="15", preset=params)
+    path = directory / "fitted.pt"
+    save_checkpoint(path, model=model, meta=meta)
+    return path
+
+
+def test_top1_labels_unchanged_on_a_trained_model(tmp_path: Path) -> None:
+    """Predictor (OpenCV crop) against the old pipeline (numpy crop, then the same eval
+    preset) on a model fitted to the old pipeline's tensors of these very images (so every
+    label is the true one there, with margins of a few logits)."""
+    from core.checkpoint import load_checkpoint
+    from core.decoding import ImageFiles
+    from core.inference import Predictor
+    from core.labels import CLASSES_15
+    from core.synth import synthesize
+    from tests.core import crop_reference
+
+    data = tmp_path / "data"
+    classes = {"Glioblastoma T1": "Glioblastoma", "Meningioma T1": "Meningioma",
+               "_NORMAL T1": "Normal"}
+    # Sizes either side of the crop's 256 px working size, JPEG and PNG.
+    synthesize(data, per_folder=4, image_size_range=(48, 320), formats=("jpeg", "png"),
+               folders=list(classes))
+    paths = sorted(p for p in data.rglob("*") if p.is_file())
+    labels = [CLASSES_15.index(classes[p.parent.name]) for p in paths]
+    params = PresetParams(image_size=32, crop="brain")
+    no_crop = EvalPreset(params=PresetParams(image_size=32, crop="none"))
+    old_inputs = torch.stack(
+        [no_crop(crop_reference.crop_to_brain(read_image(p))) for p in paths]
+    )
+    ckpt = load_checkpoint(_fitted_checkpoint(tmp_path, old_inputs, labels, params))
+
+    # The predictor's dataset decodes at full size unless told otherwise.
+    preset = EvalPreset(params=params)
+    item = ImageFiles(preset)[str(paths[0])]
+    assert item[1] is not None and torch.equal(item[1], preset(read_image(paths[0])))
+
+    with torch.no_grad():
+        old_labels = ckpt.model(old_inputs).argmax(dim=1).tolist()
+    new = list(Predictor(ckpt, batch_size=8).predict_logits(paths))
+    assert all(err is None for _, _, err in new)
+    assert [int(np.argmax(logits)) for _, logits, _ in new] == old_labels
+    assert old_labels == labels  # a fitted model, not one answer for everything
