@@ -57,6 +57,7 @@ BrainBox = tuple[int, int, int, int]
 cv2.setNumThreads(1)
 
 _WORK_SIDE = 256
+_PADDING = 4  # pixels a side around the brain, at the file's resolution
 # The public recipe's fixed threshold on 8-bit data; the upper bound of the automatic one.
 _RECIPE_THRESHOLD = 45.0 / 255.0
 # Below this, thresholding picks up JPEG ringing and scanner noise in the background.
@@ -71,7 +72,7 @@ _MIN_CROP_SIDE = 8
 
 
 def crop_to_brain(
-    img: np.ndarray, *, threshold: float | None = None, padding: int = 4
+    img: np.ndarray, *, threshold: float | None = None, padding: int = _PADDING
 ) -> np.ndarray:
     """Crop ``img`` (HxW, values in [0, 1]) to the brain, plus ``padding`` pixels a side.
 
@@ -88,7 +89,7 @@ def crop_to_brain(
 
 
 def brain_bbox(
-    img: np.ndarray, *, threshold: float | None = None, padding: int = 4
+    img: np.ndarray, *, threshold: float | None = None, padding: int = _PADDING
 ) -> BrainBox | None:
     """The box :func:`crop_to_brain` would cut, or ``None`` when it keeps the whole image."""
     if img.ndim != 2:
@@ -145,10 +146,17 @@ def crop_profile(img: np.ndarray, *, threshold: float = 0.1, frame: int = 5) -> 
     return img[top : top + crop_h, left : left + crop_w]
 
 
-def apply_crop(img: np.ndarray, mode: CropMode) -> np.ndarray:
-    """Crop ``img`` with the named strategy, using each cropper's defaults."""
+def apply_crop(img: np.ndarray, mode: CropMode, *, reduction: float = 1.0) -> np.ndarray:
+    """Crop ``img`` with the named strategy, using each cropper's defaults.
+
+    ``reduction``: ``img`` was decoded at 1/reduction of the file's size (a reduced-scale
+    JPEG decode, :class:`core.imaging.DecodedImage`); the brain crop's padding shrinks with
+    it, so the margin stays the same fraction of the brain as on a full-size decode.
+    """
     if mode == "brain":
-        return crop_to_brain(img)
+        if reduction <= 0:
+            raise ValueError(f"reduction must be > 0, got {reduction}")
+        return crop_to_brain(img, padding=round(_PADDING / reduction))
     if mode == "profile":
         return crop_profile(img)
     if mode == "none":

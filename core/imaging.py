@@ -26,6 +26,7 @@ import errno
 import io
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -44,7 +45,14 @@ from core.errors import (
 from core.formats import IMAGE_SUFFIXES
 from core.safefile import open_input
 
-__all__ = ["IMAGE_SUFFIXES", "is_image_path", "read_image", "read_open_image"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "DecodedImage",
+    "is_image_path",
+    "read_image",
+    "read_open_image",
+    "read_open_image_reduced",
+]
 
 
 # Only formats we mean to accept; anything else Pillow could parse (EPS, PSD, ...) would
@@ -113,6 +121,19 @@ def read_image(
         )
 
 
+@dataclass(frozen=True)
+class DecodedImage:
+    """The HxW float32 pixels and how much smaller than the file's they were decoded.
+
+    ``reduction`` is the file's width over ``pixels``' width: 1.0 at full size, about 2, 4
+    or 8 after a reduced-scale JPEG decode. Cropping uses it to keep pixel margins the same
+    fraction of the anatomy (:func:`core.cropping.apply_crop`).
+    """
+
+    pixels: np.ndarray
+    reduction: float = 1.0
+
+
 def read_open_image(
     fh: IO[bytes],
     path: Path | str,
@@ -124,6 +145,20 @@ def read_open_image(
     """:func:`read_image` on a file already opened (by :func:`core.safefile.open_input`),
     so a caller that also hashes the bytes reads one file, not a name twice. ``path`` only
     names the file in errors and picks the decoder (``.dcm``, ``.nii``)."""
+    return read_open_image_reduced(
+        fh, path, max_pixels=max_pixels, min_side=min_side, min_decode_side=min_decode_side
+    ).pixels
+
+
+def read_open_image_reduced(
+    fh: IO[bytes],
+    path: Path | str,
+    *,
+    max_pixels: int = 64_000_000,
+    min_side: int = 8,
+    min_decode_side: int | None = None,
+) -> DecodedImage:
+    """:func:`read_open_image` that also says by how much the decode was reduced."""
     p = Path(path)
     if min_decode_side is not None and min_decode_side < 1:
         raise ValueError(f"min_decode_side must be >= 1, got {min_decode_side}")
@@ -149,7 +184,7 @@ def _one_line(exc: BaseException) -> str:
 
 def _read_checked(
     p: Path, fh: IO[bytes], *, max_pixels: int, min_side: int, min_decode_side: int | None
-) -> np.ndarray:
+) -> DecodedImage:
     try:
         size = os.fstat(fh.fileno()).st_size
     except (OSError, ValueError, io.UnsupportedOperation):
@@ -169,9 +204,9 @@ def _read_checked(
             raise UnsupportedFormatError(p, _NIFTI_MESSAGE)
         if _looks_like_dicom(p, head):
             img = _read_dicom(p, fh, head, max_pixels=max_pixels, min_side=min_side)
-            known = _UNCHECKED
+            known, reduction = _UNCHECKED, 1.0
         else:
-            img, known = _read_pil(
+            img, known, reduction = _read_pil(
                 p,
                 fh,
                 head,
@@ -187,7 +222,7 @@ def _read_checked(
             )
             raise UnreadableFileError(p, reason) from exc
         raise CorruptImageError(p, f"read failed: {exc}") from exc
-    return _finish(p, img, min_side=min_side, known=known)
+    return DecodedImage(_finish(p, img, min_side=min_side, known=known), reduction)
 
 
 def _check_size(p: Path, width: int, height: int, *, max_pixels: int, min_side: int) -> None:
@@ -278,7 +313,7 @@ def _read_pil(
     max_pixels: int,
     min_side: int,
     min_decode_side: int | None,
-) -> tuple[np.ndarray, int]:
+) -> tuple[np.ndarray, int, float]:
     # Image.open(formats=...) looks the names up in the plugin registry, which holds only
     # the five commonest formats until init() has run (it returns at once after the first).
     Image.init()
@@ -301,6 +336,7 @@ def _read_pil(
         # Image.open only parsed the header: this check costs nothing and runs before the
         # decoder allocates the canvas.
         _check_size(p, im.width, im.height, max_pixels=max_pixels, min_side=min_side)
+        file_width = im.width
         if min_decode_side is not None and fmt == "JPEG":
             # Same mode, smaller scale: libjpeg picks the largest of 1/8..1/1 that keeps
             # both sides >= min_decode_side, so colour still goes through _pil_to_gray.
@@ -320,7 +356,8 @@ def _read_pil(
         except Exception:
             # A damaged EXIF block should not cost us an otherwise good image.
             oriented = im
-        return _pil_to_gray(p, oriented)
+        reduction = file_width / im.width  # before the EXIF turn: width is width there
+        return (*_pil_to_gray(p, oriented), reduction)
 
 
 def _pil_to_gray(p: Path, im: Image.Image) -> tuple[np.ndarray, int]:

@@ -118,12 +118,12 @@ class _Preset:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(params={self.params!r})"
 
-    def _prepare(self, img: np.ndarray) -> torch.Tensor:
-        """Crop and letterbox to 1xSxS."""
+    def _prepare(self, img: np.ndarray, reduction: float = 1.0) -> torch.Tensor:
+        """Crop and letterbox to 1xSxS (``reduction``: see :func:`core.cropping.apply_crop`)."""
         if not isinstance(img, np.ndarray) or img.ndim != 2:
             shape = getattr(img, "shape", None)
             raise ValueError(f"expected a 2-D grayscale numpy array, got {type(img)} {shape}")
-        cropped = apply_crop(img, self.params.crop)
+        cropped = apply_crop(img, self.params.crop, reduction=reduction)
         t = torch.from_numpy(np.ascontiguousarray(cropped, dtype=np.float32))
         return _letterbox(t, self.params.image_size)
 
@@ -135,8 +135,10 @@ class _Preset:
 class EvalPreset(_Preset):
     """Deterministic preprocessing for validation, test and inference."""
 
-    def __call__(self, img: np.ndarray) -> torch.Tensor:
-        return self._normalise(self._prepare(img))
+    def __call__(self, img: np.ndarray, *, reduction: float = 1.0) -> torch.Tensor:
+        """``reduction``: ``img`` was decoded at 1/reduction of the file's size
+        (:class:`core.imaging.DecodedImage`); 1.0 for a full-size decode."""
+        return self._normalise(self._prepare(img, reduction))
 
 
 InferencePreset = EvalPreset

@@ -270,7 +270,7 @@ def _fitted_checkpoint(
 
 def test_top1_labels_unchanged_on_a_trained_model(tmp_path: Path) -> None:
     """Predictor (OpenCV crop) against the old pipeline (numpy crop, then the same eval
-    preset) on a model fitted to the old pipeline's tensors of these very images (so every
+    preset) on a model fitted to the old pipeline's tensors of these very images (every
     label is the true one there, with margins of a few logits)."""
     from core.checkpoint import load_checkpoint
     from core.decoding import ImageFiles
@@ -305,3 +305,23 @@ def test_top1_labels_unchanged_on_a_trained_model(tmp_path: Path) -> None:
     assert all(err is None for _, _, err in new)
     assert [int(np.argmax(logits)) for _, logits, _ in new] == old_labels
     assert old_labels == labels  # a fitted model, not one answer for everything
+
+
+def test_reduced_decode_tells_the_preset_its_reduction(tmp_path: Path) -> None:
+    """With ``min_decode_side`` the dataset decodes a JPEG at 1/2 and the brain crop's
+    padding halves with it: the crop keeps the full decode's box, scaled."""
+    from core.decoding import ImageFiles
+    from tests.core.imagefiles import phantom, to_uint8, write_gray
+
+    img = phantom(128, 128, center=(64.0, 64.0), radii=(40.0, 34.0))
+    path = write_gray(tmp_path / "s.jpg", to_uint8(img), quality=95)
+    preset = EvalPreset(params=PresetParams(image_size=32, crop="brain"))
+    item = ImageFiles(preset, min_decode_side=64)[str(path)]
+    reduced = read_image(path, min_decode_side=64)
+    assert reduced.shape == (64, 64)
+    assert item[1] is not None and torch.equal(item[1], preset(reduced, reduction=2.0))
+    full_box = cropping.brain_bbox(read_image(path))
+    half_box = cropping.brain_bbox(reduced, padding=2)
+    assert full_box is not None and half_box is not None
+    assert max(abs(2 * h - f) for h, f in zip(half_box, full_box, strict=True)) <= 2
+    assert not torch.equal(item[1], preset(reduced))  # the unscaled padding would differ
