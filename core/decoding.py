@@ -79,7 +79,7 @@ class ImageFiles(Dataset[Item]):
     at a reduced scale that keeps both sides >= it; an :class:`~core.transforms.EvalPreset`
     is told the reduction, so the crop's padding scales with it). ``None``, the default,
     decodes at full size, and the predictor does not pass it yet: the reduced decode is a
-    third of the decode's cost but not the same pixels (mean |difference| ~0.003 at 224 px),
+    third of the decode's cost but not the same pixels (mean |difference| 0.003-0.012 at 224 px),
     and on a tightly fitted test model it moved a few top-1 labels (issue 14).
     """
 
