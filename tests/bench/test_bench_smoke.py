@@ -149,6 +149,17 @@ def test_explanation_smoke(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_preprocess_quick(tmp_path: Path) -> None:
+    stdout, data = _run("bench.preprocess", tmp_path, "--decode-workers", "1,2")
+    stages: dict[str, float] = data["ms_per_image"]  # type: ignore[assignment]
+    for name in ("decode (full size)", "crop before (numpy)", "crop after (OpenCV)",
+                 "resize+normalise", "total before"):
+        assert stages[name] > 0, stages
+    assert set(data["decode_crop_images_per_s"]) == {"1", "2"}  # type: ignore[arg-type]
+    assert "decode + crop throughput" in stdout and "CPU flags" in stdout
+
+
+@pytest.mark.slow
 def test_expansion_smoke(tmp_path: Path) -> None:
     stdout, data = _run("bench.expansion", tmp_path)
     ratios = _ratio_lines(stdout)

@@ -1,4 +1,8 @@
-"""Croppers on synthetic slices: brain ellipses, burnt-in text, empty frames."""
+"""Croppers on synthetic slices: brain ellipses, burnt-in text, empty frames.
+
+The OpenCV brain crop is also held to the numpy crop it replaced (``crop_reference``): the
+same boxes, within 2 px, over the synthetic and the bad-input corpora.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,11 @@ import numpy as np
 import pytest
 
 from core.cropping import CROP_MODES, apply_crop, brain_bbox, crop_profile, crop_to_brain
+from core.errors import ImageReadError
 from core.imaging import read_image
+from core.synth import REAL_COUNTS, synthesize
+from tests.badinput import make_corpus
+from tests.core import crop_reference
 from tests.core.imagefiles import phantom, write_gray
 
 
@@ -184,3 +192,85 @@ def test_apply_crop_modes() -> None:
     assert apply_crop(img, "brain").shape[0] < 64
     with pytest.raises(ValueError, match="unknown crop mode"):
         apply_crop(img, "square")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------ same boxes as the numpy crop (issue 14)
+
+
+def _box_gap(got: tuple[int, int, int, int] | None, want: tuple[int, int, int, int] | None) -> int:
+    """Largest coordinate difference of two boxes; both None (whole image) counts as 0."""
+    if got is None or want is None:
+        assert got is None and want is None, (got, want)
+        return 0
+    return max(abs(a - b) for a, b in zip(got, want, strict=True))
+
+
+@pytest.fixture(scope="module")
+def synthetic_corpus(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """One slice per 44c folder at 48..64 px, plus a few at 300..520 px: those cross the
+    256 px working size at scales other than exactly one half (the area filter's case)."""
+    out = tmp_path_factory.mktemp("synth")
+    synthesize(out / "small", per_folder=1, image_size_range=(48, 64), formats=("jpeg", "png"))
+    synthesize(
+        out / "large",
+        per_folder=1,
+        image_size_range=(300, 520),
+        formats=("jpeg", "png"),
+        folders=list(REAL_COUNTS)[:8],
+    )
+    return sorted(p for p in out.rglob("*") if p.is_file())
+
+
+def test_boxes_match_the_numpy_crop_on_the_synthetic_corpus(synthetic_corpus: list[Path]) -> None:
+    assert len(synthetic_corpus) >= 50
+    gaps = []
+    for path in synthetic_corpus:
+        img = read_image(path)
+        for padding in (0, 4):
+            want = crop_reference.brain_bbox(img, padding=padding)
+            gaps.append(_box_gap(brain_bbox(img, padding=padding), want))
+    assert max(gaps) <= 2, gaps
+
+
+def test_boxes_match_the_numpy_crop_on_the_bad_input_corpus(tmp_path: Path) -> None:
+    corpus = make_corpus(tmp_path / "bad", outside_root=tmp_path / "outside")
+    compared = 0
+    for entry in corpus:
+        try:
+            img = read_image(entry.path)
+        except (ImageReadError, OSError):
+            continue  # the decoder's business, not the crop's
+        assert _box_gap(brain_bbox(img), crop_reference.brain_bbox(img)) <= 2, entry.kind
+        fixed = crop_reference.brain_bbox(img, threshold=0.3)
+        assert _box_gap(brain_bbox(img, threshold=0.3), fixed) <= 2, entry.kind
+        compared += 1
+    assert compared >= 10
+
+
+def test_boxes_match_the_numpy_crop_on_noise_and_specks() -> None:
+    # Many small components and ties between equal areas: the pick must follow the old order.
+    rng = np.random.default_rng(5)
+    for i in range(30):
+        h, w = int(rng.integers(20, 90)), int(rng.integers(20, 90))
+        img = (rng.random((h, w)) < rng.uniform(0.2, 0.8)).astype(np.float32)
+        img[rng.integers(0, h), :] = 1.0 if i % 2 else 0.0
+        assert _box_gap(brain_bbox(img), crop_reference.brain_bbox(img)) <= 2, i
+    twins = np.zeros((64, 64), dtype=np.float32)
+    twins[20:40, 14:28] = 0.8  # two equal blobs, far apart: the first in raster order wins
+    twins[20:40, 38:52] = 0.8
+    assert brain_bbox(twins, padding=0) == crop_reference.brain_bbox(twins, padding=0)
+
+
+def test_box_on_a_reduced_decode_maps_back_to_the_full_decode(tmp_path: Path) -> None:
+    # A 512 px JPEG for a 224 px model decodes at 256 px: the box found there, scaled by 2,
+    # is the full-size box (padding is in the pixels of the image it is cut from).
+    out = tmp_path / "synth"
+    synthesize(out, per_folder=1, image_size_range=(512, 512), formats=("jpeg",),
+               folders=list(REAL_COUNTS)[:3])
+    for path in sorted(p for p in out.rglob("*") if p.is_file()):
+        full, reduced = read_image(path), read_image(path, min_decode_side=224)
+        assert reduced.shape == (256, 256)
+        box = brain_bbox(reduced, padding=0)
+        assert box is not None
+        scaled = tuple(2 * v for v in box)
+        assert _box_gap(scaled, brain_bbox(full, padding=0)) <= 2  # type: ignore[arg-type]

@@ -29,6 +29,7 @@ from tests.core.imagefiles import (
     truncate,
     write_dicom,
     write_gray,
+    write_pil,
     write_png16,
     write_png_header_bomb,
 )
@@ -447,3 +448,46 @@ def test_errors_pickle_and_format(tmp_path: Path) -> None:
 def _save(path: Path, im: Image.Image, **kwargs: Any) -> Path:
     im.save(path, **kwargs)
     return path
+
+
+# ------------------------------------------------------- reduced-scale JPEG decode (issue 14)
+
+
+def test_jpeg_decodes_at_the_largest_reduction_that_keeps_min_decode_side(tmp_path: Path) -> None:
+    img = phantom(128, 96, center=(64.0, 48.0), radii=(40.0, 30.0))
+    path = write_gray(tmp_path / "s.jpg", to_uint8(img), quality=95)
+    full = read_image(path)
+    assert full.shape == (128, 96)
+    assert read_image(path, min_decode_side=48).shape == (64, 48)  # 1/2: 48 still fits
+    assert read_image(path, min_decode_side=24).shape == (32, 24)  # 1/4
+    assert read_image(path, min_decode_side=49).shape == (128, 96)  # 1/2 would be too small
+    assert read_image(path, min_decode_side=1000).shape == (128, 96)  # never enlarged
+    reduced = read_image(path, min_decode_side=48)
+    _assert_gray01(reduced, (64, 48))
+    # libjpeg's DCT scaling is a smoothed 2x2 average of the full decode, not other content.
+    halved = full.reshape(64, 2, 48, 2).mean(axis=(1, 3))
+    assert float(np.abs(reduced - halved).mean()) < 0.01
+
+
+def test_colour_jpeg_reduced_decode_keeps_the_luma_path(tmp_path: Path) -> None:
+    rgb = np.zeros((64, 64, 3), dtype=np.uint8)
+    rgb[..., 0] = 200  # red: luma 0.299 * 200 / 255
+    path = write_pil(tmp_path / "c.jpg", Image.fromarray(rgb, "RGB"), quality=95)
+    reduced = read_image(path, min_decode_side=16)
+    assert reduced.shape == (16, 16)
+    np.testing.assert_allclose(reduced, 0.299 * 200 / 255, atol=0.02)
+
+
+def test_min_decode_side_leaves_other_formats_alone(tmp_path: Path) -> None:
+    img = phantom(64, 64, center=(32.0, 32.0), radii=(20.0, 20.0))
+    png = write_gray(tmp_path / "s.png", to_uint8(img))
+    png16 = write_png16(tmp_path / "s16.png", (img * 4095).astype(np.uint16))
+    dcm = write_dicom(tmp_path / "s.dcm", (img * 4095).astype(np.uint16))
+    for path in (png, png16, dcm):
+        np.testing.assert_array_equal(read_image(path, min_decode_side=16), read_image(path))
+
+
+def test_min_decode_side_must_be_positive(tmp_path: Path) -> None:
+    path = write_gray(tmp_path / "s.jpg", to_uint8(phantom(32, 32)))
+    with pytest.raises(ValueError, match="min_decode_side"):
+        read_image(path, min_decode_side=0)
