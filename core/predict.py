@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         select_device,
     )
     from core.inference import Predictor
-    from core.inputs import NestedListError, expand_inputs
+    from core.inputs import ListFileError, NestedListError, expand_inputs
 
     err = sys.stderr
     try:
@@ -160,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     ok += 1
                     labels[pred.label] += 1
                 progress.update(1)
-        except (FileNotFoundError, IsADirectoryError, NestedListError) as exc:  # @list file
+        except (ListFileError, NestedListError) as exc:  # @list file
             print(f"error: {exc}", file=err)
             return 1
         except KeyboardInterrupt:
