@@ -31,17 +31,21 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
 import numpy as np
+
+from core.metrics import roc_auc_binary, top_k_accuracy
 
 if TYPE_CHECKING:
     from core.checkpoint import LoadedCheckpoint
     from core.dataset import Sample
+    from core.inference import Predictor
 
 
 __all__ = [
     "ClassMetrics",
+    "EvalOptions",
     "EvalOutputs",
     "EvalReport",
     "EvaluationCancelled",
@@ -49,8 +53,6 @@ __all__ = [
     "compute_report",
     "evaluate_checkpoint",
     "evaluate_checkpoint_outputs",
-    "roc_auc_binary",
-    "top_k_accuracy",
 ]
 
 TOP_K = 3
@@ -215,41 +217,6 @@ class EvalReport:
 # metrics
 
 
-def roc_auc_binary(positive: np.ndarray, scores: np.ndarray) -> float | None:
-    """ROC-AUC of ``scores`` for the boolean ``positive`` mask (ties count 1/2).
-
-    Returns None when there are no positives or no negatives (AUC is undefined).
-    """
-    from sklearn.metrics import roc_auc_score
-
-    positive = np.asarray(positive, dtype=bool).reshape(-1)
-    n_pos = int(positive.sum())
-    if n_pos == 0 or n_pos == positive.size:
-        return None
-    return float(roc_auc_score(positive, np.asarray(scores, dtype=np.float64).reshape(-1)))
-
-
-def top_k_accuracy(y: np.ndarray, scores: np.ndarray, k: int) -> float:
-    """Share of rows whose true class is among the ``k`` highest scores; ties -> lower index.
-
-    ``top_k_accuracy_score`` ranks tied scores higher index first; scoring the columns in
-    reverse order turns that into lower index first, the tie-break argmax (and so top-1 of
-    this ranking) uses.
-    """
-    from sklearn.metrics import top_k_accuracy_score
-
-    n_classes = scores.shape[1]
-    if y.size == 0:
-        return 0.0
-    if k >= n_classes:
-        return 1.0  # every class is in the top k (sklearn warns and says the same)
-    return float(
-        top_k_accuracy_score(
-            n_classes - 1 - y, scores[:, ::-1], k=k, labels=list(range(n_classes))
-        )
-    )
-
-
 @dataclass(frozen=True)
 class _Calibration:
     temperature: float
@@ -412,16 +379,19 @@ class EvalOutputs:
     paths: tuple[str, ...]
 
 
+class EvalOptions(TypedDict, total=False):
+    """The keyword options of :func:`evaluate_checkpoint_outputs` (its defaults apply)."""
+
+    batch_size: int
+    device: Any
+    num_workers: int
+    should_stop: Callable[[], bool] | None
+    on_batch: Callable[[int, int], None] | None
+    roots: Sequence[Path | str] | None
+
+
 def evaluate_checkpoint(
-    ckpt: LoadedCheckpoint,
-    samples: Sequence[Sample],
-    *,
-    batch_size: int = 32,
-    device: Any = "cpu",
-    num_workers: int = 0,
-    should_stop: Callable[[], bool] | None = None,
-    on_batch: Callable[[int, int], None] | None = None,
-    roots: Sequence[Path | str] | None = None,
+    ckpt: LoadedCheckpoint, samples: Sequence[Sample], **options: Unpack[EvalOptions]
 ) -> EvalReport:
     """Evaluate a loaded checkpoint on labelled samples with the deterministic eval preset.
 
@@ -433,16 +403,7 @@ def evaluate_checkpoint(
     Probabilities are calibrated with the checkpoint's temperature; the report has
     ECE/NLL/Brier both ways.
     """
-    return evaluate_checkpoint_outputs(
-        ckpt,
-        samples,
-        batch_size=batch_size,
-        device=device,
-        num_workers=num_workers,
-        should_stop=should_stop,
-        on_batch=on_batch,
-        roots=roots,
-    ).report
+    return evaluate_checkpoint_outputs(ckpt, samples, **options).report
 
 
 def evaluate_checkpoint_outputs(
@@ -471,12 +432,53 @@ def evaluate_checkpoint_outputs(
     predictor = Predictor(
         ckpt, device=device, batch_size=batch_size, num_workers=num_workers, roots=roots
     )
+    scored = _score(predictor, samples, should_stop, on_batch)
+    logits_all = (
+        np.stack(scored.rows).astype(np.float64)
+        if scored.rows
+        else np.zeros((0, len(classes)))
+    )
+    calibration = ckpt.meta.calibration
+    probs = softmax(logits_all, calibration.temperature)
+    raw = softmax(logits_all)
+    report = compute_report(
+        scored.y_true,
+        probs,
+        classes,
+        errors=scored.errors,
+        uncalibrated_probs=raw,
+        temperature=calibration.temperature,
+        calibrated=calibration.calibrated,
+        paths=scored.paths,
+    )
+    return EvalOutputs(
+        report=report,
+        y_true=np.asarray(scored.y_true, dtype=np.int64),
+        probs=probs,
+        probs_uncalibrated=raw,
+        paths=tuple(scored.paths),
+    )
+
+
+@dataclass(frozen=True)
+class _Scored:
+    """The logits of the readable samples (with their labels and paths) and the errors."""
+
+    y_true: list[int]
+    rows: list[np.ndarray]
+    paths: list[str]
+    errors: list[tuple[str, str]]
+
+
+def _score(
+    predictor: Predictor,
+    samples: list[Sample],
+    should_stop: Callable[[], bool] | None,
+    on_batch: Callable[[int, int], None] | None,
+) -> _Scored:
     total = len(samples)
     done = 0
-    y_true: list[int] = []
-    rows: list[np.ndarray] = []
-    paths: list[str] = []
-    errors: list[tuple[str, str]] = []
+    scored = _Scored([], [], [], [])
 
     def count(n_batch: int) -> None:
         nonlocal done
@@ -499,33 +501,11 @@ def evaluate_checkpoint_outputs(
     for i, (path, logits, error) in enumerate(results):
         sample = samples[i]
         if logits is None:
-            errors.append((path, error or "unknown error"))
+            scored.errors.append((path, error or "unknown error"))
         else:
-            y_true.append(sample.label)
-            rows.append(logits)
-            paths.append(str(path))
+            scored.y_true.append(sample.label)
+            scored.rows.append(logits)
+            scored.paths.append(str(path))
     if stopped:
         raise EvaluationCancelled(f"evaluation cancelled after {done} of {total} images")
-    logits_all = (
-        np.stack(rows).astype(np.float64) if rows else np.zeros((0, len(classes)))
-    )
-    calibration = ckpt.meta.calibration
-    probs = softmax(logits_all, calibration.temperature)
-    raw = softmax(logits_all)
-    report = compute_report(
-        y_true,
-        probs,
-        classes,
-        errors=errors,
-        uncalibrated_probs=raw,
-        temperature=calibration.temperature,
-        calibrated=calibration.calibrated,
-        paths=paths,
-    )
-    return EvalOutputs(
-        report=report,
-        y_true=np.asarray(y_true, dtype=np.int64),
-        probs=probs,
-        probs_uncalibrated=raw,
-        paths=tuple(paths),
-    )
+    return scored
