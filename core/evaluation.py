@@ -35,7 +35,13 @@ from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
 import numpy as np
 
-from core.metrics import roc_auc_binary, top_k_accuracy
+from core.metrics import (
+    CalibrationInput,
+    calibration_fields,
+    class_counts,
+    roc_auc_binary,
+    top_k_accuracy,
+)
 
 if TYPE_CHECKING:
     from core.checkpoint import LoadedCheckpoint
@@ -217,36 +223,6 @@ class EvalReport:
 # metrics
 
 
-@dataclass(frozen=True)
-class _Calibration:
-    temperature: float
-    calibrated: bool
-    uncalibrated: np.ndarray | None
-
-
-def _calibration_fields(
-    y: np.ndarray, probs: np.ndarray, cal: _Calibration
-) -> dict[str, float | None]:
-    from core.calibration import brier, ece, nll
-
-    before = probs if cal.uncalibrated is None else cal.uncalibrated
-    if y.size == 0 or not (_is_distribution(probs) and _is_distribution(before)):
-        # Ranking scores (allowed for the other metrics) have no calibration to measure.
-        return {}
-    return {
-        "ece": ece(probs, y),
-        "ece_uncalibrated": ece(before, y),
-        "nll": nll(probs, y),
-        "nll_uncalibrated": nll(before, y),
-        "brier": brier(probs, y),
-        "brier_uncalibrated": brier(before, y),
-    }
-
-
-def _is_distribution(rows: np.ndarray) -> bool:
-    return bool(np.all(rows >= 0) and np.allclose(rows.sum(axis=1), 1.0, atol=1e-3))
-
-
 def _mistakes(
     y: np.ndarray, probs: np.ndarray, classes: tuple[str, ...], paths: Sequence[str] | None
 ) -> tuple[Mistake, ...]:
@@ -282,8 +258,6 @@ def compute_report(
     ``paths`` (one per row) lets the report list its most confident mistakes. See the module
     docstring for the averaging / zero-division / AUC conventions.
     """
-    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
-
     classes = tuple(classes)
     n_classes = len(classes)
     if n_classes == 0:
@@ -301,30 +275,17 @@ def compute_report(
         raise ValueError(f"paths has {len(paths)} entries for {y.size} samples")
 
     n = int(y.size)
-    labels = list(range(n_classes))
-    if n:
-        y_pred = scores.argmax(axis=1)
-        cm = confusion_matrix(y, y_pred, labels=labels)
-        p, r, f1, support = precision_recall_fscore_support(
-            y, y_pred, labels=labels, zero_division=0
-        )
-        macro = precision_recall_fscore_support(y, y_pred, average="macro", zero_division=0)
-        weighted = precision_recall_fscore_support(
-            y, y_pred, labels=labels, average="weighted", zero_division=0
-        )
-    else:
-        # sklearn refuses empty input; an empty evaluation is all zeros.
-        cm = np.zeros((n_classes, n_classes), dtype=np.int64)
-        p = r = f1 = np.zeros(n_classes)
-        support = np.zeros(n_classes, dtype=np.int64)
-        macro = weighted = (0.0, 0.0, 0.0, None)
+    counts = class_counts(y, scores, n_classes)
+    cm, support = counts.confusion, counts.support
+    p, r, f1 = counts.precision, counts.recall, counts.f1
+    macro, weighted = counts.macro, counts.weighted
     per_class = tuple(
         ClassMetrics(name, float(p[i]), float(r[i]), float(f1[i]), int(support[i]))
         for i, name in enumerate(classes)
     )
     aucs: list[float | None] = [roc_auc_binary(y == i, scores[:, i]) for i in range(n_classes)]
     defined = [a for a in aucs if a is not None]
-    cal = _Calibration(float(temperature), bool(calibrated), uncal)
+    cal = CalibrationInput(float(temperature), bool(calibrated), uncal)
     return EvalReport(
         n=n,
         classes=classes,
@@ -344,7 +305,7 @@ def compute_report(
         temperature=cal.temperature,
         calibrated=cal.calibrated,
         most_confident_mistakes=_mistakes(y, scores, classes, paths),
-        **_calibration_fields(y, scores, cal),
+        **calibration_fields(y, scores, cal),
     )
 
 
