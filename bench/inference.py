@@ -60,8 +60,8 @@ from bench.common import (
     make_checkpoint,
     make_images,
     phase,
-    reexec_with_allocator,
     resolve_device,
+    run_report,
     sync,
     workspace,
 )
@@ -1138,10 +1138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return child_model_only(args.child_model_only)
     if args.child_notebook is not None:
         return child_notebook(args.child_notebook)
-    if not args.no_reexec:
-        reexec_with_allocator("bench.inference", raw)
-    report = run(args)
-    report.finish(args.json_out)
+    report = run_report("bench.inference", raw, args, run)
     return 1 if report.failed else 0
 
 

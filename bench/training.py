@@ -35,8 +35,8 @@ from bench.common import (
     apply_smoke,
     machine_description,
     phase,
-    reexec_with_allocator,
     resolve_device,
+    run_report,
     sync,
     workspace,
 )
@@ -338,10 +338,7 @@ def run(args: argparse.Namespace) -> Report:
 def main(argv: Sequence[str] | None = None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(raw)
-    if not args.no_reexec:
-        reexec_with_allocator("bench.training", raw)
-    report = run(args)
-    report.finish(args.json_out)
+    run_report("bench.training", raw, args, run)
     return 0
 
 
