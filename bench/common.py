@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -534,3 +535,14 @@ def run_report(
     report = run(args)
     report.finish(args.json_out)
     return report
+
+
+def stop_process(proc: subprocess.Popen[Any]) -> None:
+    """Stop a child that may still run: SIGTERM, 20 s to exit, then SIGKILL."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)

@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-__all__ = ["add_runtime_arguments", "add_sha256_argument", "check_at_least"]
+__all__ = [
+    "add_checkpoint_argument",
+    "add_runtime_arguments",
+    "add_sha256_argument",
+    "check_at_least",
+]
+
+
+def add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint file (.pt)")
 
 
 def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:

@@ -21,7 +21,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core.atomicio import write_text_atomically
-from core.cliargs import add_runtime_arguments, add_sha256_argument, check_at_least
+from core.cliargs import (
+    add_checkpoint_argument,
+    add_runtime_arguments,
+    add_sha256_argument,
+    check_at_least,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -39,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate a trained checkpoint on every image of a labelled folder "
         "(class folders as for training; train/val/test subfolders are all included).",
     )
-    parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint file (.pt)")
+    add_checkpoint_argument(parser)
     parser.add_argument("--data", required=True, type=Path, help="folder of class folders")
     parser.add_argument(
         "--out", type=Path, default=None,

@@ -19,7 +19,12 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from core.cliargs import add_runtime_arguments, add_sha256_argument, check_at_least
+from core.cliargs import (
+    add_checkpoint_argument,
+    add_runtime_arguments,
+    add_sha256_argument,
+    check_at_least,
+)
 
 if TYPE_CHECKING:  # torch: only once a run starts
     from core.inference import Predictor
@@ -33,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Classify brain MRI slices with a trained checkpoint; writes one CSV row "
         "per input (unreadable files get an error row).",
     )
-    parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint file (.pt)")
+    add_checkpoint_argument(parser)
     parser.add_argument(
         "inputs",
         nargs="+",
