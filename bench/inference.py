@@ -290,6 +290,8 @@ def _take(left: list[int]) -> bool:
     return True
 
 
+# ``duplicates`` pairs this keyword call by shape with core/training_data.py's
+# TrainingData(...): unrelated calls that only look alike.
 def time_best_settings(
     model: nn.Module,
     pool: torch.Tensor,
@@ -844,6 +846,8 @@ def _classify(env: dict[str, str], inputs: Sequence[str], model_id: int) -> dict
     return snap
 
 
+# The parameters run_e2e hands on (plus the services): a look-alike parameter list, not
+# logic twice.
 def _run_e2e(
     report: Report,
     args: argparse.Namespace,

@@ -39,6 +39,8 @@ class ServiceArgs:
     redis_port: int
     redis_db: int
 
+    # One keyword per field (duplicates pairs it by shape with core/train.py's
+    # config_from_args): two different mappings, no logic shared.
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServiceArgs:
         return cls(

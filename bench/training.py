@@ -141,6 +141,9 @@ def run_mriq(cfg: TrainConfig) -> tuple[float, float, int]:
 # plain loop
 
 
+# The baseline is plain PyTorch written out on purpose: its loaders and split look like
+# core.training_data's (``duplicates`` pairs them, and its two DataLoader calls), but if it
+# called mriq's code the benchmark would compare mriq with itself.
 def run_plain(cfg: TrainConfig) -> tuple[float, float, int]:
     """The same epoch written as a plain loop; (epoch s, whole s, train batches)."""
     import torch

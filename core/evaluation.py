@@ -74,6 +74,9 @@ class EvaluationCancelled(RuntimeError):
     """
 
 
+# Frozen records with a to_dict each (ClassMetrics, Mistake, core.training_report's
+# EpochMetrics, core.checkpoint's CheckpointMeta): their field lists look alike to
+# ``duplicates``, but a shared base for one asdict() line would be coupling, not sharing.
 @dataclass(frozen=True)
 class ClassMetrics:
     """Per-class precision / recall / F1 and support (number of true samples)."""

@@ -68,6 +68,8 @@ IsFolder = Callable[[Path], bool]
 _MAGIC = re.compile(r"[*?[]")
 
 
+# Exceptions carrying their fields (as core.errors' and scheduler.repository's do): the
+# __init__ shape recurs by design, each with its own message.
 class FolderTooLargeError(Exception):
     """One folder holds more candidate files than the caller allows (``max_per_folder``)."""
 
@@ -301,6 +303,8 @@ def read_list(list_file: Path) -> Iterator[str]:
     """The entries of a ``@list.txt``, stripped, blank lines and ``#`` comments skipped, line
     by line (lists may hold millions of paths). Raises :class:`MissingListFileError` for a
     missing list, :class:`ListFileError` for a folder or one that cannot be read."""
+    # The same three refusals as core.checkpoint.load_checkpoint's read (missing, a folder,
+    # unreadable) with their own error types and words: alike by shape only.
     try:
         # surrogateescape: a line naming a non-UTF-8 file (Latin-1 exports) decodes to the
         # str that os.fsencode maps back to the same bytes, instead of aborting the list.
