@@ -201,6 +201,8 @@ def mriq_command() -> list[str]:
     return [sys.executable, "-c", "from scheduler.cli import main; main()"]
 
 
+# tests/e2e/conftest.py's Service has the same log-tail shape: tests do not import the
+# benchmarks' process helpers (nor the reverse), and the two read different log sizes.
 @dataclass
 class WorkerProcess:
     proc: subprocess.Popen[bytes]
