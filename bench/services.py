@@ -201,8 +201,9 @@ def mriq_command() -> list[str]:
     return [sys.executable, "-c", "from scheduler.cli import main; main()"]
 
 
-# tests/e2e/conftest.py's Service has the same log-tail shape: tests do not import the
-# benchmarks' process helpers (nor the reverse), and the two read different log sizes.
+# tests/e2e/conftest.py's Service has the same log-tail shape (with a name and alive()):
+# a benchmark never imports the tests, and the e2e fixtures stay independent of this
+# benchmark module; three alike lines are cheaper than that coupling.
 @dataclass
 class WorkerProcess:
     proc: subprocess.Popen[bytes]

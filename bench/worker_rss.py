@@ -47,7 +47,8 @@ def _rss_mb(pid: int) -> float:
 def _write_images(folder: Path, n: int, size: int) -> list[Path]:
     # Noise PNGs, not bench.common.make_images' synthetic JPEGs: the RSS run wants many
     # distinct tiny files. tests/faults/conftest.py writes the same kind for its jobs; a
-    # benchmark must not import the tests (nor they it), so the five lines stand twice.
+    # benchmark never imports the tests, and the fault fixtures should not hang on a
+    # benchmark script's private helper, so these five lines stand twice.
     import numpy as np
     from PIL import Image
 
