@@ -32,7 +32,16 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.common import REPO, Measurement, Ratio, Report, machine_description, rss_mb, workspace
+from bench.common import (
+    REPO,
+    Measurement,
+    Ratio,
+    Report,
+    machine_description,
+    rss_mb,
+    stop_process,
+    workspace,
+)
 from bench.services import (
     ServiceArgs,
     add_service_args,
@@ -100,13 +109,7 @@ def _process(
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        stop_process(proc)
 
 
 @contextlib.contextmanager

@@ -14,11 +14,12 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -522,3 +523,26 @@ def resolve_device(spec: str) -> str:
     from core.devices import select_device
 
     return str(select_device(spec))
+
+
+def run_report(
+    module: str, raw: Sequence[str], args: argparse.Namespace, run: Callable[..., Report]
+) -> Report:
+    """A benchmark's ``main`` after parsing: re-exec with the worker's allocator (unless
+    ``--no-reexec``), ``run(args)``, then print the report and write ``--json-out``."""
+    if not args.no_reexec:
+        reexec_with_allocator(module, raw)
+    report = run(args)
+    report.finish(args.json_out)
+    return report
+
+
+def stop_process(proc: subprocess.Popen[Any]) -> None:
+    """Stop a child that may still run: SIGTERM, 20 s to exit, then SIGKILL."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)

@@ -11,7 +11,9 @@ listed and sorted. Each variant runs in a fresh child process (so peak RSS is it
 
 Printed: seconds and RSS growth (peak minus start, MiB) of each, and their ratios.
 Also a tree with two symlink loops under ``**`` (``old`` is given ``--loop-timeout``
-seconds and reported as timed out when it does not finish).
+seconds and reported as timed out when it does not finish), and ``list/mriq``: an
+``@list.txt`` of ``--n`` lines (relative lines naming the folder's files, absolute lines
+naming missing files: both are items) expanded in full.
 
     .venv/bin/python -m bench.expansion --n 200000 --limit 1000
 """
@@ -39,13 +41,15 @@ def _rss_now_kib() -> int:
 
 
 def _child(variant: str, pattern: str, root: str, limit: int) -> None:
-    """Child mode: one expansion; prints {"seconds", "rss_growth_mib", "items"} as JSON."""
+    """Child mode: one expansion; prints {"seconds", "cpu_seconds", "rss_growth_mib", "items"}
+    as JSON."""
     import glob
 
     from scheduler import expansion, refusals
 
     before = _rss_now_kib()
     start = time.perf_counter()
+    cpu_start = time.process_time()  # CPU seconds: comparable on a loaded machine
     items = 0
     refused = False
     if variant == "old":
@@ -64,9 +68,11 @@ def _child(variant: str, pattern: str, root: str, limit: int) -> None:
         except refusals.TooManyInputsError:
             refused = True
     seconds = time.perf_counter() - start
+    cpu_seconds = time.process_time() - cpu_start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     print(json.dumps({
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "rss_growth_mib": max(0, peak - before) / 1024,
         "items": items,
         "refused": refused,
@@ -96,6 +102,13 @@ def _make_flat(folder: Path, n: int) -> None:
     for i in range(n):
         # Empty files: expansion never opens them, and creating 200k stays quick.
         (folder / f"img_{i:07d}.png").touch()
+
+
+def _make_list(list_file: Path, flat: Path, n: int) -> None:
+    with list_file.open("w", encoding="utf-8") as fh:
+        for i in range(n):
+            line = f"flat/img_{i:07d}.png" if i % 2 else f"{flat}/missing_{i:07d}.png"
+            fh.write(line + "\n")
 
 
 def _make_loops(folder: Path) -> None:
@@ -143,6 +156,9 @@ def _measure(args: argparse.Namespace, workdir: Path) -> int:
         results[f"loops/{variant}"] = _run_child(
             variant, loop_pattern, loops, args.limit, args.loop_timeout
         )
+    list_file = workdir / "list.txt"
+    _make_list(list_file, flat, args.n)
+    results["list/mriq"] = _run_child("mriq", f"@{list_file}", workdir, args.n + 1, 600.0)
     old, new = results["flat/old"], results["flat/mriq"]
     ratios = {
         "flat RSS growth (mriq/old)": new["rss_growth_mib"] / max(old["rss_growth_mib"], 1e-3),
@@ -150,13 +166,14 @@ def _measure(args: argparse.Namespace, workdir: Path) -> int:
     }
     results["ratios"] = ratios
     print(f"glob over {args.n:,} files, job limit {args.limit:,}")
-    for key in ("flat/old", "flat/mriq", "loops/old", "loops/mriq"):
+    for key in ("flat/old", "flat/mriq", "loops/old", "loops/mriq", "list/mriq"):
         r = results[key]
         if r.get("timed_out"):
             print(f"{key:12} timed out after {r['seconds']:.0f} s")
         else:
-            print(f"{key:12} {r['seconds']:8.3f} s  RSS +{r['rss_growth_mib']:7.1f} MiB  "
-                  f"items {r['items']:,}  refused={r['refused']}")
+            print(f"{key:12} {r['seconds']:8.3f} s (CPU {r['cpu_seconds']:.3f} s)  "
+                  f"RSS +{r['rss_growth_mib']:7.1f} MiB  items {r['items']:,}  "
+                  f"refused={r['refused']}")
     for name, value in ratios.items():
         print(f"ratio {name}: {value:.3f}x")
     if args.json_out is not None:

@@ -39,6 +39,8 @@ class ServiceArgs:
     redis_port: int
     redis_db: int
 
+    # One keyword per field (duplicates pairs it by shape with core/train.py's
+    # config_from_args): two different mappings, no logic shared.
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServiceArgs:
         return cls(
@@ -199,6 +201,9 @@ def mriq_command() -> list[str]:
     return [sys.executable, "-c", "from scheduler.cli import main; main()"]
 
 
+# tests/e2e/conftest.py's Service has the same log-tail shape (with a name and alive()):
+# a benchmark never imports the tests, and the e2e fixtures stay independent of this
+# benchmark module; three alike lines are cheaper than that coupling.
 @dataclass
 class WorkerProcess:
     proc: subprocess.Popen[bytes]

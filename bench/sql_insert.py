@@ -319,6 +319,8 @@ def run_submission(
         engine = make_engine(url)
         try:
             with make_session_factory(engine)() as s, s.begin():
+                # The one registration call (tests/worker/test_ledger.py makes the same
+                # keyword call): the logic lives in repository.register_model_version.
                 model_id = int(
                     repository.register_model_version(
                         s,

@@ -24,6 +24,8 @@ import time
 import uuid
 from pathlib import Path
 
+from bench.common import make_checkpoint
+
 REPO = Path(__file__).resolve().parents[1]
 #: --smoke: enough images for three chunks, so "start" (first chunk done) and "end" differ.
 SMOKE_N, SMOKE_SIZE, SMOKE_CHUNK = 48, 32, 16
@@ -43,6 +45,10 @@ def _rss_mb(pid: int) -> float:
 
 
 def _write_images(folder: Path, n: int, size: int) -> list[Path]:
+    # Noise PNGs, not bench.common.make_images' synthetic JPEGs: the RSS run wants many
+    # distinct tiny files. tests/faults/conftest.py writes the same kind for its jobs; a
+    # benchmark never imports the tests, and the fault fixtures should not hang on a
+    # benchmark script's private helper, so these five lines stand twice.
     import numpy as np
     from PIL import Image
 
@@ -54,26 +60,6 @@ def _write_images(folder: Path, n: int, size: int) -> list[Path]:
         Image.fromarray((rng.random((size, size)) * 255).astype("uint8"), mode="L").save(path)
         paths.append(path)
     return paths
-
-
-def _tiny_model(path: Path, arch: str, image_size: int) -> str:
-    import torch
-
-    from core.checkpoint import CheckpointMeta, save_checkpoint
-    from core.labels import classes_for
-    from core.models import build_model
-    from core.transforms import PresetParams
-
-    torch.manual_seed(0)
-    classes = tuple(classes_for("15"))
-    model = build_model(arch, len(classes), weights="none")
-    meta = CheckpointMeta(
-        arch=arch,
-        classes=classes,
-        label_mode="15",
-        preset=PresetParams(image_size=image_size, crop="none"),
-    )
-    return save_checkpoint(path, model=model, meta=meta)
 
 
 def _default_chunk_size() -> int:
@@ -144,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         t0 = time.monotonic()
         paths = _write_images(tmp / "images", args.n, args.image_size)
-        sha = _tiny_model(tmp / "model.pt", args.arch, args.image_size)
+        sha = make_checkpoint(
+            tmp / "model.pt", arch=args.arch, image_size=args.image_size, crop="none"
+        ).sha256
         print(f"wrote {len(paths)} images in {time.monotonic() - t0:.0f}s", flush=True)
         upgrade(url)
         factory = make_session_factory(make_engine(url))

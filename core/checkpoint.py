@@ -48,6 +48,8 @@ __all__ = [
 ]
 
 
+# The (path, reason) exception shape of core.errors.ImageReadError: alike by design, each
+# with its own type so callers can tell a bad checkpoint from a bad image.
 class CheckpointError(ValueError):
     """A checkpoint file is missing, unreadable or not an mriq checkpoint."""
 
@@ -79,6 +81,7 @@ def current_versions() -> dict[str, str]:
     }
 
 
+# Field lists alike by shape to core.evaluation's records: see the note there.
 @dataclass(frozen=True)
 class CheckpointMeta:
     """What a model is: architecture, label space, preprocessing and how it was trained."""

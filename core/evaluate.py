@@ -21,10 +21,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core.atomicio import write_text_atomically
+from core.cliargs import (
+    add_checkpoint_argument,
+    add_runtime_arguments,
+    add_sha256_argument,
+    check_at_least,
+)
 
 if TYPE_CHECKING:
+    import torch
+
+    from core.checkpoint import LoadedCheckpoint
     from core.dataset import Sample
-    from core.evaluation import EvalReport
+    from core.evaluation import EvalOutputs, EvalReport
 
 MAX_ERRORS_SHOWN = 20
 
@@ -35,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate a trained checkpoint on every image of a labelled folder "
         "(class folders as for training; train/val/test subfolders are all included).",
     )
-    parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint file (.pt)")
+    add_checkpoint_argument(parser)
     parser.add_argument("--data", required=True, type=Path, help="folder of class folders")
     parser.add_argument(
         "--out", type=Path, default=None,
@@ -44,16 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--json", action="store_true", help="print the report as one JSON object on stdout"
     )
-    parser.add_argument("--batch-size", type=int, default=32, help="images per batch (32)")
-    parser.add_argument(
-        "--device", default="auto", help="auto (CUDA if available), cpu or cuda[:N] (auto)"
-    )
-    parser.add_argument(
-        "--num-workers", type=int, default=0, help="image-decoding worker processes (0)"
-    )
-    parser.add_argument(
-        "--sha256", default=None, help="refuse the checkpoint unless its sha256 matches"
-    )
+    add_runtime_arguments(parser)
+    add_sha256_argument(parser)
     parser.add_argument(
         "--skip-unknown", action="store_true", help="skip folders that name no known class"
     )
@@ -152,20 +153,28 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error(f"--batch-size must be >= 1, not {args.batch_size}")
-    if args.num_workers < 0:
-        parser.error(f"--num-workers must be >= 0, not {args.num_workers}")
+    check_at_least(parser, "--batch-size", args.batch_size, 1)
+    check_at_least(parser, "--num-workers", args.num_workers, 0)
+    loaded = _load(args)
+    if loaded is None:
+        return 1
+    ckpt, device, samples = loaded
+    outputs = _evaluate(args, ckpt, device, samples)
+    if outputs is None:
+        return 130
+    _write_report(args, ckpt, outputs)
+    return 0
 
+
+def _load(
+    args: argparse.Namespace,
+) -> tuple[LoadedCheckpoint, torch.device, list[Sample]] | None:
+    """The checkpoint, its device and the samples to score (None after an error message)."""
     # Heavy imports after argument parsing so --help and usage errors answer instantly.
-    from tqdm import tqdm
-
     from core.checkpoint import CheckpointError, load_checkpoint
     from core.dataset import scan_folder
     from core.devices import DeviceUnavailableError, select_device
-    from core.evaluation import evaluate_checkpoint_outputs
     from core.labels import UnknownFolderError
-    from core.plots import plot_confusion_matrix, write_evaluation_plots
 
     err = sys.stderr
 
@@ -184,16 +193,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except (CheckpointError, DeviceUnavailableError, UnknownFolderError) as exc:
         print(f"error: {exc}", file=err)
-        return 1
+        return None
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=err)
-        return 1
+        return None
     for name, count in sorted(dropped.items()):
         warn(f"skipped {count} image(s) of {name!r}: not a class of this checkpoint")
     if not samples:
         print("error: no images left to evaluate", file=err)
-        return 1
+        return None
+    return ckpt, device, samples
 
+
+def _evaluate(
+    args: argparse.Namespace,
+    ckpt: LoadedCheckpoint,
+    device: torch.device,
+    samples: list[Sample],
+) -> EvalOutputs | None:
+    """The outputs with a progress bar (None when interrupted)."""
+    from tqdm import tqdm
+
+    from core.evaluation import evaluate_checkpoint_outputs
+
+    err = sys.stderr
     try:
         with tqdm(
             total=len(samples), desc="evaluate", unit="img", file=err,
@@ -203,13 +226,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             def advance(done: int, total: int) -> None:
                 bar.update(done - bar.n)
 
-            outputs = evaluate_checkpoint_outputs(
+            return evaluate_checkpoint_outputs(
                 ckpt, samples, batch_size=args.batch_size, device=device,
                 num_workers=args.num_workers, on_batch=advance,
             )
     except KeyboardInterrupt:
         print("interrupted", file=err)
-        return 130
+        return None
+
+
+def _write_report(args: argparse.Namespace, ckpt: LoadedCheckpoint, outputs: EvalOutputs) -> None:
+    """report.json and the plots under --out, then the JSON or the table on stdout."""
+    from core.plots import plot_confusion_matrix, write_evaluation_plots
 
     report = outputs.report
     payload: dict[str, Any] = {
@@ -226,14 +254,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         plot_confusion_matrix(report, args.out / "confusion_matrix.png")
         plots = write_evaluation_plots(outputs, args.out)
         names = ", ".join(p.name for p in plots.values())
-        print(f"wrote {args.out / 'report.json'}, confusion_matrix.png, {names}", file=err)
+        print(f"wrote {args.out / 'report.json'}, confusion_matrix.png, {names}", file=sys.stderr)
     if args.json:
         sys.stdout.write(json.dumps(payload) + "\n")
     else:
         print(f"checkpoint    {args.checkpoint} ({ckpt.meta.arch}, sha256 {ckpt.sha256[:12]})")
         print(f"data          {args.data}")
         print(format_summary(report))
-    return 0
 
 
 if __name__ == "__main__":

@@ -31,17 +31,27 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
 import numpy as np
+
+from core.metrics import (
+    CalibrationInput,
+    calibration_fields,
+    class_counts,
+    roc_auc_binary,
+    top_k_accuracy,
+)
 
 if TYPE_CHECKING:
     from core.checkpoint import LoadedCheckpoint
     from core.dataset import Sample
+    from core.inference import Predictor
 
 
 __all__ = [
     "ClassMetrics",
+    "EvalOptions",
     "EvalOutputs",
     "EvalReport",
     "EvaluationCancelled",
@@ -49,8 +59,6 @@ __all__ = [
     "compute_report",
     "evaluate_checkpoint",
     "evaluate_checkpoint_outputs",
-    "roc_auc_binary",
-    "top_k_accuracy",
 ]
 
 TOP_K = 3
@@ -66,6 +74,9 @@ class EvaluationCancelled(RuntimeError):
     """
 
 
+# Frozen records with a to_dict each (ClassMetrics, Mistake, core.training_report's
+# EpochMetrics, core.checkpoint's CheckpointMeta): their field lists look alike to
+# ``duplicates``, but a shared base for one asdict() line would be coupling, not sharing.
 @dataclass(frozen=True)
 class ClassMetrics:
     """Per-class precision / recall / F1 and support (number of true samples)."""
@@ -215,71 +226,6 @@ class EvalReport:
 # metrics
 
 
-def roc_auc_binary(positive: np.ndarray, scores: np.ndarray) -> float | None:
-    """ROC-AUC of ``scores`` for the boolean ``positive`` mask (ties count 1/2).
-
-    Returns None when there are no positives or no negatives (AUC is undefined).
-    """
-    from sklearn.metrics import roc_auc_score
-
-    positive = np.asarray(positive, dtype=bool).reshape(-1)
-    n_pos = int(positive.sum())
-    if n_pos == 0 or n_pos == positive.size:
-        return None
-    return float(roc_auc_score(positive, np.asarray(scores, dtype=np.float64).reshape(-1)))
-
-
-def top_k_accuracy(y: np.ndarray, scores: np.ndarray, k: int) -> float:
-    """Share of rows whose true class is among the ``k`` highest scores; ties -> lower index.
-
-    ``top_k_accuracy_score`` ranks tied scores higher index first; scoring the columns in
-    reverse order turns that into lower index first, the tie-break argmax (and so top-1 of
-    this ranking) uses.
-    """
-    from sklearn.metrics import top_k_accuracy_score
-
-    n_classes = scores.shape[1]
-    if y.size == 0:
-        return 0.0
-    if k >= n_classes:
-        return 1.0  # every class is in the top k (sklearn warns and says the same)
-    return float(
-        top_k_accuracy_score(
-            n_classes - 1 - y, scores[:, ::-1], k=k, labels=list(range(n_classes))
-        )
-    )
-
-
-@dataclass(frozen=True)
-class _Calibration:
-    temperature: float
-    calibrated: bool
-    uncalibrated: np.ndarray | None
-
-
-def _calibration_fields(
-    y: np.ndarray, probs: np.ndarray, cal: _Calibration
-) -> dict[str, float | None]:
-    from core.calibration import brier, ece, nll
-
-    before = probs if cal.uncalibrated is None else cal.uncalibrated
-    if y.size == 0 or not (_is_distribution(probs) and _is_distribution(before)):
-        # Ranking scores (allowed for the other metrics) have no calibration to measure.
-        return {}
-    return {
-        "ece": ece(probs, y),
-        "ece_uncalibrated": ece(before, y),
-        "nll": nll(probs, y),
-        "nll_uncalibrated": nll(before, y),
-        "brier": brier(probs, y),
-        "brier_uncalibrated": brier(before, y),
-    }
-
-
-def _is_distribution(rows: np.ndarray) -> bool:
-    return bool(np.all(rows >= 0) and np.allclose(rows.sum(axis=1), 1.0, atol=1e-3))
-
-
 def _mistakes(
     y: np.ndarray, probs: np.ndarray, classes: tuple[str, ...], paths: Sequence[str] | None
 ) -> tuple[Mistake, ...]:
@@ -315,8 +261,6 @@ def compute_report(
     ``paths`` (one per row) lets the report list its most confident mistakes. See the module
     docstring for the averaging / zero-division / AUC conventions.
     """
-    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
-
     classes = tuple(classes)
     n_classes = len(classes)
     if n_classes == 0:
@@ -334,30 +278,17 @@ def compute_report(
         raise ValueError(f"paths has {len(paths)} entries for {y.size} samples")
 
     n = int(y.size)
-    labels = list(range(n_classes))
-    if n:
-        y_pred = scores.argmax(axis=1)
-        cm = confusion_matrix(y, y_pred, labels=labels)
-        p, r, f1, support = precision_recall_fscore_support(
-            y, y_pred, labels=labels, zero_division=0
-        )
-        macro = precision_recall_fscore_support(y, y_pred, average="macro", zero_division=0)
-        weighted = precision_recall_fscore_support(
-            y, y_pred, labels=labels, average="weighted", zero_division=0
-        )
-    else:
-        # sklearn refuses empty input; an empty evaluation is all zeros.
-        cm = np.zeros((n_classes, n_classes), dtype=np.int64)
-        p = r = f1 = np.zeros(n_classes)
-        support = np.zeros(n_classes, dtype=np.int64)
-        macro = weighted = (0.0, 0.0, 0.0, None)
+    counts = class_counts(y, scores, n_classes)
+    cm, support = counts.confusion, counts.support
+    p, r, f1 = counts.precision, counts.recall, counts.f1
+    macro, weighted = counts.macro, counts.weighted
     per_class = tuple(
         ClassMetrics(name, float(p[i]), float(r[i]), float(f1[i]), int(support[i]))
         for i, name in enumerate(classes)
     )
     aucs: list[float | None] = [roc_auc_binary(y == i, scores[:, i]) for i in range(n_classes)]
     defined = [a for a in aucs if a is not None]
-    cal = _Calibration(float(temperature), bool(calibrated), uncal)
+    cal = CalibrationInput(float(temperature), bool(calibrated), uncal)
     return EvalReport(
         n=n,
         classes=classes,
@@ -377,7 +308,7 @@ def compute_report(
         temperature=cal.temperature,
         calibrated=cal.calibrated,
         most_confident_mistakes=_mistakes(y, scores, classes, paths),
-        **_calibration_fields(y, scores, cal),
+        **calibration_fields(y, scores, cal),
     )
 
 
@@ -412,16 +343,19 @@ class EvalOutputs:
     paths: tuple[str, ...]
 
 
+class EvalOptions(TypedDict, total=False):
+    """The keyword options of :func:`evaluate_checkpoint_outputs` (its defaults apply)."""
+
+    batch_size: int
+    device: Any
+    num_workers: int
+    should_stop: Callable[[], bool] | None
+    on_batch: Callable[[int, int], None] | None
+    roots: Sequence[Path | str] | None
+
+
 def evaluate_checkpoint(
-    ckpt: LoadedCheckpoint,
-    samples: Sequence[Sample],
-    *,
-    batch_size: int = 32,
-    device: Any = "cpu",
-    num_workers: int = 0,
-    should_stop: Callable[[], bool] | None = None,
-    on_batch: Callable[[int, int], None] | None = None,
-    roots: Sequence[Path | str] | None = None,
+    ckpt: LoadedCheckpoint, samples: Sequence[Sample], **options: Unpack[EvalOptions]
 ) -> EvalReport:
     """Evaluate a loaded checkpoint on labelled samples with the deterministic eval preset.
 
@@ -433,16 +367,7 @@ def evaluate_checkpoint(
     Probabilities are calibrated with the checkpoint's temperature; the report has
     ECE/NLL/Brier both ways.
     """
-    return evaluate_checkpoint_outputs(
-        ckpt,
-        samples,
-        batch_size=batch_size,
-        device=device,
-        num_workers=num_workers,
-        should_stop=should_stop,
-        on_batch=on_batch,
-        roots=roots,
-    ).report
+    return evaluate_checkpoint_outputs(ckpt, samples, **options).report
 
 
 def evaluate_checkpoint_outputs(
@@ -471,12 +396,53 @@ def evaluate_checkpoint_outputs(
     predictor = Predictor(
         ckpt, device=device, batch_size=batch_size, num_workers=num_workers, roots=roots
     )
+    scored = _score(predictor, samples, should_stop, on_batch)
+    logits_all = (
+        np.stack(scored.rows).astype(np.float64)
+        if scored.rows
+        else np.zeros((0, len(classes)))
+    )
+    calibration = ckpt.meta.calibration
+    probs = softmax(logits_all, calibration.temperature)
+    raw = softmax(logits_all)
+    report = compute_report(
+        scored.y_true,
+        probs,
+        classes,
+        errors=scored.errors,
+        uncalibrated_probs=raw,
+        temperature=calibration.temperature,
+        calibrated=calibration.calibrated,
+        paths=scored.paths,
+    )
+    return EvalOutputs(
+        report=report,
+        y_true=np.asarray(scored.y_true, dtype=np.int64),
+        probs=probs,
+        probs_uncalibrated=raw,
+        paths=tuple(scored.paths),
+    )
+
+
+@dataclass(frozen=True)
+class _Scored:
+    """The logits of the readable samples (with their labels and paths) and the errors."""
+
+    y_true: list[int]
+    rows: list[np.ndarray]
+    paths: list[str]
+    errors: list[tuple[str, str]]
+
+
+def _score(
+    predictor: Predictor,
+    samples: list[Sample],
+    should_stop: Callable[[], bool] | None,
+    on_batch: Callable[[int, int], None] | None,
+) -> _Scored:
     total = len(samples)
     done = 0
-    y_true: list[int] = []
-    rows: list[np.ndarray] = []
-    paths: list[str] = []
-    errors: list[tuple[str, str]] = []
+    scored = _Scored([], [], [], [])
 
     def count(n_batch: int) -> None:
         nonlocal done
@@ -499,33 +465,11 @@ def evaluate_checkpoint_outputs(
     for i, (path, logits, error) in enumerate(results):
         sample = samples[i]
         if logits is None:
-            errors.append((path, error or "unknown error"))
+            scored.errors.append((path, error or "unknown error"))
         else:
-            y_true.append(sample.label)
-            rows.append(logits)
-            paths.append(str(path))
+            scored.y_true.append(sample.label)
+            scored.rows.append(logits)
+            scored.paths.append(str(path))
     if stopped:
         raise EvaluationCancelled(f"evaluation cancelled after {done} of {total} images")
-    logits_all = (
-        np.stack(rows).astype(np.float64) if rows else np.zeros((0, len(classes)))
-    )
-    calibration = ckpt.meta.calibration
-    probs = softmax(logits_all, calibration.temperature)
-    raw = softmax(logits_all)
-    report = compute_report(
-        y_true,
-        probs,
-        classes,
-        errors=errors,
-        uncalibrated_probs=raw,
-        temperature=calibration.temperature,
-        calibrated=calibration.calibrated,
-        paths=paths,
-    )
-    return EvalOutputs(
-        report=report,
-        y_true=np.asarray(y_true, dtype=np.int64),
-        probs=probs,
-        probs_uncalibrated=raw,
-        paths=tuple(paths),
-    )
+    return scored

@@ -45,6 +45,8 @@ from core.formats import IMAGE_SUFFIXES
 
 __all__ = [
     "FolderTooLargeError",
+    "ListFileError",
+    "MissingListFileError",
     "NestedListError",
     "expand_inputs",
     "has_magic",
@@ -60,10 +62,14 @@ Accept = Callable[[str], bool]
 MayEnter = Callable[[str], bool]
 #: A hook on a path: returns the path to use (or raises to refuse the input).
 PathHook = Callable[[Path], Path]
+#: Whether a named path (as ``named`` returned it) is a folder to walk.
+IsFolder = Callable[[Path], bool]
 
 _MAGIC = re.compile(r"[*?[]")
 
 
+# Exceptions carrying their fields (as core.errors' and scheduler.repository's do): the
+# __init__ shape recurs by design, each with its own message.
 class FolderTooLargeError(Exception):
     """One folder holds more candidate files than the caller allows (``max_per_folder``)."""
 
@@ -71,6 +77,19 @@ class FolderTooLargeError(Exception):
         self.folder = folder
         self.limit = limit
         super().__init__(f"{folder}: more than {limit} matching files in one folder")
+
+
+class ListFileError(OSError):
+    """A ``@list.txt`` that cannot be read: a folder, or unreadable (``problem`` says why)."""
+
+    def __init__(self, list_file: Path, problem: str) -> None:
+        self.list_file = list_file
+        self.problem = problem
+        super().__init__(f"{list_file}: {problem}")
+
+
+class MissingListFileError(ListFileError, FileNotFoundError):
+    """A ``@list.txt`` that does not exist."""
 
 
 class NestedListError(ValueError):
@@ -282,13 +301,21 @@ def _select(walk: _Walk, folder: str, parts: list[str]) -> Iterator[str]:
 
 def read_list(list_file: Path) -> Iterator[str]:
     """The entries of a ``@list.txt``, stripped, blank lines and ``#`` comments skipped, line
-    by line (lists may hold millions of paths). Raises ``FileNotFoundError`` for a missing
-    list, ``IsADirectoryError``/``OSError`` for one that cannot be read."""
-    if not list_file.exists():
-        raise FileNotFoundError(f"{list_file}: input list file not found")
-    # surrogateescape: a line naming a non-UTF-8 file (Latin-1 exports) decodes to the str
-    # that os.fsencode maps back to the same bytes, instead of aborting the whole list.
-    with list_file.open(encoding="utf-8", errors="surrogateescape") as fh:
+    by line (lists may hold millions of paths). Raises :class:`MissingListFileError` for a
+    missing list, :class:`ListFileError` for a folder or one that cannot be read."""
+    # The same three refusals as core.checkpoint.load_checkpoint's read (missing, a folder,
+    # unreadable) with their own error types and words: alike by shape only.
+    try:
+        # surrogateescape: a line naming a non-UTF-8 file (Latin-1 exports) decodes to the
+        # str that os.fsencode maps back to the same bytes, instead of aborting the list.
+        fh = list_file.open(encoding="utf-8", errors="surrogateescape")
+    except FileNotFoundError:
+        raise MissingListFileError(list_file, "list file not found") from None
+    except IsADirectoryError:
+        raise ListFileError(list_file, "list file is a directory") from None
+    except OSError as exc:
+        raise ListFileError(list_file, f"cannot read list file ({exc.strerror})") from None
+    with fh:
         for line in fh:
             entry = line.strip()
             if entry and not entry.startswith("#"):
@@ -303,6 +330,7 @@ class _Expansion:
     may_enter: MayEnter
     named: PathHook
     found: PathHook
+    is_folder: IsFolder
 
     def folder(self, folder: Path) -> Iterator[Path]:
         walked = walk_files(
@@ -311,15 +339,18 @@ class _Expansion:
         for path in walked:
             yield self.found(Path(path))
 
-    def one(self, text: str, base: Path | None) -> Iterator[Path]:
-        candidate = Path(text).expanduser()
-        if base is not None and not candidate.is_absolute():
-            candidate = base / candidate
+    def one(self, text: str, base: str | None) -> Iterator[Path]:
+        # Per list line this is the hot path of a 100,000-line list: one Path per line, the
+        # folder joined as text (``base`` is computed once per list by the caller).
+        if text.startswith("~"):
+            text = os.path.expanduser(text)
+        if base is not None and not text.startswith(os.sep):
+            text = base + text
         if has_magic(text):
-            yield from self.pattern(str(candidate))
+            yield from self.pattern(text)
             return
-        path = self.named(candidate)
-        if path.is_dir():
+        path = self.named(Path(text))
+        if self.is_folder(path):
             yield from self.folder(path)
         else:
             yield path
@@ -350,6 +381,10 @@ def _same(path: Path) -> Path:
     return path
 
 
+def _is_folder(path: Path) -> bool:
+    return path.is_dir()
+
+
 def expand_inputs(
     inputs: Iterable[str | Path],
     *,
@@ -359,14 +394,18 @@ def expand_inputs(
     may_enter: MayEnter | None = None,
     named: PathHook | None = None,
     found: PathHook | None = None,
+    is_folder: IsFolder | None = None,
 ) -> Iterator[Path]:
     """Lazily expand inputs into file paths, in input order, by the rules of this module.
 
     ``named`` sees every path the user names before it is used (an input, a list file,
     each list line, a glob's literal prefix) and returns the path to use or raises (the
     scheduler confines them to the data roots); ``found`` does the same for every file a
-    walk or glob finds. ``may_enter`` decides which links to folders a glob may enter.
-    Raises ``FileNotFoundError`` for a missing list file, :class:`NestedListError`, and
+    walk or glob finds. ``may_enter`` decides which links to folders a glob may enter;
+    ``is_folder`` whether a named path is a folder (the scheduler answers it from the stat
+    its confinement already made, instead of a second one per list line).
+    Raises :class:`MissingListFileError` / :class:`ListFileError` for a list file that
+    cannot be read, :class:`NestedListError`, and
     :class:`FolderTooLargeError` past ``max_per_folder``; nothing happens until the first
     path is taken.
     """
@@ -377,6 +416,7 @@ def expand_inputs(
         may_enter or _never,
         named or _same,
         found or _same,
+        is_folder or _is_folder,
     )
     for raw in inputs:
         expansion.tick()
@@ -385,7 +425,8 @@ def expand_inputs(
             yield from expansion.one(text, None)
             continue
         list_file = expansion.named(Path(text[1:]).expanduser())
+        base = os.path.join(str(list_file.parent), "")  # relative lines join onto it as text
         for entry in read_list(list_file):
             if entry.startswith("@"):
                 raise NestedListError(list_file)
-            yield from expansion.one(entry, list_file.parent)
+            yield from expansion.one(entry, base)

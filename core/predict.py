@@ -17,7 +17,17 @@ from collections import Counter
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
+
+from core.cliargs import (
+    add_checkpoint_argument,
+    add_runtime_arguments,
+    add_sha256_argument,
+    check_at_least,
+)
+
+if TYPE_CHECKING:  # torch: only once a run starts
+    from core.inference import Predictor
 
 CSV_COLUMNS: tuple[str, ...] = ("path", "label", "confidence", "top_k", "error")
 
@@ -28,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Classify brain MRI slices with a trained checkpoint; writes one CSV row "
         "per input (unreadable files get an error row).",
     )
-    parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint file (.pt)")
+    add_checkpoint_argument(parser)
     parser.add_argument(
         "inputs",
         nargs="+",
@@ -39,22 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=None, help="CSV file to write (default: stdout)"
     )
     parser.add_argument("--top-k", type=int, default=3, help="classes listed per row (3)")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per batch (32)")
-    parser.add_argument(
-        "--device", default="auto", help="auto (CUDA if available), cpu or cuda[:N] (auto)"
-    )
-    parser.add_argument(
-        "--num-workers", type=int, default=0, help="image-decoding worker processes (0)"
-    )
+    add_runtime_arguments(parser)
     parser.add_argument(
         "--streams",
         default="auto",
         help="batches run through the model at once on CPU, each on its share of the cores "
         "(auto: one per 4 cores, at most 4; 1 = one batch on all cores); ignored on CUDA",
     )
-    parser.add_argument(
-        "--sha256", default=None, help="refuse the checkpoint unless its sha256 matches"
-    )
+    add_sha256_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -73,28 +75,29 @@ def format_row(pred: object) -> list[str]:
     ]
 
 
-def _positive(parser: argparse.ArgumentParser, name: str, value: int, low: int) -> None:
-    if value < low:
-        parser.error(f"{name} must be >= {low}, not {value}")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _positive(parser, "--top-k", args.top_k, 1)
-    _positive(parser, "--batch-size", args.batch_size, 1)
-    _positive(parser, "--num-workers", args.num_workers, 0)
+    check_at_least(parser, "--top-k", args.top_k, 1)
+    check_at_least(parser, "--batch-size", args.batch_size, 1)
+    check_at_least(parser, "--num-workers", args.num_workers, 0)
     streams: int | None = None
     if args.streams != "auto":
         try:
             streams = int(args.streams)
         except ValueError:
             parser.error(f"--streams must be auto or a number, not {args.streams!r}")
-        _positive(parser, "--streams", streams, 1)
+        check_at_least(parser, "--streams", streams, 1)
 
+    predictor = _load_predictor(args, streams)
+    if predictor is None:
+        return 1
+    return _write_predictions(args, predictor)
+
+
+def _load_predictor(args: argparse.Namespace, streams: int | None) -> Predictor | None:
+    """The checkpoint on its device, ready to predict (None after an error message)."""
     # Heavy imports after argument parsing so --help and usage errors answer instantly.
-    from tqdm import tqdm
-
     from core.checkpoint import CheckpointError, load_checkpoint
     from core.devices import (
         DeviceUnavailableError,
@@ -103,7 +106,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         select_device,
     )
     from core.inference import Predictor
-    from core.inputs import NestedListError, expand_inputs
 
     err = sys.stderr
     try:
@@ -111,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ckpt = load_checkpoint(args.checkpoint, expected_sha256=args.sha256, device=device)
     except (CheckpointError, DeviceUnavailableError, ValueError) as exc:
         print(f"error: {exc}", file=err)
-        return 1
+        return None
     if device.type == "cpu":
         split = cpu_parallelism(streams=streams)
         # The CPUs shared out between the streams (process-wide in torch).
@@ -130,7 +132,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"sha256 {ckpt.sha256[:12]}) on {device}",
         file=err,
     )
+    return predictor
 
+
+def _write_predictions(args: argparse.Namespace, predictor: Predictor) -> int:
+    """Expand the inputs, write one CSV row per input and the summary; the exit code."""
+    from tqdm import tqdm
+
+    from core.inputs import ListFileError, NestedListError, expand_inputs
+
+    err = sys.stderr
     total = ok = 0
     labels: Counter[str] = Counter()
     interrupted = False
@@ -160,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     ok += 1
                     labels[pred.label] += 1
                 progress.update(1)
-        except (FileNotFoundError, IsADirectoryError, NestedListError) as exc:  # @list file
+        except (ListFileError, NestedListError) as exc:  # @list file
             print(f"error: {exc}", file=err)
             return 1
         except KeyboardInterrupt:

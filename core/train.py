@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core.config import (
     ARCHITECTURES,
@@ -25,6 +25,9 @@ from core.config import (
     SCHEDULERS,
     TrainConfig,
 )
+
+if TYPE_CHECKING:  # the result types, for annotations only (nothing heavy at import)
+    from core.training_report import EpochMetrics, TrainResult
 
 EXIT_USAGE = 2
 EXIT_CANCELLED = 130
@@ -95,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Typed config from parsed arguments (raises ValueError on invalid combinations)."""
+    # One keyword per option, spelled out: the flag names differ from the field names
+    # (--no-amp, --patience, --rotation), so the look-alike lines (duplicates pairs them with
+    # each other and with bench/services.py's keyword calls) are not shared logic.
     return TrainConfig(
         data_dir=args.data,
         out_dir=args.out,
@@ -151,59 +157,74 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return EXIT_USAGE
+    return _run(config)
 
-    # Heavy imports after argument parsing so --help and usage errors are instant.
-    from tqdm import tqdm
 
-    from core.devices import DeviceUnavailableError
-    from core.errors import ImageReadError
-    from core.models import WeightsUnavailableError
-    from core.training import EpochMetrics, train
+class _Progress:
+    """The tqdm bar of the current epoch and the line printed after each epoch."""
 
-    stop_requested = False
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+        self.epoch = 0
+        self.bar: Any = None
+        self.stop_requested = False
 
-    def on_sigint(signum: int, frame: FrameType | None) -> None:
-        nonlocal stop_requested
-        if stop_requested:  # second Ctrl-C: the user really wants out now
-            raise KeyboardInterrupt
-        stop_requested = True
-        tqdm.write("stopping after the current batch (Ctrl-C again to abort) ...")
+    def close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
-    state: dict[str, Any] = {"epoch": 0, "bar": None}
+    def on_batch(self, done: int, total: int) -> None:
+        from tqdm import tqdm
 
-    def close_bar() -> None:
-        if state["bar"] is not None:
-            state["bar"].close()
-            state["bar"] = None
-
-    def on_batch(done: int, total: int) -> None:
-        if state["bar"] is None:
-            state["bar"] = tqdm(
-                total=total, desc=f"epoch {state['epoch'] + 1}/{config.epochs}", unit="batch",
+        if self.bar is None:
+            self.bar = tqdm(
+                total=total, desc=f"epoch {self.epoch + 1}/{self.epochs}", unit="batch",
                 leave=False, dynamic_ncols=True,
             )
-        state["bar"].update(done - state["bar"].n)
+        self.bar.update(done - self.bar.n)
 
-    def on_epoch(m: EpochMetrics) -> None:
-        close_bar()
-        state["epoch"] = m.epoch
+    def on_epoch(self, m: EpochMetrics) -> None:
+        from tqdm import tqdm
+
+        self.close_bar()
+        self.epoch = m.epoch
         tqdm.write(
-            f"epoch {m.epoch:3d}/{config.epochs}  train_loss {m.train_loss:.4f}  "
+            f"epoch {m.epoch:3d}/{self.epochs}  train_loss {m.train_loss:.4f}  "
             f"val_loss {m.val_loss:.4f}  val_acc {m.val_accuracy:.4f}  "
             f"val_macro_f1 {m.val_macro_f1:.4f}  lr {m.lr:.2e}  {m.seconds:.1f}s"
         )
 
-    def on_log(message: str) -> None:
+    def on_log(self, message: str) -> None:
+        from tqdm import tqdm
+
         tqdm.write(message)
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    def on_sigint(self, signum: int, frame: FrameType | None) -> None:
+        from tqdm import tqdm
+
+        if self.stop_requested:  # second Ctrl-C: the user really wants out now
+            raise KeyboardInterrupt
+        self.stop_requested = True
+        tqdm.write("stopping after the current batch (Ctrl-C again to abort) ...")
+
+
+def _run(config: TrainConfig) -> int:
+    # Heavy imports after argument parsing so --help and usage errors are instant.
+    from core.devices import DeviceUnavailableError
+    from core.errors import ImageReadError
+    from core.models import WeightsUnavailableError
+    from core.training import train
+
+    progress = _Progress(config.epochs)
+    previous = signal.signal(signal.SIGINT, progress.on_sigint)
     try:
         result = train(
             config,
-            on_epoch=on_epoch,
-            on_batch=on_batch,
-            should_stop=lambda: stop_requested,
-            on_log=on_log,
+            on_epoch=progress.on_epoch,
+            on_batch=progress.on_batch,
+            should_stop=lambda: progress.stop_requested,
+            on_log=progress.on_log,
         )
     except (
         # Data/argument problems: UnknownFolderError, TrainingDataError, CheckpointError and
@@ -215,17 +236,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         FileNotFoundError,
         NotADirectoryError,
     ) as exc:
-        close_bar()
+        progress.close_bar()
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        close_bar()
+        progress.close_bar()
         print("aborted", file=sys.stderr)
         return EXIT_CANCELLED
     finally:
         signal.signal(signal.SIGINT, previous)
-    close_bar()
+    progress.close_bar()
+    return _print_result(result, config.out_dir)
 
+
+def _print_result(result: TrainResult, out: Path) -> int:
+    """The closing lines of a run: test summary and where the files are; the exit code."""
     if result.cancelled:
         print(
             f"cancelled; resume with --resume auto (state in {result.last_checkpoint})",
@@ -252,7 +277,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"test: {len(report.errors)} unreadable image(s) excluded")
     else:
         print("test: no test images, no test report")
-    out = config.out_dir
     print(f"best model: {result.best_checkpoint} (sha256 {result.best_sha256})")
     print(f"resume state: {result.last_checkpoint}")
     print(f"metrics: {out / 'metrics.json'}, curves: {out / 'training_curves.png'}")

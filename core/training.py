@@ -17,7 +17,6 @@ between batches; the partial epoch is discarded and ``last.pt`` keeps the last c
 from __future__ import annotations
 
 import contextlib
-import math
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -54,6 +53,7 @@ from core.resume import (
     training_state,
 )
 from core.training_data import TrainingDataError, derived_seed, load_training_data
+from core.training_epoch import EpochRun, TrainingDivergedError, train_epoch
 from core.training_report import (
     CURVES_PNG,
     EpochMetrics,
@@ -84,10 +84,6 @@ PREVIOUS_CHECKPOINT = "last.prev.pt"
 # Below this many validation images a fitted temperature is noise (two images can pull it
 # anywhere in [T_MIN, T_MAX]); the model then keeps the raw softmax and says so.
 CALIBRATION_MIN_VAL = 20
-
-
-class TrainingDivergedError(RuntimeError):
-    """The training loss became NaN/inf; the run cannot continue meaningfully."""
 
 
 @contextlib.contextmanager
@@ -262,50 +258,13 @@ class _Run:
 
     def train_epoch(self, epoch: int) -> float | None:
         """One pass over the sampler; None when cancelled part-way."""
-        cfg = self.config
-        set_epoch = getattr(self.data.train_dataset, "set_epoch", None)
-        if callable(set_epoch):
-            set_epoch(epoch)
-        self.model.train()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        seen = 0
-        total = self.data.steps_per_epoch
-        for index, batch in enumerate(self.data.train_loader):
-            if self.should_stop():
-                return None
-            images, labels = self.placement.to_device(batch[0], batch[1])
-            self.opt.optimizer.zero_grad(set_to_none=True)
-            with self.placement.autocast():
-                logits = self.model(images)
-                loss = self.opt.criterion(logits, labels)
-            self.opt.scaler.scale(loss).backward()
-            if cfg.clip != "none":
-                # Unscale first so the threshold applies to the true gradients under AMP.
-                self.opt.scaler.unscale_(self.opt.optimizer)
-                if cfg.clip == "norm":
-                    nn.utils.clip_grad_norm_(self.opt.params, cfg.clip_value)
-                else:
-                    nn.utils.clip_grad_value_(self.opt.params, cfg.clip_value)
-            self.opt.scaler.step(self.opt.optimizer)
-            self.opt.scaler.update()
-            if self.opt.batch_scheduler is not None and (
-                self.opt.plateau is None or self.progress.global_step < self.opt.warmup_steps
-            ):
-                # With "plateau" the per-batch scheduler only drives the warm-up; afterwards
-                # ReduceLROnPlateau owns the LR.
-                self.opt.batch_scheduler.step()
-            self.progress.global_step += 1
-            loss_sum += loss.detach().double() * labels.shape[0]
-            seen += labels.shape[0]
-            if self.on_batch is not None:
-                self.on_batch(index + 1, total)
-        train_loss = float(loss_sum.item()) / max(seen, 1)
-        if not math.isfinite(train_loss) and not self.opt.scaler.is_enabled():
-            raise TrainingDivergedError(
-                f"training loss became {train_loss} in epoch {epoch + 1}; lower the learning "
-                f"rate (now {cfg.lr}) or enable gradient clipping"
-            )
-        return train_loss
+        return train_epoch(
+            EpochRun(
+                self.model, self.data, self.opt, self.placement, self.progress, self.config,
+                self.device, self.should_stop, self.on_batch,
+            ),
+            epoch,
+        )
 
     def run_epochs(self) -> bool:
         """Train until done/early stop; False when cancelled."""

@@ -107,6 +107,21 @@ def _checked_splits(cfg: TrainConfig, mode: LabelMode, log: Callable[[str], None
     return splits
 
 
+def _loader(
+    dataset: Any, cfg: TrainConfig, pin_memory: bool, generator: torch.Generator, **order: Any
+) -> DataLoader[Any]:
+    """A loader of ``cfg``'s batch size and workers; ``order`` says how it draws."""
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        pin_memory=pin_memory,
+        worker_init_fn=_seed_worker,
+        generator=generator,
+        **order,
+    )
+
+
 def load_training_data(
     cfg: TrainConfig,
     *,
@@ -137,26 +152,11 @@ def load_training_data(
     # hold exactly one (the sampler draws with replacement, so nothing is "lost").
     drop_last = n_drawn > cfg.batch_size and n_drawn % cfg.batch_size == 1
     loader_generator = torch.Generator().manual_seed(derived_seed(cfg.seed, "loader"))
-    train_loader: DataLoader[Any] = DataLoader(
-        train_dataset,
-        batch_size=cfg.batch_size,
-        sampler=sampler,
-        num_workers=cfg.num_workers,
-        pin_memory=pin_memory,
-        drop_last=drop_last,
-        worker_init_fn=_seed_worker,
-        generator=loader_generator,
+    train_loader = _loader(
+        train_dataset, cfg, pin_memory, loader_generator, sampler=sampler, drop_last=drop_last
     )
     val_generator = torch.Generator().manual_seed(derived_seed(cfg.seed, "val"))
-    val_loader: DataLoader[Any] = DataLoader(
-        val_dataset,
-        batch_size=cfg.batch_size,
-        shuffle=False,
-        num_workers=cfg.num_workers,
-        pin_memory=pin_memory,
-        worker_init_fn=_seed_worker,
-        generator=val_generator,
-    )
+    val_loader = _loader(val_dataset, cfg, pin_memory, val_generator, shuffle=False)
     return TrainingData(
         splits=splits,
         fingerprint=split_fingerprint(splits),

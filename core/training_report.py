@@ -37,6 +37,8 @@ CONFUSION_PNG = "confusion_matrix.png"
 CURVES_PNG = "training_curves.png"
 
 
+# A frozen record like core.evaluation.ClassMetrics (see the note there on why the
+# look-alike field lists and to_dict lines are not shared).
 @dataclass(frozen=True)
 class EpochMetrics:
     """One completed epoch (``epoch`` counts from 1)."""

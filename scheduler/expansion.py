@@ -63,6 +63,9 @@ class _Confiner:
         self._prefixes = tuple(r if r.endswith("/") else r + "/" for r in resolved)
         self._exact = frozenset(resolved)
         self._dirs: dict[str, str] = {}
+        # The last path _fast lstat'ed and whether it is a folder: is_folder answers the
+        # check that follows each named path without a second stat.
+        self._last: tuple[str, bool] = ("", False)
 
     def _inside(self, resolved: str) -> bool:
         return resolved in self._exact or resolved.startswith(self._prefixes)
@@ -91,11 +94,17 @@ class _Confiner:
         except PathOutsideRootsError:
             return Path(os.path.abspath(path))
 
+    def is_folder(self, path: Path) -> bool:
+        """Whether ``path`` (as :meth:`named` returned it) is a folder."""
+        text, is_dir = self._last
+        return is_dir if text == str(path) else path.is_dir()
+
     def may_enter(self, link: str) -> bool:
         """Whether a glob may pass a link to a folder: only one leading inside the roots."""
         return is_inside(Path(os.path.realpath(link)), self.roots)
 
     def _fast(self, text: str) -> str | None:
+        self._last = ("", False)
         if (
             os.sep != "/"
             or not text.startswith("/")
@@ -118,11 +127,14 @@ class _Confiner:
         except OSError as exc:
             if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
                 return None  # loops, permissions: let confine decide
+            is_dir = False
         else:
             if stat.S_ISLNK(st.st_mode):
                 return None
+            is_dir = stat.S_ISDIR(st.st_mode)  # not a link: lstat is stat
         if not self._inside(resolved):
             return None  # confine raises the refusal with its usual message
+        self._last = (resolved, is_dir)
         return resolved
 
 
@@ -155,24 +167,11 @@ class _Limits:
             raise ExpansionTimeoutError(float(self.time_limit or 0.0))
 
 
-def _checked(inputs: Iterable[str], confiner: _Confiner) -> Iterator[str]:
-    """The raw inputs, each refused here when it cannot be a path, and each list file
-    confined and opened once so that a missing or unreadable one says so."""
+def _checked(inputs: Iterable[str]) -> Iterator[str]:
+    """The raw inputs, each refused here when it cannot be a path."""
     for raw in inputs:
-        if not raw.startswith("@"):
-            yield check_text(raw, raw)
-            continue
-        list_path = confiner.named(Path(check_text(raw[1:], raw)).expanduser())
-        try:
-            list_path.open("rb").close()
-        except FileNotFoundError:
-            raise InvalidInputError(f"{list_path}: list file not found") from None
-        except IsADirectoryError:
-            raise InvalidInputError(f"{list_path}: list file is a directory") from None
-        except OSError as exc:
-            reason = exc.strerror
-            raise InvalidInputError(f"{list_path}: cannot read list file ({reason})") from None
-        yield f"@{list_path}"
+        check_text(raw[1:] if raw.startswith("@") else raw, raw)
+        yield raw
 
 
 def expand_inputs(
@@ -198,12 +197,13 @@ def expand_inputs(
     limits = _Limits(time_limit)
     confiner = _Confiner(roots)
     expanded = core_inputs.expand_inputs(
-        _checked(inputs, confiner),
+        _checked(inputs),
         tick=limits.tick,
         max_per_folder=max_items,
         may_enter=confiner.may_enter,
         named=confiner.named,
         found=confiner.found,
+        is_folder=confiner.is_folder,
     )
     try:
         for path in expanded:
@@ -211,7 +211,7 @@ def expand_inputs(
             yield str(path)
     except core_inputs.FolderTooLargeError as exc:
         raise TooManyInputsError(exc.limit) from None
-    except core_inputs.NestedListError as exc:
+    except (core_inputs.NestedListError, core_inputs.ListFileError) as exc:
         raise InvalidInputError(str(exc)) from None
 
 

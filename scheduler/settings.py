@@ -47,6 +47,10 @@ class Settings(BaseSettings):
         hide_input_in_errors=True,
     )
 
+    # One declaration per setting, spelled out: ``duplicates`` pairs the Field(default=...,
+    # ge=..., description=...) blocks by shape, but each is its own setting's single home
+    # (name, type, bounds, help); a helper per bound kind would hide them, not share logic.
+
     data_dir: Path = Field(
         default=Path("./mriq-data"),
         description=(

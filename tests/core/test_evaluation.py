@@ -16,7 +16,6 @@ from core.evaluation import (
     EvaluationCancelled,
     compute_report,
     evaluate_checkpoint,
-    roc_auc_binary,
 )
 from core.plots import plot_confusion_matrix, plot_training_curves
 
@@ -153,15 +152,6 @@ def test_report_from_before_calibration_reads_as_uncalibrated() -> None:
         del old[key]
     back = EvalReport.from_dict(old)
     assert back.temperature == 1.0 and not back.calibrated and back.ece is None
-
-
-def test_roc_auc_with_ties_hand_computed() -> None:
-    positive = np.array([True, True, False, False])
-    scores = np.array([0.8, 0.5, 0.5, 0.2])
-    # pairs: (.8,.5)=1 (.8,.2)=1 (.5,.5)=1/2 (.5,.2)=1 -> 3.5/4
-    assert roc_auc_binary(positive, scores) == pytest.approx(0.875)
-    assert roc_auc_binary(np.array([True, True]), np.array([0.1, 0.2])) is None
-    assert roc_auc_binary(np.array([False, False]), np.array([0.1, 0.2])) is None
 
 
 def test_multiclass_auc_matches_pairwise_reference() -> None:

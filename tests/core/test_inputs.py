@@ -10,6 +10,8 @@ import pytest
 
 from core.inputs import (
     FolderTooLargeError,
+    ListFileError,
+    MissingListFileError,
     NestedListError,
     expand_inputs,
     iglob,
@@ -138,6 +140,30 @@ def test_expand_list_file(tmp_path: Path) -> None:
     assert got == [lists / "rel.png", lists / "../imgs/a.png", abs_file, abs_file]
     with pytest.raises(FileNotFoundError, match="list file"):
         list(expand_inputs([f"@{tmp_path / 'none.txt'}"]))
+
+
+def test_unreadable_list_files_say_why(tmp_path: Path) -> None:
+    with pytest.raises(MissingListFileError, match="list file not found"):
+        list(expand_inputs([f"@{tmp_path / 'none.txt'}"]))
+    with pytest.raises(ListFileError, match="list file is a directory") as info:
+        list(expand_inputs([f"@{tmp_path}"]))
+    assert info.value.list_file == tmp_path
+    assert not isinstance(info.value, FileNotFoundError)
+
+
+def test_is_folder_hook_decides_what_is_walked(tmp_path: Path) -> None:
+    a = _touch(tmp_path / "d" / "a.png")
+    asked: list[Path] = []
+
+    def never_a_folder(path: Path) -> bool:
+        asked.append(path)
+        return False
+
+    assert list(expand_inputs([str(tmp_path / "d")], is_folder=never_a_folder)) == [
+        tmp_path / "d"
+    ]
+    assert asked == [tmp_path / "d"]
+    assert list(expand_inputs([str(tmp_path / "d")])) == [a]
 
 
 def test_expand_inputs_is_lazy(tmp_path: Path) -> None:

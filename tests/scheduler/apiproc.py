@@ -15,6 +15,8 @@ from pathlib import Path
 
 import httpx
 
+from bench.common import stop_process
+
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 90.0
 
@@ -78,13 +80,7 @@ def running_api(env: dict[str, str], cwd: Path, *args: str) -> Iterator[ApiProce
             time.sleep(0.2)
         yield api
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        stop_process(proc)
 
 
 def raw_post(port: int, path: str, body: bytes, headers: dict[str, str]) -> int | None:

@@ -184,6 +184,19 @@ def test_expand_rejects_bad_strings_and_missing_list(root: Path) -> None:
         list(expansion.expand_inputs(["a\x00b.png"], [root]))
     with pytest.raises(refusals.InvalidInputError, match="list file not found"):
         list(expansion.expand_inputs([f"@{root / 'nope.txt'}"], [root]))
+    with pytest.raises(refusals.InvalidInputError, match="list file is a directory"):
+        list(expansion.expand_inputs([f"@{root}"], [root]))
+
+
+def test_list_lines_naming_folders_are_walked_relative_ones_too(root: Path) -> None:
+    # is_folder answers from the confinement's lstat: a folder line is walked, a file line
+    # and a missing one are items, and a folder listed again is walked again.
+    a = _touch(root / "imgs" / "a.png")
+    b = _touch(root / "imgs" / "sub" / "b.png")
+    listing = root / "inputs.txt"
+    listing.write_text(f"imgs\nimgs/a.png\nimgs/none.png\n{root / 'imgs' / 'sub'}\n", "utf-8")
+    got = list(expansion.expand_inputs([f"@{listing}"], [root]))
+    assert got == [str(a), str(b), str(a), str(root / "imgs" / "none.png"), str(b)]
 
 
 # ----------------------------------------------------------------------------- submit_classify

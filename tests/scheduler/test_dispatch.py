@@ -9,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from kombu import Connection, Exchange, Queue
 
 from scheduler.dispatch import (
@@ -24,7 +23,7 @@ from scheduler.dispatch import (
     make_celery,
 )
 from scheduler.settings import Settings
-from tests.worker.conftest import REPO, StartWorker, make_settings, redis_url
+from tests.worker.conftest import REPO, make_settings, redis_url
 
 
 def _fs_settings(tmp_path: Path) -> Settings:
@@ -195,40 +194,3 @@ def test_lazy_app_uses_environment(tmp_path: Path) -> None:
     assert str(tmp_path / "d") in out.stdout
     for name in (TRAIN_TASK, EVALUATE_TASK, CLASSIFY_CHUNK_TASK, RETRAIN_TASK):
         assert name in out.stdout
-
-
-@pytest.mark.slow
-def test_ping_answered_by_worker_on_filesystem_broker(
-    tmp_path: Path, start_worker: StartWorker
-) -> None:
-    settings = _fs_settings(tmp_path)
-    dispatcher = Dispatcher(settings)
-    try:
-        assert dispatcher.workers_alive(timeout=0.5) is False
-        worker = start_worker(settings)  # waits until its ping reply arrives
-        started = time.monotonic()
-        assert dispatcher.workers_alive(timeout=5.0) is True
-        # limit=1: returns on the first reply instead of waiting out the timeout.
-        assert time.monotonic() - started < 3.0
-        assert worker.hostname in dispatcher.ping(timeout=2.0)
-        # `celery inspect ping` (the CLI) on the same broker, via the lazy worker.app.
-        out = subprocess.run(
-            [sys.executable, "-m", "celery", "-A", "worker.app", "inspect", "ping", "--timeout=5"],
-            cwd=str(tmp_path),
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env={
-                **{k: v for k, v in os.environ.items() if not k.startswith("MRIQ_")},
-                "MRIQ_DATA_DIR": str(settings.data_dir),
-                "PYTHONPATH": str(REPO),
-            },
-        )
-        assert out.returncode == 0, out.stdout + out.stderr
-        assert "pong" in out.stdout
-        assert worker.hostname in out.stdout
-        # Broadcasts do not pile up: the janitor's rules leave no task message behind and
-        # control-queue leftovers are only kept for a grace period.
-        dispatcher.revoke(12345)
-    finally:
-        dispatcher.close()
