@@ -92,30 +92,12 @@ def brain_bbox(
     img: np.ndarray, *, threshold: float | None = None, padding: int = _PADDING
 ) -> BrainBox | None:
     """The box :func:`crop_to_brain` would cut, or ``None`` when it keeps the whole image."""
-    if img.ndim != 2:
-        raise ValueError(f"expected a 2-D grayscale image, got shape {img.shape}")
-    h, w = img.shape
-    if h < 3 or w < 3 or padding < 0:
-        if padding < 0:
-            raise ValueError(f"padding must be >= 0, got {padding}")
+    if _too_small(img, padding):
         return None
     work, scale_y, scale_x = _downsample(img)
     blurred = _gaussian5(work)
-    if threshold is None:
-        t = min(max(_otsu(blurred), _MIN_THRESHOLD), _RECIPE_THRESHOLD)
-    else:
-        t = float(threshold)
-    picked = _pick_brain(_open_mask(blurred, t))
-    if picked is None:
-        return None
-    y0, y1, x0, x1 = picked  # inclusive, working resolution
-    top = max(0, math.floor(y0 * scale_y) - padding)
-    bottom = min(h, math.ceil((y1 + 1) * scale_y) + padding)
-    left = max(0, math.floor(x0 * scale_x) - padding)
-    right = min(w, math.ceil((x1 + 1) * scale_x) + padding)
-    if bottom - top < _MIN_CROP_SIDE or right - left < _MIN_CROP_SIDE:
-        return None
-    return top, bottom, left, right
+    picked = _pick_brain(_open_mask(blurred, _threshold(blurred, threshold)))
+    return _full_box(picked, img.shape, scale_y, scale_x, padding)
 
 
 def crop_profile(img: np.ndarray, *, threshold: float = 0.1, frame: int = 5) -> np.ndarray:
@@ -165,6 +147,43 @@ def apply_crop(img: np.ndarray, mode: CropMode, *, reduction: float = 1.0) -> np
 
 
 # ------------------------------------------------------------------------------ internals
+
+
+def _too_small(img: np.ndarray, padding: int) -> bool:
+    """Raise on input no crop can take; True when the image is too small to crop."""
+    if img.ndim != 2:
+        raise ValueError(f"expected a 2-D grayscale image, got shape {img.shape}")
+    if padding < 0:
+        raise ValueError(f"padding must be >= 0, got {padding}")
+    h, w = img.shape
+    return bool(h < 3 or w < 3)
+
+
+def _threshold(blurred: np.ndarray, threshold: float | None) -> float:
+    if threshold is None:
+        return min(max(_otsu(blurred), _MIN_THRESHOLD), _RECIPE_THRESHOLD)
+    return float(threshold)
+
+
+def _full_box(
+    picked: tuple[int, int, int, int] | None,
+    shape: tuple[int, ...],
+    scale_y: float,
+    scale_x: float,
+    padding: int,
+) -> BrainBox | None:
+    """The inclusive working-resolution box ``picked``, padded, at full resolution."""
+    if picked is None:
+        return None
+    h, w = shape
+    y0, y1, x0, x1 = picked
+    top = max(0, math.floor(y0 * scale_y) - padding)
+    bottom = min(h, math.ceil((y1 + 1) * scale_y) + padding)
+    left = max(0, math.floor(x0 * scale_x) - padding)
+    right = min(w, math.ceil((x1 + 1) * scale_x) + padding)
+    if bottom - top < _MIN_CROP_SIDE or right - left < _MIN_CROP_SIDE:
+        return None
+    return top, bottom, left, right
 
 
 def _downsample(img: np.ndarray) -> tuple[np.ndarray, float, float]:

@@ -2,158 +2,55 @@
 
 Kept only for the tests and ``bench.preprocess``: the OpenCV crop's boxes are checked
 against this implementation's boxes (within +-2 px), and the bench times it as "before".
-Not used by production code. The text below is the module as it was, unchanged apart from
-this docstring.
-
-Crop a grayscale MRI slice to the brain.
-
-Two croppers work on the HxW float arrays in [0, 1] that :func:`core.imaging.read_image`
-returns; both return a view into the input (no copy) and fall back to the whole image when
-they find nothing, so a crop can never raise on odd input.
-
-``crop_to_brain`` follows the common public recipe (Gaussian blur 5x5, threshold 45/255,
-erode x2, dilate x2, largest object, crop to its extreme points) with two changes that
-matter on scanner exports:
-
-- Text, rulers and orientation markers burnt into the corners or along the edges are not
-  brain: components that lie wholly in a corner zone or an edge band are ignored, and tiny
-  specks are dropped, before the largest component is chosen.
-- A slice can fall apart into pieces after thresholding (cerebellum below a dark gap, the
-  two hemispheres at the vertex); sizeable pieces next to the largest one are kept when
-  they reach into the central part of the image (text labels hug the frame instead).
-
-Connected components are labelled with a run-length union-find in numpy (no OpenCV, no
-scipy dependency). Work happens on a copy downsampled to at most ``_WORK_SIDE`` pixels per
-side, which keeps the cost per image flat; the box is mapped back to full resolution and
-``padding`` absorbs the rounding.
-
-``crop_profile`` is the reference notebook's "CropToContent": look along the middle row and
-the middle column only, and take a centred crop of the extent found there.
+Not used by production code. What it exists to compare stands here as it was: the Pillow
+downsample, the numpy blur, morphology and run-length labelling and the vectorised pick.
+What did not change (input checks, the Otsu threshold, the box's mapping back to full
+resolution, the constants) is imported from core.cropping instead of copied.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal, get_args
 
 import numpy as np
 from PIL import Image
 
-__all__ = [
-    "CROP_MODES",
-    "BrainBox",
-    "CropMode",
-    "apply_crop",
-    "brain_bbox",
-    "crop_profile",
-    "crop_to_brain",
-]
+from core.cropping import (
+    _CORNER_FRACTION,
+    _EDGE_FRACTION,
+    _K5,
+    _KEEP_FRACTION,
+    _MIN_AREA_FRACTION,
+    _NEAR_FRACTION,
+    _OUTER_FRACTION,
+    _WORK_SIDE,
+    BrainBox,
+    _full_box,
+    _threshold,
+    _too_small,
+)
 
-CropMode = Literal["brain", "profile", "none"]
-CROP_MODES: tuple[str, ...] = get_args(CropMode)
-
-# (top, bottom, left, right), bottom/right exclusive, in full-resolution pixels.
-BrainBox = tuple[int, int, int, int]
-
-_WORK_SIDE = 256
-# The public recipe's fixed threshold on 8-bit data; the upper bound of the automatic one.
-_RECIPE_THRESHOLD = 45.0 / 255.0
-# Below this, thresholding picks up JPEG ringing and scanner noise in the background.
-_MIN_THRESHOLD = 8.0 / 255.0
-_MIN_AREA_FRACTION = 0.01  # of the image: smaller objects are specks or glyphs
-_CORNER_FRACTION = 0.3  # a component wholly inside a 30% x 30% corner is an annotation
-_EDGE_FRACTION = 0.12  # ... and so is one wholly inside a 12% band along an edge
-_KEEP_FRACTION = 0.05  # extra pieces at least 5% of the main one's area are kept ...
-_NEAR_FRACTION = 0.1  # ... if they lie within 10% of the image size of the main one
-_OUTER_FRACTION = 0.2  # ... and reach into the image's central 60% (labels hug the frame)
-_MIN_CROP_SIDE = 8
+__all__ = ["brain_bbox", "crop_to_brain"]
 
 
 def crop_to_brain(
     img: np.ndarray, *, threshold: float | None = None, padding: int = 4
 ) -> np.ndarray:
-    """Crop ``img`` (HxW, values in [0, 1]) to the brain, plus ``padding`` pixels a side.
-
-    ``threshold`` is on the [0, 1] intensity scale (the public recipe's 45/255 is about
-    0.176). ``None`` chooses it per image: Otsu's threshold, capped at 45/255 so dim slices
-    keep their grey-matter rim, and floored to stay above background noise. Returns the
-    whole image when no brain-sized object is found.
-    """
+    """core.cropping.crop_to_brain with this module's box."""
     box = brain_bbox(img, threshold=threshold, padding=padding)
-    if box is None:
-        return img
-    top, bottom, left, right = box
-    return img[top:bottom, left:right]
+    return img if box is None else img[box[0] : box[1], box[2] : box[3]]
 
 
 def brain_bbox(
     img: np.ndarray, *, threshold: float | None = None, padding: int = 4
 ) -> BrainBox | None:
-    """The box :func:`crop_to_brain` would cut, or ``None`` when it keeps the whole image."""
-    if img.ndim != 2:
-        raise ValueError(f"expected a 2-D grayscale image, got shape {img.shape}")
-    h, w = img.shape
-    if h < 3 or w < 3 or padding < 0:
-        if padding < 0:
-            raise ValueError(f"padding must be >= 0, got {padding}")
+    """The box the numpy crop cut, or ``None`` when it kept the whole image."""
+    if _too_small(img, padding):
         return None
     work, scale_y, scale_x = _downsample(img)
     blurred = _gaussian5(work)
-    if threshold is None:
-        t = min(max(_otsu(blurred), _MIN_THRESHOLD), _RECIPE_THRESHOLD)
-    else:
-        t = float(threshold)
-    mask = _dilate(_erode(blurred > t, 2), 2)
-    picked = _pick_brain(mask)
-    if picked is None:
-        return None
-    y0, y1, x0, x1 = picked  # inclusive, working resolution
-    top = max(0, math.floor(y0 * scale_y) - padding)
-    bottom = min(h, math.ceil((y1 + 1) * scale_y) + padding)
-    left = max(0, math.floor(x0 * scale_x) - padding)
-    right = min(w, math.ceil((x1 + 1) * scale_x) + padding)
-    if bottom - top < _MIN_CROP_SIDE or right - left < _MIN_CROP_SIDE:
-        return None
-    return top, bottom, left, right
-
-
-def crop_profile(img: np.ndarray, *, threshold: float = 0.1, frame: int = 5) -> np.ndarray:
-    """The reference notebook's crop: a centred crop sized by the middle row/column profile.
-
-    Along the middle row and the middle column (ignoring ``frame`` pixels at each end, where
-    scanners draw borders), find the first and last pixel brighter than ``threshold`` times
-    the image maximum. The crop is that many rows and columns, centred on the image centre
-    (as torchvision's ``CenterCrop``), not on the object: this matches the notebook.
-    """
-    if img.ndim != 2:
-        raise ValueError(f"expected a 2-D grayscale image, got shape {img.shape}")
-    h, w = img.shape
-    if h <= 2 * frame or w <= 2 * frame:
-        return img
-    peak = float(np.max(img))
-    if not peak > 0.0:
-        return img
-    cut = threshold * peak
-    xs = np.flatnonzero(img[h // 2, frame : w - frame] > cut)
-    ys = np.flatnonzero(img[frame : h - frame, w // 2] > cut)
-    if xs.size == 0 or ys.size == 0:
-        return img
-    crop_w = int(xs[-1] - xs[0] + 1)
-    crop_h = int(ys[-1] - ys[0] + 1)
-    top = int(round((h - crop_h) / 2.0))
-    left = int(round((w - crop_w) / 2.0))
-    return img[top : top + crop_h, left : left + crop_w]
-
-
-def apply_crop(img: np.ndarray, mode: CropMode) -> np.ndarray:
-    """Crop ``img`` with the named strategy, using each cropper's defaults."""
-    if mode == "brain":
-        return crop_to_brain(img)
-    if mode == "profile":
-        return crop_profile(img)
-    if mode == "none":
-        return img
-    raise ValueError(f"unknown crop mode {mode!r}; expected one of {CROP_MODES}")
+    mask = _dilate(_erode(blurred > _threshold(blurred, threshold), 2), 2)
+    return _full_box(_pick_brain(mask), img.shape, scale_y, scale_x, padding)
 
 
 # ------------------------------------------------------------------------------ internals
@@ -239,15 +136,6 @@ def _halve_passes(src: np.ndarray, order: int) -> np.ndarray:
     return out
 
 
-def _gaussian_kernel() -> np.ndarray:
-    # sigma 1.1 is what OpenCV derives for a 5x5 kernel with sigma=0, as in the recipe.
-    x = np.arange(-2, 3, dtype=np.float32)
-    k: np.ndarray = np.exp(-(x**2) / (2 * 1.1**2))
-    k /= k.sum()
-    return k
-
-
-_K5 = _gaussian_kernel()
 # The kernel is symmetric bit for bit, so each product k[i] * pixel is computed once and
 # used for both taps i and 4 - i.
 _K5_SYMMETRIC = bool(_K5[0] == _K5[4] and _K5[1] == _K5[3])
@@ -307,46 +195,6 @@ def _gaussian5_reference(img: np.ndarray) -> np.ndarray:
     p = np.pad(img, 2, mode="reflect") if min(img.shape) > 2 else np.pad(img, 2, mode="edge")
     rows = sum(k[i] * p[:, i : i + img.shape[1]] for i in range(5))
     return np.asarray(sum(k[i] * rows[i : i + img.shape[0], :] for i in range(5)))
-
-
-# np.histogram(bins=256, range=(0, 1))'s edges for float32 data.
-_EDGES_256 = np.linspace(0.0, 1.0, 257, dtype=np.float32)
-_CENTRES_256 = (_EDGES_256[:-1] + _EDGES_256[1:]) / 2
-
-
-def _histogram256(img: np.ndarray) -> np.ndarray:
-    """``np.histogram(np.clip(img, 0, 1), bins=256, range=(0, 1))[0]`` for float32 data.
-
-    np.histogram works in 64k blocks with masks and edge corrections; here ``v * 256`` is
-    exact in float32 (a power of two) and the edges ``i / 256`` are exact too, so flooring
-    gives np.histogram's bin without corrections (1.0 goes to the last bin, as there). The
-    clipped copy is scaled in place: one scratch buffer.
-    """
-    scaled = np.clip(img, 0.0, 1.0).ravel()
-    scaled *= np.float32(256.0)
-    idx = scaled.astype(np.intp)
-    np.minimum(idx, 255, out=idx)
-    return np.bincount(idx, minlength=256)
-
-
-def _otsu(img: np.ndarray) -> float:
-    if img.dtype == np.float32:
-        hist, edges, centres = _histogram256(img), _EDGES_256, _CENTRES_256
-    else:
-        clipped = np.clip(img, 0.0, 1.0)
-        hist, edges = np.histogram(clipped, bins=256, range=(0.0, 1.0))
-        centres = (edges[:-1] + edges[1:]) / 2
-    hist = hist.astype(np.float64)
-    total = hist.sum()
-    if total == 0:
-        return _RECIPE_THRESHOLD
-    w0 = np.cumsum(hist)
-    w1 = total - w0
-    s0 = np.cumsum(hist * centres)
-    m0 = np.divide(s0, w0, out=np.zeros_like(s0), where=w0 > 0)
-    m1 = np.divide(s0[-1] - s0, w1, out=np.zeros_like(s0), where=w1 > 0)
-    between = w0 * w1 * (m0 - m1) ** 2
-    return float(edges[int(np.argmax(between)) + 1])
 
 
 def _erode(mask: np.ndarray, iterations: int) -> np.ndarray:
