@@ -9,7 +9,7 @@ import fcntl
 import logging
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +25,7 @@ from worker.appsettings import settings_of
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
+    from scheduler.schema import Job, ModelVersion
     from scheduler.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,41 @@ MAX_ERROR_CHARS = 2000
 
 def task_settings(task: Task) -> Settings:
     return settings_of(task.app)
+
+
+def job_model_version(session: Session, job: Job) -> ModelVersion:
+    """The model version ``job`` runs; ValueError when it has none."""
+    if job.model_version_id is None:
+        raise ValueError(f"{job.kind} job {job.id} has no model version")
+    return repository.get_model_version(session, job.model_version_id)
+
+
+def record_outputs(
+    session: Session,
+    *,
+    job_id: int,
+    model_version_id: int,
+    dataset: str,
+    report: dict[str, Any] | None,
+    artifacts: Iterable[tuple[str, Path]],
+) -> None:
+    """Record a job's evaluation report (when there is one) and its artifact files."""
+    if report is not None:
+        repository.record_evaluation(
+            session,
+            job_id=job_id,
+            model_version_id=model_version_id,
+            dataset=dataset,
+            report=report,
+        )
+    for kind, path in artifacts:
+        repository.record_artifact(
+            session,
+            job_id=job_id,
+            kind=kind,
+            path=str(path.resolve()),
+            model_version_id=model_version_id,
+        )
 
 
 def error_text(exc: BaseException) -> str:

@@ -25,6 +25,8 @@ from worker.tasks.common import (
     finish,
     job_heartbeat,
     job_lock,
+    job_model_version,
+    record_outputs,
     task_settings,
 )
 
@@ -52,9 +54,7 @@ def _start_eval(settings: Settings, job_id: int) -> _EvalJob:
     def fn(session: Session) -> _EvalJob:
         job = repository.mark_job_running(session, job_id)
         params = dict(job.params or {})
-        if job.model_version_id is None:
-            raise ValueError(f"evaluate job {job_id} has no model version")
-        version = repository.get_model_version(session, job.model_version_id)
+        version = job_model_version(session, job)
         return _EvalJob(
             status=JobStatus(job.status),
             data=str(params["data"]),
@@ -170,21 +170,14 @@ def _record_evaluation(
     }
 
     def fn(session: Session) -> None:
-        repository.record_evaluation(
+        record_outputs(
             session,
             job_id=job_id,
             model_version_id=job.model_version_id,
             dataset=job.data,
             report=report_dict,
+            artifacts=(("report", report_path), *plots.items()),
         )
-        for kind, path in (("report", report_path), *plots.items()):
-            repository.record_artifact(
-                session,
-                job_id=job_id,
-                kind=kind,
-                path=str(path.resolve()),
-                model_version_id=job.model_version_id,
-            )
         repository.set_progress(session, job_id, total, total)
         repository.finish_job(session, job_id, JobStatus.SUCCEEDED)
 

@@ -21,7 +21,7 @@ from scheduler import explanations, repository
 from scheduler.pathtext import filesystem_path
 from worker import explaining, runtime, sessions
 from worker.appsettings import job_dir
-from worker.tasks.common import task_settings
+from worker.tasks.common import job_model_version, task_settings
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -42,10 +42,10 @@ def _target(session: Session, job_id: int, item_id: int) -> _Target | str:
         row = explanations.explanation_of(session, job_id, item_id)
     except (repository.NotFoundError, explanations.NotExplainableError) as exc:
         return str(exc)
-    job = repository.get_job(session, job_id)
-    if job.model_version_id is None:
-        return f"job {job_id} has no model version"
-    version = repository.get_model_version(session, job.model_version_id)
+    try:
+        version = job_model_version(session, repository.get_job(session, job_id))
+    except ValueError as exc:
+        return str(exc)
     return _Target(row.path, str(version.checkpoint_path), str(version.checkpoint_sha256))
 
 

@@ -21,6 +21,7 @@ from worker.tasks.common import (
     finite,
     job_heartbeat,
     job_lock,
+    record_outputs,
     task_settings,
 )
 
@@ -287,24 +288,18 @@ def _record_training(
             # In the version's own transaction: a model trained on reviews is never
             # registered without saying which.
             review.record_lineage(session, version.id, review_ids=review_ids)
-        if report is not None:
-            repository.record_evaluation(
-                session,
-                job_id=job_id,
-                model_version_id=version.id,
-                dataset=f"test split of {config.data_dir}",
-                report=report,
-            )
-        for name, kind in _TRAIN_ARTIFACTS:
-            path = out_dir / name
-            if path.is_file():
-                repository.record_artifact(
-                    session,
-                    job_id=job_id,
-                    kind=kind,
-                    path=str(path.resolve()),
-                    model_version_id=version.id,
-                )
+        record_outputs(
+            session,
+            job_id=job_id,
+            model_version_id=version.id,
+            dataset=f"test split of {config.data_dir}",
+            report=report,
+            artifacts=[
+                (kind, out_dir / name)
+                for name, kind in _TRAIN_ARTIFACTS
+                if (out_dir / name).is_file()
+            ],
+        )
         repository.set_progress(session, job_id, int(config.epochs))
         repository.finish_job(session, job_id, JobStatus.SUCCEEDED)
 
