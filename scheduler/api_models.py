@@ -300,6 +300,8 @@ class ReviewActionRequest(_Request):
     )
 
 
+# Alike to scheduler.review.ReviewItem by field list only: the wire schema (URL, not path)
+# and the domain record change for different reasons.
 class ReviewItemOut(BaseModel):
     """A prediction in the review queue. ``path`` is the input path as submitted (as in the
     predictions API); the Grad-CAM explanation is served by ``explanation_url``."""

@@ -113,6 +113,7 @@ class InvalidLabelError(ReviewError):
         super().__init__(f"{given}; valid labels: {', '.join(self.classes)}")
 
 
+# The domain record; api_models.ReviewItemOut is its wire form (see the note there).
 @dataclass(frozen=True)
 class ReviewItem:
     """A prediction as the review queue shows it, with its current decision if any."""

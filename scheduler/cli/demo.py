@@ -71,6 +71,7 @@ def _step(text: str) -> None:
     stderr_console().print(f"[bold cyan]==>[/] {text}", highlight=False)
 
 
+# Plain frozen records, alike by shape to web.session's: nothing to share but the decorator.
 @dataclass(frozen=True)
 class _DemoData:
     train: Path

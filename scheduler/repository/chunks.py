@@ -9,6 +9,7 @@ from datetime import datetime
 
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import ColumnElement
 
 from scheduler.repository.base import NotFoundError, lock_chunk, lock_job, mark_finished
 from scheduler.repository.predictions import (
@@ -81,14 +82,26 @@ def chunk_status_counts(session: Session, job_id: int) -> dict[ChunkStatus, int]
 
 def touch_chunk(session: Session, job_id: int, chunk_index: int) -> bool:
     """Heartbeat of a running chunk: refresh ``updated_at``; False if it is not running."""
+    return _update_running(session, job_id, chunk_index, (), updated_at=utcnow())
+
+
+def _update_running(
+    session: Session,
+    job_id: int,
+    chunk_index: int,
+    conditions: Iterable[ColumnElement[bool]],
+    **values: object,
+) -> bool:
+    """Set ``values`` on the chunk if it is running and meets ``conditions``; True if so."""
     result = session.execute(
         update(JobChunk)
         .where(
             JobChunk.job_id == job_id,
             JobChunk.chunk_index == chunk_index,
             JobChunk.status == ChunkStatus.RUNNING,
+            *conditions,
         )
-        .values(updated_at=utcnow()),
+        .values(**values),
         execution_options={"synchronize_session": False},
     )
     return bool(result.rowcount)  # type: ignore[attr-defined]
@@ -175,19 +188,14 @@ def take_dead_chunk(
     ``pending`` (stamped now); True when this caller took it and must send it again. Of
     several sweeps racing, one wins; a chunk a live worker re-claimed in between is kept."""
     held = JobChunk.worker.is_(None) if worker is None else JobChunk.worker == worker
-    result = session.execute(
-        update(JobChunk)
-        .where(
-            JobChunk.job_id == job_id,
-            JobChunk.chunk_index == chunk_index,
-            JobChunk.status == ChunkStatus.RUNNING,
-            held,
-            JobChunk.updated_at < before,
-        )
-        .values(status=ChunkStatus.PENDING, updated_at=utcnow()),
-        execution_options={"synchronize_session": False},
+    return _update_running(
+        session,
+        job_id,
+        chunk_index,
+        (held, JobChunk.updated_at < before),
+        status=ChunkStatus.PENDING,
+        updated_at=utcnow(),
     )
-    return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
 def abandon_chunk(session: Session, job_id: int, chunk_index: int) -> int:
