@@ -270,7 +270,8 @@ def _take_dead_chunks(
             before: datetime = before,
         ) -> bool:
             won = repository.take_dead_chunk(session, job_id, index, worker=holder, before=before)
-            # Sent inside the transaction, as in sweep(): a failed send rolls the take back.
+            # Sent inside the transaction (as in _resend_stale_chunks): a failed send
+            # rolls the take back.
             if won:
                 dispatcher.classify_chunks(job_id, [index])
             return won
@@ -307,56 +308,16 @@ def sweep(
     stale: list[tuple[int, int]] = []
     jobs: list[int] = []
     for job_id, kind, status, started in _open_jobs(settings):
-        if kind == JobKind.CLASSIFY and not (running or queue_empty):
-            continue
         if kind == JobKind.CLASSIFY:
-
-            def take(session: Session, job_id: int = job_id) -> list[int]:
-                # Running chunks of workers that answer ping are theirs, however stale.
-                # Without trusted answers (e.g. the first sweep, before our own pidbox
-                # answers) a holder's liveness is unknown: only chunks that name no holder
-                # fall back to staleness; the others wait for a sweep that can tell.
-                indices: list[int] = []
-                if running:
-                    indices += repository.take_stale_chunks(
-                        session,
-                        job_id,
-                        statuses=[ChunkStatus.RUNNING],
-                        before=before,
-                        exclude_workers=live or (),
-                        unowned_only=live is None,
-                    )
-                if queue_empty:
-                    indices += repository.take_stale_chunks(
-                        session, job_id, statuses=[ChunkStatus.PENDING], before=before
-                    )
-                # Sent inside the transaction: if the broker is down the stamps roll back
-                # and the next sweep tries again. A commit lost after the send only means
-                # a duplicate message, which the tasks absorb.
-                if indices:
-                    dispatcher.classify_chunks(job_id, sorted(indices))
-                return sorted(indices)
-
-            taken = sessions.with_session(settings, take, attempts=1)
-            stale.extend((job_id, i) for i in taken)
-            continue
-        # train / evaluate: the heartbeat file is the stamp (started_at before the first beat).
-        path = job_heartbeat_path(settings, job_id)
-        try:
-            stamp = path.stat().st_mtime
-        except FileNotFoundError:
-            stamp = started
-        if stamp >= now - config.stale_after_s:
-            continue
-        if status == JobStatus.QUEUED and not queue_empty:
-            continue
-        # Touch first so that this sweep's peers (and our next sweep) wait another period.
-        touch_job_heartbeat(settings, job_id)
-        if kind == JobKind.TRAIN:
-            dispatcher.train(job_id)
-        else:
-            dispatcher.evaluate(job_id)
-        jobs.append(job_id)
+            if running or queue_empty:
+                taken = _resend_stale_chunks(
+                    settings, dispatcher, job_id, before, live, running, queue_empty
+                )
+                stale.extend((job_id, i) for i in taken)
+        elif _resend_stale_job(
+            settings, config, dispatcher, (job_id, kind, status, started), now, queue_empty
+        ):
+            jobs.append(job_id)
     if stale or jobs:
         log.warning(
             "recovery: re-sent stale chunks %s and jobs %s (no heartbeat for %.0fs)",
@@ -365,6 +326,75 @@ def sweep(
             config.stale_after_s,
         )
     return SweepResult(tuple(chunks + stale), tuple(jobs))
+
+
+def _resend_stale_chunks(
+    settings: Settings,
+    dispatcher: Dispatcher,
+    job_id: int,
+    before: datetime,
+    live: set[str] | None,
+    running: bool,
+    queue_empty: bool,
+) -> list[int]:
+    """Take and re-send the classify job's stale chunks; the indices taken."""
+
+    def take(session: Session) -> list[int]:
+        # Running chunks of workers that answer ping are theirs, however stale.
+        # Without trusted answers (e.g. the first sweep, before our own pidbox
+        # answers) a holder's liveness is unknown: only chunks that name no holder
+        # fall back to staleness; the others wait for a sweep that can tell.
+        indices: list[int] = []
+        if running:
+            indices += repository.take_stale_chunks(
+                session,
+                job_id,
+                statuses=[ChunkStatus.RUNNING],
+                before=before,
+                exclude_workers=live or (),
+                unowned_only=live is None,
+            )
+        if queue_empty:
+            indices += repository.take_stale_chunks(
+                session, job_id, statuses=[ChunkStatus.PENDING], before=before
+            )
+        # Sent inside the transaction: if the broker is down the stamps roll back
+        # and the next sweep tries again. A commit lost after the send only means
+        # a duplicate message, which the tasks absorb.
+        if indices:
+            dispatcher.classify_chunks(job_id, sorted(indices))
+        return sorted(indices)
+
+    return sessions.with_session(settings, take, attempts=1)
+
+
+def _resend_stale_job(
+    settings: Settings,
+    config: RecoveryConfig,
+    dispatcher: Dispatcher,
+    job: tuple[int, JobKind, JobStatus, float],
+    now: float,
+    queue_empty: bool,
+) -> bool:
+    """Re-send a train / evaluate job whose heartbeat is stale; True when it was."""
+    job_id, kind, status, started = job
+    # The heartbeat file is the stamp (started_at before the first beat).
+    path = job_heartbeat_path(settings, job_id)
+    try:
+        stamp = path.stat().st_mtime
+    except FileNotFoundError:
+        stamp = started
+    if stamp >= now - config.stale_after_s:
+        return False
+    if status == JobStatus.QUEUED and not queue_empty:
+        return False
+    # Touch first so that this sweep's peers (and our next sweep) wait another period.
+    touch_job_heartbeat(settings, job_id)
+    if kind == JobKind.TRAIN:
+        dispatcher.train(job_id)
+    else:
+        dispatcher.evaluate(job_id)
+    return True
 
 
 class Sweeper:
