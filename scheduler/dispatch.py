@@ -63,6 +63,16 @@ BROKER_JANITOR_TASK = "mriq.broker_janitor"
 GPU_QUEUE = "gpu"
 CPU_QUEUE = "cpu"
 TASK_QUEUES: tuple[str, ...] = (GPU_QUEUE, CPU_QUEUE)
+#: Every task mriq sends, and the queue it goes to (the model's device or the CPU side).
+TASK_QUEUE_OF: dict[str, str] = {
+    TRAIN_TASK: GPU_QUEUE,
+    EVALUATE_TASK: GPU_QUEUE,
+    CLASSIFY_CHUNK_TASK: GPU_QUEUE,
+    EXPLAIN_TASK: GPU_QUEUE,
+    RETRAIN_TASK: CPU_QUEUE,
+    FINALIZE_TASK: CPU_QUEUE,
+    BROKER_JANITOR_TASK: CPU_QUEUE,
+}
 
 #: Stamp carried by every task message so ``revoke(job_id)`` can target all of a job's tasks
 #: (chunks included) without knowing their ids.
@@ -116,15 +126,7 @@ def make_celery(settings: Settings, *, main: str = "mriq") -> Celery:
     app.conf.update(
         broker_transport_options=_transport_options(settings),
         broker_connection_retry_on_startup=True,
-        task_routes={
-            TRAIN_TASK: {"queue": GPU_QUEUE},
-            EVALUATE_TASK: {"queue": GPU_QUEUE},
-            CLASSIFY_CHUNK_TASK: {"queue": GPU_QUEUE},
-            EXPLAIN_TASK: {"queue": GPU_QUEUE},
-            RETRAIN_TASK: {"queue": CPU_QUEUE},
-            FINALIZE_TASK: {"queue": CPU_QUEUE},
-            BROKER_JANITOR_TASK: {"queue": CPU_QUEUE},
-        },
+        task_routes={name: {"queue": queue} for name, queue in TASK_QUEUE_OF.items()},
         task_default_queue=CPU_QUEUE,
         task_create_missing_queues=True,
         # A task is acked only after it returns, so a worker lost mid-task leaves it queued;

@@ -4,15 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from scheduler.dispatch import (
-    BROKER_JANITOR_TASK,
-    CLASSIFY_CHUNK_TASK,
-    EVALUATE_TASK,
-    EXPLAIN_TASK,
-    FINALIZE_TASK,
-    RETRAIN_TASK,
-    TRAIN_TASK,
-)
+from scheduler.dispatch import CLASSIFY_CHUNK_TASK, EXPLAIN_TASK, TASK_QUEUE_OF, TRAIN_TASK
 from tests.worker.conftest import make_settings
 from worker.app import create_celery_app
 from worker.tasks.classify import retry_countdown
@@ -23,15 +15,8 @@ def test_tasks_are_registered_by_name_with_their_limits(tmp_path: Path) -> None:
     settings = settings.model_copy(update={"chunk_time_limit": 123, "train_time_limit": 456})
     app = create_celery_app(settings)
     names = {n for n in app.tasks if n.startswith("mriq.")}
-    assert names == {
-        TRAIN_TASK,
-        EVALUATE_TASK,
-        CLASSIFY_CHUNK_TASK,
-        EXPLAIN_TASK,
-        FINALIZE_TASK,
-        RETRAIN_TASK,
-        BROKER_JANITOR_TASK,
-    }
+    # Every task the scheduler sends (and routes) is registered, and nothing else.
+    assert names == set(TASK_QUEUE_OF)
     # The on-demand explanation goes where the classify chunks go (the model's device).
     routes = app.conf.task_routes
     assert routes[EXPLAIN_TASK] == routes[CLASSIFY_CHUNK_TASK]
