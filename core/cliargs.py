@@ -6,15 +6,18 @@ import argparse
 from pathlib import Path
 
 __all__ = [
-    "add_checkpoint_argument",
+    "checkpoint_parser",
     "add_runtime_arguments",
     "add_sha256_argument",
     "check_at_least",
 ]
 
 
-def add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
+def checkpoint_parser(module: str, description: str) -> argparse.ArgumentParser:
+    """The parser of ``python -m <module>``, with its required ``--checkpoint``."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=description)
     parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint file (.pt)")
+    return parser
 
 
 def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:

@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 from core.atomicio import write_text_atomically
 from core.cliargs import (
-    add_checkpoint_argument,
     add_runtime_arguments,
     add_sha256_argument,
     check_at_least,
+    checkpoint_parser,
 )
 
 if TYPE_CHECKING:
@@ -39,12 +39,11 @@ MAX_ERRORS_SHOWN = 20
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m core.evaluate",
-        description="Evaluate a trained checkpoint on every image of a labelled folder "
+    parser = checkpoint_parser(
+        "core.evaluate",
+        "Evaluate a trained checkpoint on every image of a labelled folder "
         "(class folders as for training; train/val/test subfolders are all included).",
     )
-    add_checkpoint_argument(parser)
     parser.add_argument("--data", required=True, type=Path, help="folder of class folders")
     parser.add_argument(
         "--out", type=Path, default=None,

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from core.cliargs import (
-    add_checkpoint_argument,
     add_runtime_arguments,
     add_sha256_argument,
     check_at_least,
+    checkpoint_parser,
 )
 
 if TYPE_CHECKING:  # torch: only once a run starts
@@ -33,12 +33,11 @@ CSV_COLUMNS: tuple[str, ...] = ("path", "label", "confidence", "top_k", "error")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m core.predict",
-        description="Classify brain MRI slices with a trained checkpoint; writes one CSV row "
+    parser = checkpoint_parser(
+        "core.predict",
+        "Classify brain MRI slices with a trained checkpoint; writes one CSV row "
         "per input (unreadable files get an error row).",
     )
-    add_checkpoint_argument(parser)
     parser.add_argument(
         "inputs",
         nargs="+",
