@@ -525,14 +525,34 @@ def resolve_device(spec: str) -> str:
     return str(select_device(spec))
 
 
+SMOKE_NOTE = "smoke run: tiny sizes, the numbers mean nothing"
+
+
+def start_report(
+    args: argparse.Namespace, title: str, context: dict[str, Any], **fields: Any
+) -> tuple[str, Report]:
+    """A benchmark's device (``--device`` resolved, ``--threads`` applied) and its report,
+    headed by ``context``, ``--smoke`` and the machine; ``fields`` go to :class:`Report`."""
+    from core.devices import configure_cpu_threads
+
+    device = resolve_device(args.device)
+    # Same thread count for every row (the worker and core.predict size theirs the same way).
+    configure_cpu_threads(args.threads)
+    context = context | {"smoke": args.smoke} | machine_description(device)
+    return device, Report(title=title, context=context, **fields)
+
+
 def run_report(
     module: str, raw: Sequence[str], args: argparse.Namespace, run: Callable[..., Report]
 ) -> Report:
     """A benchmark's ``main`` after parsing: re-exec with the worker's allocator (unless
-    ``--no-reexec``), ``run(args)``, then print the report and write ``--json-out``."""
+    ``--no-reexec``), ``run(args)``, then print the report (with :data:`SMOKE_NOTE` on a
+    ``--smoke`` run) and write ``--json-out``."""
     if not args.no_reexec:
         reexec_with_allocator(module, raw)
     report = run(args)
+    if args.smoke:
+        report.notes.append(SMOKE_NOTE)
     report.finish(args.json_out)
     return report
 

@@ -33,12 +33,11 @@ from bench.common import (
     Stopwatch,
     add_common_args,
     apply_smoke,
-    machine_description,
     make_checkpoint,
     make_images,
     phase,
-    reexec_with_allocator,
-    resolve_device,
+    run_report,
+    start_report,
     workspace,
 )
 
@@ -168,36 +167,26 @@ def measure(
 
 
 def run(args: argparse.Namespace) -> Report:
-    from core.devices import configure_cpu_threads
-
-    device = resolve_device(args.device)
-    configure_cpu_threads(args.threads)
-    report = Report(
-        title="mriq explanation benchmark (Grad-CAM cost per image)",
-        context={
+    device, report = start_report(
+        args,
+        "mriq explanation benchmark (Grad-CAM cost per image)",
+        {
             "models": ",".join(f"{a}@{s}" for a, s in args.archs),
             "n": args.n,
             "batch_size": args.batch_size,
-            "smoke": args.smoke,
-        }
-        | machine_description(device),
+        },
     )
     with workspace(args.workdir, keep=args.keep) as workdir:
         with phase("images"):
             images = make_images(workdir / "images", args.n, size=args.source_size, seed=args.seed)
         measure(report, args, workdir, images, device)
-    if args.smoke:
-        report.notes.append("smoke run: tiny sizes, the numbers mean nothing")
     return report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(raw)
-    if not args.no_reexec:
-        reexec_with_allocator("bench.explanation", raw)
-    report = run(args)
-    report.finish(args.json_out)
+    report = run_report("bench.explanation", raw, args, run)
     return 1 if report.failed else 0
 
 

@@ -56,12 +56,11 @@ from bench.common import (
     allocator_tuned,
     apply_smoke,
     child_env,
-    machine_description,
     make_checkpoint,
     make_images,
     phase,
-    resolve_device,
     run_report,
+    start_report,
     sync,
     workspace,
 )
@@ -980,25 +979,20 @@ def run(args: argparse.Namespace) -> Report:
     import torch
 
     from core.checkpoint import load_checkpoint
-    from core.devices import configure_cpu_threads
 
-    device_name = resolve_device(args.device)
-    device = torch.device(device_name)
-    # Same thread count for every row (the worker and core.predict size theirs the same way).
-    configure_cpu_threads(args.threads)
-    report = Report(
-        title="mriq inference benchmark",
-        context={
+    device_name, report = start_report(
+        args,
+        "mriq inference benchmark",
+        {
             "arch": args.arch,
             "image_size": args.image_size,
             "n": args.n,
             "source": f"{args.source_size}px JPEG",
-            "smoke": args.smoke,
-        }
-        | machine_description(device_name),
+        },
         ceiling=CEILING,
         notebook=NOTEBOOK,
     )
+    device = torch.device(device_name)
     with workspace(args.workdir, keep=args.keep) as workdir:
         print(
             f"preparing {args.n} images and a {args.arch} checkpoint in {workdir}",
@@ -1130,8 +1124,6 @@ def run(args: argparse.Namespace) -> Report:
         + "; the notebook row the ratios use runs in a child under glibc's defaults, as a "
         "notebook does"
     )
-    if args.smoke:
-        report.notes.append("smoke run: tiny sizes, the numbers mean nothing")
     return report
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
+    SMOKE_NOTE,
     Measurement,
     Ratio,
     Report,
@@ -406,7 +407,7 @@ def run(args: argparse.Namespace) -> Report:
                 report.skip("submit_classify", f"{type(exc).__name__}: {str(exc)[-400:]}")
                 report.add_ratio(Ratio("submit seconds / 5 s", None, skipped=str(exc)[-200:]))
     if args.smoke:
-        report.notes.append("smoke run: tiny sizes, the numbers mean nothing")
+        report.notes.append(SMOKE_NOTE)
     return report
 
 

@@ -33,10 +33,9 @@ from bench.common import (
     Stopwatch,
     add_common_args,
     apply_smoke,
-    machine_description,
     phase,
-    resolve_device,
     run_report,
+    start_report,
     sync,
     workspace,
 )
@@ -274,21 +273,17 @@ def warm_up(cfg: TrainConfig) -> None:
 
 
 def run(args: argparse.Namespace) -> Report:
-    from core.devices import configure_cpu_threads
     from core.synth import synthesize
 
-    device = resolve_device(args.device)
-    configure_cpu_threads(args.threads)
-    report = Report(
-        title="mriq training benchmark (one epoch)",
-        context={
+    device, report = start_report(
+        args,
+        "mriq training benchmark (one epoch)",
+        {
             "arch": args.arch,
             "image_size": args.image_size,
             "per_folder": args.per_folder,
             "batch_size": args.batch_size,
-            "smoke": args.smoke,
-        }
-        | machine_description(device),
+        },
     )
     with workspace(args.workdir, keep=args.keep) as workdir:
         data = workdir / "data"
@@ -333,8 +328,6 @@ def run(args: argparse.Namespace) -> Report:
             + "; mriq "
             + ", ".join(f"{r[0]:.2f}" for r in mriq)
         )
-    if args.smoke:
-        report.notes.append("smoke run: tiny sizes, the numbers mean nothing")
     return report
 
 
