@@ -186,14 +186,22 @@ def _full_box(
     return top, bottom, left, right
 
 
+def _work_shape(h: int, w: int) -> tuple[int, int] | None:
+    """The downsampled (height, width) to work at, or None when the image is small enough."""
+    side = max(h, w)
+    if side <= _WORK_SIDE:
+        return None
+    f = _WORK_SIDE / side
+    return max(1, round(h * f)), max(1, round(w * f))
+
+
 def _downsample(img: np.ndarray) -> tuple[np.ndarray, float, float]:
     h, w = img.shape
-    side = max(h, w)
     src = np.asarray(img, dtype=np.float32)
-    if side <= _WORK_SIDE:
+    work = _work_shape(h, w)
+    if work is None:
         return src, 1.0, 1.0
-    f = _WORK_SIDE / side
-    nh, nw = max(1, round(h * f)), max(1, round(w * f))
+    nh, nw = work
     # Area (box) filtering keeps thin bright structures from vanishing between samples.
     small = cv2.resize(src, (nw, nh), interpolation=cv2.INTER_AREA)
     return small, h / nh, w / nw

@@ -23,11 +23,11 @@ from core.cropping import (
     _MIN_AREA_FRACTION,
     _NEAR_FRACTION,
     _OUTER_FRACTION,
-    _WORK_SIDE,
     BrainBox,
     _full_box,
     _threshold,
     _too_small,
+    _work_shape,
 )
 
 __all__ = ["brain_bbox", "crop_to_brain"]
@@ -58,12 +58,11 @@ def brain_bbox(
 
 def _downsample(img: np.ndarray) -> tuple[np.ndarray, float, float]:
     h, w = img.shape
-    side = max(h, w)
     src = np.asarray(img, dtype=np.float32)
-    if side <= _WORK_SIDE:
+    work = _work_shape(h, w)
+    if work is None:
         return src, 1.0, 1.0
-    f = _WORK_SIDE / side
-    nh, nw = max(1, round(h * f)), max(1, round(w * f))
+    nh, nw = work
     if h == 2 * nh and w == 2 * nw:
         halved = _halve(src)
         if halved is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from itertools import product
 from pathlib import Path
 
@@ -18,6 +18,7 @@ from core.evaluation import (
     evaluate_checkpoint,
 )
 from core.plots import plot_confusion_matrix, plot_training_curves
+from core.training_report import EpochMetrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CLS3 = ("a", "b", "c")
@@ -257,20 +258,10 @@ def test_plot_confusion_matrix_writes_png(tmp_path: Path) -> None:
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary left
 
 
-@dataclass(frozen=True)
-class _Epoch:
-    epoch: int
-    train_loss: float
-    val_loss: float
-    val_accuracy: float
-    val_macro_f1: float
-    lr: float
-
-
 def test_plot_training_curves_writes_png(tmp_path: Path) -> None:
     epochs = [
-        _Epoch(1, 2.0, 1.8, 0.3, 0.2, 1e-3),
-        _Epoch(2, 1.5, math.nan, 0.5, 0.4, 5e-4),
+        EpochMetrics(1, 2.0, 1.8, 0.3, 0.2, 1e-3, 1.0),
+        EpochMetrics(2, 1.5, math.nan, 0.5, 0.4, 5e-4, 1.0),
     ]
     assert _is_png(plot_training_curves(epochs, tmp_path / "curves.png"))
     assert _is_png(plot_training_curves([], tmp_path / "empty.png"))
