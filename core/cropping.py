@@ -29,6 +29,7 @@ the middle column only, and take a centred crop of the extent found there.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal, get_args
 
 import cv2
@@ -186,25 +187,29 @@ def _full_box(
     return top, bottom, left, right
 
 
-def _work_shape(h: int, w: int) -> tuple[int, int] | None:
-    """The downsampled (height, width) to work at, or None when the image is small enough."""
-    side = max(h, w)
-    if side <= _WORK_SIDE:
-        return None
-    f = _WORK_SIDE / side
-    return max(1, round(h * f)), max(1, round(w * f))
+def _downsample(
+    img: np.ndarray, resize: Callable[[np.ndarray, int, int], np.ndarray] | None = None
+) -> tuple[np.ndarray, float, float]:
+    """``img`` as float32 at most ``_WORK_SIDE`` a side, and the scale back per axis.
 
-
-def _downsample(img: np.ndarray) -> tuple[np.ndarray, float, float]:
+    ``resize(src, height, width)`` shrinks it (default: OpenCV's area filter); the numpy
+    crop kept for the tests passes its own.
+    """
     h, w = img.shape
+    side = max(h, w)
     src = np.asarray(img, dtype=np.float32)
-    work = _work_shape(h, w)
-    if work is None:
+    if side <= _WORK_SIDE:
         return src, 1.0, 1.0
-    nh, nw = work
-    # Area (box) filtering keeps thin bright structures from vanishing between samples.
-    small = cv2.resize(src, (nw, nh), interpolation=cv2.INTER_AREA)
+    f = _WORK_SIDE / side
+    nh, nw = max(1, round(h * f)), max(1, round(w * f))
+    small = (resize or _area_resize)(src, nh, nw)
     return small, h / nh, w / nw
+
+
+def _area_resize(src: np.ndarray, nh: int, nw: int) -> np.ndarray:
+    # Area (box) filtering keeps thin bright structures from vanishing between samples.
+    out: np.ndarray = cv2.resize(src, (nw, nh), interpolation=cv2.INTER_AREA)
+    return out
 
 
 def _gaussian_kernel() -> np.ndarray:

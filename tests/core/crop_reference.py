@@ -15,6 +15,7 @@ import math
 import numpy as np
 from PIL import Image
 
+from core import cropping
 from core.cropping import (
     _CORNER_FRACTION,
     _EDGE_FRACTION,
@@ -27,7 +28,6 @@ from core.cropping import (
     _full_box,
     _threshold,
     _too_small,
-    _work_shape,
 )
 
 __all__ = ["brain_bbox", "crop_to_brain"]
@@ -57,17 +57,16 @@ def brain_bbox(
 
 
 def _downsample(img: np.ndarray) -> tuple[np.ndarray, float, float]:
-    h, w = img.shape
-    src = np.asarray(img, dtype=np.float32)
-    work = _work_shape(h, w)
-    if work is None:
-        return src, 1.0, 1.0
-    nh, nw = work
+    return cropping._downsample(img, resize=_resize)
+
+
+def _resize(src: np.ndarray, nh: int, nw: int) -> np.ndarray:
+    h, w = src.shape
     if h == 2 * nh and w == 2 * nw:
         halved = _halve(src)
         if halved is not None:
-            return halved, 2.0, 2.0
-    return _box_resize(src, nh, nw), h / nh, w / nw
+            return halved
+    return _box_resize(src, nh, nw)
 
 
 def _box_resize(src: np.ndarray, nh: int, nw: int) -> np.ndarray:
