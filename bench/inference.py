@@ -303,6 +303,7 @@ def time_best_settings(
 ) -> float:
     """:func:`time_forward` with the ceiling's settings: channels_last, inference_mode and
     (on CUDA) autocast."""
+    # Keywords spelled out: alike by shape to core.training_data's keyword calls, no logic.
     return time_forward(
         model,
         pool,

@@ -275,6 +275,7 @@ def warm_up(cfg: TrainConfig) -> None:
 def run(args: argparse.Namespace) -> Report:
     from core.synth import synthesize
 
+    # Each bench's own title and context for start_report: alike by shape, not logic.
     device, report = start_report(
         args,
         "mriq training benchmark (one epoch)",

@@ -281,6 +281,7 @@ def _take_dead_chunks(
     return taken
 
 
+# Its signature alike by shape to web.queries.filtered_predictions: no logic in common.
 def sweep(
     settings: Settings,
     config: RecoveryConfig,

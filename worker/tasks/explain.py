@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+# A plain frozen record, alike by shape to evaluate's _EvalJob: no logic to share.
 @dataclass(frozen=True)
 class _Target:
     path: str
