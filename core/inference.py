@@ -187,24 +187,13 @@ class Predictor:
         # so probabilities sum to 1 within 1e-6.
         return torch.softmax(logits.float() / self.temperature, dim=1).cpu().numpy()
 
-    def _stream(
-        self,
-        paths: Iterable[Path | str],
-        should_stop: Callable[[], bool] | None,
-        on_batch: Callable[[int], None] | None,
-        raw: bool = False,
-        on_read: Callable[[int | None], None] | None = None,
-    ) -> Generator[tuple[str, np.ndarray | None, str | None, str | None], None, None]:
-        """(path, probs | None, error | None, sha256 | None) per input, in input order.
-
-        With ``raw`` the vectors are the model's logits instead of calibrated probabilities.
-        Long on purpose: the source of batches, the in-flight forward streams and the drain
-        on every way out (end, stop, error) share local state, and splitting them would turn
-        the one ordered pipeline into objects whose invariants span each other.
-        """
+    def _batches(
+        self, paths: Iterable[Path | str], on_read: Callable[[int | None], None] | None
+    ) -> Iterator[Batch]:
+        """The decoded batches of ``paths``: from the decode thread or the DataLoader."""
         if on_read is not None and not self.decode_thread:
             raise ValueError("on_read needs the decode thread (decode_thread=True, num_workers=0)")
-        batches: Iterator[Batch] = (
+        return (
             background_batches(
                 paths,
                 ImageFiles(self._transform, hash_inputs=self.hash_inputs, roots=self.roots),
@@ -217,6 +206,23 @@ class Predictor:
             if self.decode_thread
             else iter(self._loader(paths))
         )
+
+    def _stream(
+        self,
+        paths: Iterable[Path | str],
+        should_stop: Callable[[], bool] | None,
+        on_batch: Callable[[int], None] | None,
+        raw: bool = False,
+        on_read: Callable[[int | None], None] | None = None,
+    ) -> Generator[tuple[str, np.ndarray | None, str | None, str | None], None, None]:
+        """(path, probs | None, error | None, sha256 | None) per input, in input order.
+
+        With ``raw`` the vectors are the model's logits instead of calibrated probabilities.
+        Long on purpose: the in-flight forward streams and the drain on every way out (end,
+        stop, error) share local state, and splitting them would turn the one ordered
+        pipeline into objects whose invariants span each other.
+        """
+        batches = self._batches(paths, on_read)
         pool = (
             ThreadPoolExecutor(self.forward_streams, thread_name_prefix="mriq-forward")
             if self.forward_streams > 1
@@ -256,16 +262,7 @@ class Predictor:
                 # batch even when the consumer stops pulling mid-batch.
                 if on_batch is not None:
                     on_batch(len(batch.paths))
-                row = 0
-                for path, error, digest in zip(
-                    batch.paths, batch.errors, batch.sha256s, strict=True
-                ):
-                    if error is None:
-                        assert probs is not None
-                        yield path, probs[row], None, digest
-                        row += 1
-                    else:
-                        yield path, None, error, digest
+                yield from _rows(batch, probs)
         finally:
             if pool is not None:
                 # Forward passes not started yet are dropped; running ones finish (a batch
@@ -350,3 +347,18 @@ class Predictor:
                 yield Prediction(path, top[0][0], top[0][1], top, None, digest, uncertainty)
         finally:
             stream.close()
+
+
+def _rows(
+    batch: Batch, probs: np.ndarray | None
+) -> Iterator[tuple[str, np.ndarray | None, str | None, str | None]]:
+    """A finished batch's rows, in input order: the vector of each decoded input, the error
+    of each other one (``probs`` has a row per decoded input only)."""
+    row = 0
+    for path, error, digest in zip(batch.paths, batch.errors, batch.sha256s, strict=True):
+        if error is None:
+            assert probs is not None
+            yield path, probs[row], None, digest
+            row += 1
+        else:
+            yield path, None, error, digest
