@@ -21,8 +21,8 @@ def test_onnxruntime_predictions_equal_torch_ones(tmp_path: Path) -> None:
     assert onnx == onnx_cache_path(path, sha) and onnx.exists()
     mtime = onnx.stat().st_mtime_ns
     assert cached_onnx_export(ckpt, path).stat().st_mtime_ns == mtime  # reused, not redone
-    torch_rows = Predictor(ckpt, batch_size=2).predict(images)
-    ort_rows = Predictor(ckpt, batch_size=2, forward_model=OrtModel(onnx)).predict(images)
+    torch_rows = list(Predictor(ckpt, batch_size=2).predict(images))
+    ort_rows = list(Predictor(ckpt, batch_size=2, forward_model=OrtModel(onnx)).predict(images))
     assert [r.label for r in ort_rows] == [r.label for r in torch_rows]
     for a, b in zip(ort_rows, torch_rows, strict=True):
         assert a.ok and b.ok
