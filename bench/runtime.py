@@ -56,6 +56,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--e2e", action="store_true", help="also the worker e2e per runtime")
     parser.add_argument("--chunk-size", type=int, default=256, help="e2e chunk (%(default)s)")
     parser.add_argument("--inference-streams", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs (%(default)s)")
     parser.add_argument("--no-reexec", action="store_true", help="keep the environment as is")
     add_service_args(parser)
     args = parser.parse_args(argv)
@@ -63,6 +64,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     if args.smoke:
         args.source_size = min(args.source_size, 128)
         args.chunk_size = min(args.chunk_size, 8)
+        args.repeats = 1
     return args
 
 
@@ -75,7 +77,9 @@ def _time(call: Callable[[], Any], steps: int, warmup: int = 2) -> float:
     return time.perf_counter() - start
 
 
-def model_only_rows(report: Report, ckpt: Any, pool: Any, n: int, onnx: Path) -> None:
+def model_only_rows(
+    report: Report, ckpt: Any, pool: Any, n: int, onnx: Path, repeats: int
+) -> None:
     import torch
 
     from core.model_preparation import prepare_inference_model
@@ -92,38 +96,64 @@ def model_only_rows(report: Report, ckpt: Any, pool: Any, n: int, onnx: Path) ->
             model(x_cl).argmax(dim=1)
 
     ort = OrtModel(onnx, threads=torch.get_num_threads())
-    report.add(Measurement(CEILING, steps * bs, _time(eager, steps), note=f"batch {bs}"))
-    report.add(Measurement(ORT_MODEL, steps * bs, _time(lambda: ort(x), steps), note=f"batch {bs}"))
+    best = {CEILING: float("inf"), ORT_MODEL: float("inf")}
+    # Interleaved, fastest of each kept: load from elsewhere on the host hits both alike.
+    for _ in range(repeats):
+        best[CEILING] = min(best[CEILING], _time(eager, steps))
+        best[ORT_MODEL] = min(best[ORT_MODEL], _time(lambda: ort(x), steps))
+    note = f"batch {bs}, best of {repeats}"
+    for name, seconds in best.items():
+        report.add(Measurement(name, steps * bs, seconds, note=note))
 
 
-def predictor_rows(report: Report, ckpt: Any, paths: Sequence[Path], onnx: Path) -> None:
+def predictor_rows(
+    report: Report, ckpt: Any, paths: Sequence[Path], onnx: Path, repeats: int
+) -> None:
     import torch
 
     from core.inference import Predictor
     from core.ort_runtime import OrtModel
 
-    for name in RUNTIMES:
-        forward = OrtModel(onnx, threads=torch.get_num_threads()) if name != "torch" else None
-        predictor = Predictor(ckpt, batch_size=BATCH, forward_model=forward)
+    predictors = {
+        name: Predictor(
+            ckpt,
+            batch_size=BATCH,
+            forward_model=OrtModel(onnx, threads=torch.get_num_threads())
+            if name != "torch"
+            else None,
+        )
+        for name in RUNTIMES
+    }
+    best = dict.fromkeys(RUNTIMES, float("inf"))
+    for predictor in predictors.values():
         list(predictor.predict(paths[:BATCH]))  # warm-up: first-call allocations
-        start = time.perf_counter()
-        rows = list(predictor.predict(paths))
-        seconds = time.perf_counter() - start
-        if not all(r.ok for r in rows):
-            report.fail(f"Predictor ({name})", "error rows")
-            continue
-        report.add(Measurement(f"Predictor ({name})", len(rows), seconds, note="files -> rows"))
+    for _ in range(repeats):
+        for name, predictor in predictors.items():
+            start = time.perf_counter()
+            rows = list(predictor.predict(paths))
+            best[name] = min(best[name], time.perf_counter() - start)
+            if not all(r.ok for r in rows):
+                raise RuntimeError(f"Predictor ({name}): error rows")
+    for name, seconds in best.items():
+        note = f"files -> rows, best of {repeats}"
+        report.add(Measurement(f"Predictor ({name})", len(paths), seconds, note=note))
 
 
 def e2e_rows(
     report: Report, args: argparse.Namespace, workdir: Path, folder: Path, paths: Any, model: Any
 ) -> None:
+    import shutil
+
     from bench.inference import E2E, run_e2e
 
     for name in RUNTIMES:
         sub = Report(title="", context={})
         args.runtime = name
-        run_e2e(sub, args, workdir / f"e2e-{name}", folder, paths, model.path, model.sha256, "cpu")
+        # Own images below the run's data root (the worker confines its reads to it).
+        root = workdir / f"e2e-{name}"
+        images = Path(shutil.copytree(folder, root / "images"))
+        own = [images / p.name for p in paths]
+        run_e2e(sub, args, root, images, own, model.path, model.sha256, "cpu")
         for m in sub.rows:
             if m.name == E2E:
                 report.add(Measurement(f"{E2E} ({name})", m.items, m.seconds, note=m.note))
@@ -159,11 +189,9 @@ def run(args: argparse.Namespace) -> Report:
         with phase("onnx export"):
             onnx = cached_onnx_export(ckpt, model.path)
         pool = predecode(paths, ckpt.meta.preset)
-        model_only_rows(report, ckpt, pool, args.n, onnx)
-        predictor_rows(report, ckpt, paths, onnx)
+        model_only_rows(report, ckpt, pool, args.n, onnx, args.repeats)
+        predictor_rows(report, ckpt, paths, onnx, args.repeats)
         if args.e2e:
-            (workdir / "e2e-torch").mkdir()
-            (workdir / "e2e-onnxruntime").mkdir()
             e2e_rows(report, args, workdir, folder, paths, model)
     report.ratio("onnxruntime / torch, model-only", ORT_MODEL, CEILING, target=">= 1.2x")
     report.ratio("onnxruntime / torch, Predictor", "Predictor (onnxruntime)", "Predictor (torch)")
