@@ -19,13 +19,14 @@ import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
 from core.atomicio import atomic_path
+from core.formats import EXPORT_FORMATS, ExportFormat
 from core.model_preparation import prepare_inference_model
 
 if TYPE_CHECKING:
@@ -42,8 +43,6 @@ __all__ = [
     "sample_batch",
 ]
 
-ExportFormat = Literal["onnx", "torchscript"]
-EXPORT_FORMATS: tuple[ExportFormat, ...] = ("onnx", "torchscript")
 # The name the exported graph's input carries; core.ort_runtime feeds it.
 _INPUT = "images"
 

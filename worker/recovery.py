@@ -354,6 +354,8 @@ def sweep(
         touch_job_heartbeat(settings, job_id)
         if kind == JobKind.TRAIN:
             dispatcher.train(job_id)
+        elif kind == JobKind.EXPORT:
+            dispatcher.export(job_id)
         else:
             dispatcher.evaluate(job_id)
         jobs.append(job_id)
