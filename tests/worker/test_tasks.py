@@ -9,6 +9,7 @@ from scheduler.dispatch import (
     CLASSIFY_CHUNK_TASK,
     EVALUATE_TASK,
     EXPLAIN_TASK,
+    EXPORT_TASK,
     FINALIZE_TASK,
     RETRAIN_TASK,
     TRAIN_TASK,
@@ -28,6 +29,7 @@ def test_tasks_are_registered_by_name_with_their_limits(tmp_path: Path) -> None:
         EVALUATE_TASK,
         CLASSIFY_CHUNK_TASK,
         EXPLAIN_TASK,
+        EXPORT_TASK,
         FINALIZE_TASK,
         RETRAIN_TASK,
         BROKER_JANITOR_TASK,
@@ -36,6 +38,7 @@ def test_tasks_are_registered_by_name_with_their_limits(tmp_path: Path) -> None:
     routes = app.conf.task_routes
     assert routes[EXPLAIN_TASK] == routes[CLASSIFY_CHUNK_TASK]
     assert app.tasks[EXPLAIN_TASK].max_retries == 0
+    assert routes[EXPORT_TASK] == routes[TRAIN_TASK] and app.tasks[EXPORT_TASK].max_retries == 0
     chunk = app.tasks[CLASSIFY_CHUNK_TASK]
     assert chunk.time_limit == 123 and chunk.max_retries is None and chunk.acks_late
     assert app.tasks[TRAIN_TASK].time_limit == 456
