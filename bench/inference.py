@@ -899,6 +899,7 @@ def _run_e2e(
                 chunk_size=args.chunk_size,
                 device=device,
                 inference_streams=args.inference_streams,
+                runtime=getattr(args, "runtime", None),
             )
             with running_worker(env, workdir / "worker.log", settings) as worker:
                 # Warm-up job: the worker loads and caches the model once per process.

@@ -175,6 +175,7 @@ def mriq_env(
     chunk_size: int,
     device: str,
     inference_streams: int | None = None,
+    runtime: str | None = None,
 ) -> dict[str, str]:
     """The MRIQ_* environment the worker and the ``mriq`` CLI of a run share."""
     extra = {
@@ -190,6 +191,8 @@ def mriq_env(
         extra["MRIQ_BROKER_URL"] = broker_url
     if inference_streams is not None:
         extra["MRIQ_INFERENCE_STREAMS"] = str(inference_streams)
+    if runtime is not None:
+        extra["MRIQ_RUNTIME"] = runtime  # bench.runtime: the worker's CPU runtime
     return child_env(extra)
 
 

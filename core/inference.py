@@ -101,6 +101,8 @@ class Predictor:
 
     ``roots`` confines every input when it is read (see :mod:`core.safefile`): a file that
     leads outside them, or is not a regular file, gets an error row and no sha256.
+
+    ``forward_model`` runs instead of the prepared torch module (ONNX Runtime, on the CPU).
     """
 
     def __init__(
@@ -117,6 +119,7 @@ class Predictor:
         hash_inputs: bool = False,
         forward_streams: int = 1,
         roots: Sequence[Path | str] | None = None,
+        forward_model: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, not {batch_size}")
@@ -147,7 +150,13 @@ class Predictor:
         # link leading outside, or for a FIFO, after submission gets an error row instead of
         # being read. None (python -m core.predict) confines nothing.
         self.roots: tuple[Path | str, ...] | None = None if roots is None else tuple(roots)
-        self.model = prepare_inference_model(ckpt.model, self.device, fold_batchnorm=fold_batchnorm)
+        # ``forward_model`` replaces the torch module with another runtime of the same model
+        # (core.ort_runtime.OrtModel): same preprocessing, same temperature, other kernels.
+        self.model: Callable[[torch.Tensor], torch.Tensor] = (
+            forward_model
+            if forward_model is not None
+            else prepare_inference_model(ckpt.model, self.device, fold_batchnorm=fold_batchnorm)
+        )
         self._cuda = self.device.type == "cuda"
         self.forward_streams = 1 if self._cuda else forward_streams
         self._amp_dtype = (

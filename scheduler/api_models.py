@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.formats import ExportFormat
 from scheduler.options import MAX_TOP_K, ExplainMode, TrainOptions
 from scheduler.pathtext import PathText
 from scheduler.schema import REVIEW_BELOW_DEFAULT, JobKind, JobStatus, ModelStage, ReviewStatus
@@ -108,6 +109,10 @@ class TrainRequest(TrainOptions):
 class EvaluateRequest(_Request):
     model_version_id: Id
     data: PathText = Field(..., description="Folder of class folders; every image is used.")
+
+
+class ExportRequest(_Request):
+    format: ExportFormat = Field(..., description="onnx or torchscript.")
 
 
 class JobCreated(BaseModel):

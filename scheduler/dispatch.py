@@ -55,6 +55,8 @@ CLASSIFY_CHUNK_TASK = "mriq.classify_chunk"
 RETRAIN_TASK = "mriq.retrain"
 #: Grad-CAM explanation of one prediction (args: job id, item id = the prediction's id).
 EXPLAIN_TASK = "mriq.explain"
+#: ONNX/TorchScript export of a model version (args: the export job's id).
+EXPORT_TASK = "mriq.export"
 #: Re-derives a classify job's final status from its chunks (repair after lost messages).
 FINALIZE_TASK = "mriq.finalize"
 #: Periodic clean-up of the embedded broker's folders (consumed on every worker's own queues).
@@ -69,6 +71,8 @@ TASK_QUEUE_OF: dict[str, str] = {
     EVALUATE_TASK: GPU_QUEUE,
     CLASSIFY_CHUNK_TASK: GPU_QUEUE,
     EXPLAIN_TASK: GPU_QUEUE,
+    # With the model tasks: the workers that hold the checkpoints run it.
+    EXPORT_TASK: GPU_QUEUE,
     RETRAIN_TASK: CPU_QUEUE,
     FINALIZE_TASK: CPU_QUEUE,
     BROKER_JANITOR_TASK: CPU_QUEUE,
@@ -238,6 +242,9 @@ class Dispatcher:
         """Ask a worker to explain one prediction (see :mod:`scheduler.explanations`)."""
         return self._send(EXPLAIN_TASK, [job_id, item_id], job_id,
                           _task_id("explain", job_id, item_id))
+
+    def export(self, job_id: int) -> str:
+        return self._send(EXPORT_TASK, [job_id], job_id, _task_id("export", job_id))
 
     def finalize(self, job_id: int) -> str:
         return self._send(FINALIZE_TASK, [job_id], job_id, _task_id("finalize", job_id))

@@ -73,6 +73,8 @@ class JobKind(StrEnum):
     TRAIN = "train"
     EVALUATE = "evaluate"
     CLASSIFY = "classify"
+    #: ONNX/TorchScript export of a model version (issue 14); VARCHAR column: no migration.
+    EXPORT = "export"
 
 
 class JobStatus(StrEnum):

@@ -194,6 +194,15 @@ class Settings(BaseSettings):
         default="auto",
         description="Device workers use unless a job says otherwise: auto, cpu or cuda.",
     )
+    runtime: Literal["torch", "onnxruntime"] = Field(
+        default="torch",
+        description=(
+            "CPU runtime of classify chunks: torch (eager, BatchNorm folded) or onnxruntime "
+            "(the checkpoint exported to ONNX once, cached beside it). CUDA always runs "
+            "torch. The default is torch: on this CPU ONNX Runtime did not beat eager "
+            "PyTorch by the 1.2x issue 14 asks for (bench/README.md, runtime)."
+        ),
+    )
     api_host: str = Field(default="127.0.0.1", description="Interface the HTTP API binds to.")
     api_port: int = Field(default=8000, ge=1, le=65535, description="Port of the HTTP API.")
     api_db_pool_size: int = Field(

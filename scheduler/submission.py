@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from sqlalchemy.orm import Session
 
+from core.formats import EXPORT_FORMATS
 from scheduler import repository
 from scheduler.expansion import data_folder, read_spool, spool_inputs
 from scheduler.options import (
@@ -40,6 +41,7 @@ from scheduler.settings import Settings
 __all__ = [
     "DispatchError",
     "DispatcherLike",
+    "ExportDispatcher",
     "ExpansionTimeoutError",
     "InvalidInputError",
     "InvalidOptionsError",
@@ -51,6 +53,7 @@ __all__ = [
     "cancel_job",
     "submit_classify",
     "submit_evaluate",
+    "submit_export",
     "submit_train",
 ]
 
@@ -217,6 +220,44 @@ def submit_evaluate(
         )
         job_id = int(job.id)
     _dispatch_or_fail(session_factory, job_id, lambda: dispatcher.evaluate(job_id))
+    return job_id
+
+
+class ExportDispatcher(Protocol):
+    """What an export needs of ``scheduler.dispatch.Dispatcher``."""
+
+    def export(self, job_id: int) -> Any: ...
+
+
+def submit_export(
+    session_factory: SessionFactory,
+    dispatcher: ExportDispatcher,
+    settings: Settings,
+    model_version_id: int,
+    fmt: str,
+    *,
+    submitter: str | None = None,
+) -> int:
+    """Store an export job of model version ``model_version_id`` to ``fmt`` and dispatch it.
+
+    The worker writes the verified export (core.export) into the job's folder and records it
+    as an artifact of the job and of the model version (``mriq models show`` lists it)."""
+    del settings  # the export is written where the worker keeps job files
+    if fmt not in EXPORT_FORMATS:
+        raise InvalidOptionsError(
+            f"format must be one of {', '.join(EXPORT_FORMATS)}, not {fmt!r}"
+        )
+    with session_factory() as session, session.begin():
+        repository.get_model_version(session, model_version_id)
+        job = repository.create_job(
+            session,
+            kind=JobKind.EXPORT,
+            params={"format": fmt},
+            submitter=submitter,
+            model_version_id=model_version_id,
+        )
+        job_id = int(job.id)
+    _dispatch_or_fail(session_factory, job_id, lambda: dispatcher.export(job_id))
     return job_id
 
 

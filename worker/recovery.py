@@ -393,6 +393,8 @@ def _resend_stale_job(
     touch_job_heartbeat(settings, job_id)
     if kind == JobKind.TRAIN:
         dispatcher.train(job_id)
+    elif kind == JobKind.EXPORT:
+        dispatcher.export(job_id)
     else:
         dispatcher.evaluate(job_id)
     return True

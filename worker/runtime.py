@@ -162,6 +162,7 @@ def _reset_after_fork() -> None:
     with _models_lock:
         _models.clear()
         _explainers.clear()
+        _ort_models.clear()
     # Session factories are keyed by pid (worker/sessions.py): nothing to reset for them.
 
 
@@ -250,6 +251,28 @@ def load_explainer(model: CachedModel, *, roots: Sequence[Path] | None) -> Cache
         _explainers.move_to_end(key)
         while len(_explainers) > MODEL_CACHE_SIZE:
             _explainers.popitem(last=False)
+    return entry
+
+
+_ort_models: OrderedDict[tuple[str, int], Any] = OrderedDict()
+
+
+def load_ort_model(model: CachedModel, checkpoint_path: str, *, threads: int) -> Any:
+    """The ONNX Runtime session of ``model`` (a ``core.ort_runtime.OrtModel``), built once
+    per process; the ONNX file is exported on first use and cached beside the checkpoint."""
+    from core.ort_runtime import OrtModel, cached_onnx_export
+
+    key = (model.sha256, threads)
+    with _models_lock:
+        cached = _ort_models.get(key)
+        if cached is not None:
+            _ort_models.move_to_end(key)
+            return cached
+    entry = OrtModel(cached_onnx_export(model.checkpoint, checkpoint_path), threads=threads)
+    with _models_lock:
+        entry = _ort_models.setdefault(key, entry)
+        while len(_ort_models) > MODEL_CACHE_SIZE:
+            _ort_models.popitem(last=False)
     return entry
 
 

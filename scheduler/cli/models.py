@@ -8,6 +8,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
+from core.formats import EXPORT_FORMATS
 from scheduler.cli.app import models_app, runtime
 from scheduler.cli.render import (
     JsonOpt,
@@ -18,6 +19,8 @@ from scheduler.cli.render import (
     print_json,
     stdout_console,
 )
+from scheduler.cli.submit import submitter
+from scheduler.cli.waiting import WaitOpt, report_submitted
 
 
 def _models_table(rows: list[dict[str, Any]], title: str) -> Table:
@@ -63,6 +66,11 @@ def models_show(
 
     with runtime(ctx).sessions()() as session:
         doc = model_doc(repository.get_model_version(session, model_id))
+        doc["exports"] = [
+            a.path for a in repository.list_model_artifacts(
+                session, model_id, repository.EXPORT_ARTIFACT
+            )
+        ]
     if as_json:
         print_json(doc)
         return
@@ -70,7 +78,7 @@ def models_show(
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
     for key, value in doc.items():
-        if key in ("classes", "metrics", "review_ids"):
+        if key in ("classes", "metrics", "review_ids", "exports"):
             value = json.dumps(value)
         table.add_row(*cells(key, "" if value is None else str(value)))
     stdout_console().print(table)
@@ -104,3 +112,24 @@ def models_rollback(ctx: typer.Context, as_json: bool = JsonOpt) -> None:
         stdout_console().print(
             f"rolled back: model version {doc['id']} is production", highlight=False
         )
+
+
+@models_app.command("export")
+def models_export(
+    ctx: typer.Context,
+    model_id: int = typer.Argument(..., min=1),
+    fmt: str = typer.Option(
+        ..., "--format", "-f", help=f"Export format: {' or '.join(EXPORT_FORMATS)}."
+    ),
+    wait: bool = WaitOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Export a model version to ONNX or TorchScript, verified against the checkpoint
+    (outputs within 1e-4); the file is listed by `mriq models show`."""
+    from scheduler import submission
+
+    rt = runtime(ctx)
+    job_id = submission.submit_export(
+        rt.sessions(), rt.dispatcher, rt.settings, model_id, fmt, submitter=submitter()
+    )
+    report_submitted(rt, job_id, wait=wait, as_json=as_json)

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from scheduler import repository
-from scheduler.api_models import ERROR_RESPONSES, ErrorOut, ModelIdPath, ModelOut
-from scheduler.endpoints.deps import AuthDependencies, SessionsDep
+from scheduler import repository, submission
+from scheduler.api_models import (
+    ERROR_RESPONSES,
+    ErrorOut,
+    ExportRequest,
+    JobCreated,
+    ModelIdPath,
+    ModelOut,
+)
+from scheduler.endpoints.deps import AuthDependencies, DispatcherDep, SessionsDep, SettingsDep
 
 __all__ = ["router"]
 
@@ -40,3 +47,17 @@ def promote(model_id: ModelIdPath, sessions: SessionsDep) -> ModelOut:
     """Make a model version the production model (the previous one is archived)."""
     with sessions() as session, session.begin():
         return ModelOut.model_validate(repository.promote_model_version(session, model_id))
+
+
+@router.post("/models/{model_id}/export", response_model=JobCreated, status_code=202,
+             responses=ERROR_RESPONSES)
+def export(
+    model_id: ModelIdPath, body: ExportRequest, settings: SettingsDep, sessions: SessionsDep,
+    dispatcher: DispatcherDep,
+) -> JobCreated:
+    """Export a model version to ONNX or TorchScript (an export job; the verified file
+    becomes an artifact of the job and of the model version)."""
+    job_id = submission.submit_export(
+        sessions, dispatcher, settings, model_id, body.format, submitter="api"
+    )
+    return JobCreated(id=job_id)

@@ -28,9 +28,11 @@ task: ``claim_chunk`` -> ``record_predictions`` (per batch) -> ``complete_chunk`
 from __future__ import annotations
 
 from scheduler.repository.artifacts import (
+    EXPORT_ARTIFACT,
     artifact_ids,
     get_artifact,
     list_artifacts,
+    list_model_artifacts,
     record_artifact,
 )
 from scheduler.repository.base import (
@@ -93,6 +95,7 @@ from scheduler.repository.predictions import (
 )
 
 __all__ = [
+    "EXPORT_ARTIFACT",
     "CALIBRATION_FIELDS",
     "EXPLANATION_KIND",
     "ITEM_BATCH_SIZE",
@@ -120,6 +123,7 @@ __all__ = [
     "iter_job_items",
     "iter_predictions",
     "list_artifacts",
+    "list_model_artifacts",
     "list_chunks",
     "list_epoch_metrics",
     "list_jobs",

@@ -12,9 +12,11 @@ from scheduler.repository.base import NotFoundError
 from scheduler.schema import Artifact, utcnow
 
 __all__ = [
+    "EXPORT_ARTIFACT",
     "artifact_ids",
     "get_artifact",
     "list_artifacts",
+    "list_model_artifacts",
     "record_artifact",
 ]
 
@@ -52,6 +54,18 @@ def list_artifacts(session: Session, job_id: int) -> list[Artifact]:
     return list(
         session.scalars(select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.id))
     )
+
+
+#: The artifact kind of a model version's export (worker/tasks/export.py records it).
+EXPORT_ARTIFACT = "export"
+
+
+def list_model_artifacts(session: Session, model_version_id: int, kind: str) -> list[Artifact]:
+    """The artifacts of ``kind`` recorded for a model version (its exports), oldest first."""
+    query = select(Artifact).where(
+        Artifact.model_version_id == model_version_id, Artifact.kind == kind
+    )
+    return list(session.scalars(query.order_by(Artifact.id)))
 
 
 def get_artifact(session: Session, artifact_id: int) -> Artifact:

@@ -157,6 +157,8 @@ def worker_env(settings: Settings) -> dict[str, str]:
     )
     if settings.broker_url is not None:
         env["MRIQ_BROKER_URL"] = settings.broker_url
+    if settings.runtime != "torch":
+        env["MRIQ_RUNTIME"] = settings.runtime
     return env
 
 

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from scheduler.dispatch import CLASSIFY_CHUNK_TASK, EXPLAIN_TASK, TASK_QUEUE_OF, TRAIN_TASK
+from scheduler.dispatch import (
+    CLASSIFY_CHUNK_TASK,
+    EXPLAIN_TASK,
+    EXPORT_TASK,
+    TASK_QUEUE_OF,
+    TRAIN_TASK,
+)
 from tests.worker.conftest import make_settings
 from worker.app import create_celery_app
 from worker.tasks.classify import retry_countdown
@@ -21,6 +27,7 @@ def test_tasks_are_registered_by_name_with_their_limits(tmp_path: Path) -> None:
     routes = app.conf.task_routes
     assert routes[EXPLAIN_TASK] == routes[CLASSIFY_CHUNK_TASK]
     assert app.tasks[EXPLAIN_TASK].max_retries == 0
+    assert routes[EXPORT_TASK] == routes[TRAIN_TASK] and app.tasks[EXPORT_TASK].max_retries == 0
     chunk = app.tasks[CLASSIFY_CHUNK_TASK]
     assert chunk.time_limit == 123 and chunk.max_retries is None and chunk.acks_late
     assert app.tasks[TRAIN_TASK].time_limit == 456

@@ -2,8 +2,8 @@
 
 One module per job kind: ``classify`` (``mriq.classify_chunk``), ``train`` (``mriq.train``),
 ``evaluate`` (``mriq.evaluate``), ``explain`` (``mriq.explain``, one prediction's Grad-CAM
-on demand), ``finalize`` (``mriq.finalize``), ``periodic``
-(``mriq.retrain``, ``mriq.broker_janitor``); ``common`` holds what they share.
+on demand), ``export`` (``mriq.export``, ONNX/TorchScript), ``finalize`` (``mriq.finalize``),
+``periodic`` (``mriq.retrain``, ``mriq.broker_janitor``); ``common`` holds what they share.
 
 Every task takes ids only and re-reads its state from SQL, so a redelivered or duplicated
 message is harmless: ``claim_chunk`` returns only items without a prediction, predictions are
@@ -26,6 +26,7 @@ from scheduler.dispatch import (
     CLASSIFY_CHUNK_TASK,
     EVALUATE_TASK,
     EXPLAIN_TASK,
+    EXPORT_TASK,
     FINALIZE_TASK,
     RETRAIN_TASK,
     TRAIN_TASK,
@@ -35,6 +36,7 @@ from worker.tasks.classify import classify_chunk, on_chunk_failure
 from worker.tasks.common import logged
 from worker.tasks.evaluate import evaluate_job
 from worker.tasks.explain import explain_item
+from worker.tasks.export import export_job
 from worker.tasks.finalize import finalize_job
 from worker.tasks.periodic import broker_janitor, retrain
 from worker.tasks.train import train_job
@@ -76,6 +78,9 @@ def register(app: Celery) -> None:
     app.task(
         name=EXPLAIN_TASK, max_retries=0, time_limit=limit(settings.chunk_time_limit), **common
     )(logged(explain_item))
+    app.task(
+        name=EXPORT_TASK, max_retries=0, time_limit=limit(settings.evaluate_time_limit), **common
+    )(logged(export_job))
     app.task(name=FINALIZE_TASK, max_retries=0, **common)(logged(finalize_job))
     app.task(name=RETRAIN_TASK, max_retries=0, **common)(logged(retrain))
     app.task(name=BROKER_JANITOR_TASK, max_retries=0, **common)(logged(broker_janitor))

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from celery import Task
 from celery.exceptions import Retry
@@ -218,7 +218,18 @@ def _predictor(settings: Settings, work: ChunkWork, model: runtime.CachedModel) 
         # Confined again when each file is read: it may have been swapped for a link or a
         # FIFO since the submission checked it.
         roots=settings.data_roots,
+        forward_model=_forward_model(settings, work, model),
     )
+
+
+def _forward_model(settings: Settings, work: ChunkWork, model: runtime.CachedModel) -> Any:
+    """ONNX Runtime's session of the model when MRIQ_RUNTIME says so (CPU only), else None
+    (the predictor's own torch module)."""
+    if settings.runtime != "onnxruntime" or model.device != "cpu":
+        return None
+    import torch
+
+    return runtime.load_ort_model(model, work.checkpoint_path, threads=torch.get_num_threads())
 
 
 def _run_chunk(
