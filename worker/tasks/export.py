@@ -22,7 +22,13 @@ from scheduler.database import is_retryable
 from scheduler.schema import JobStatus
 from worker import runtime, sessions
 from worker.appsettings import job_dir
-from worker.tasks.common import error_text, finish, job_heartbeat, task_settings
+from worker.tasks.common import (
+    error_text,
+    finish,
+    job_heartbeat,
+    job_model_version,
+    task_settings,
+)
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -30,6 +36,7 @@ if TYPE_CHECKING:
     from scheduler.settings import Settings
 
 log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class _ExportJob:
@@ -42,9 +49,7 @@ class _ExportJob:
 
 def _start(session: Session, job_id: int) -> _ExportJob:
     job = repository.mark_job_running(session, job_id)
-    if job.model_version_id is None:
-        raise ValueError(f"export job {job_id} has no model version")
-    version = repository.get_model_version(session, job.model_version_id)
+    version = job_model_version(session, job)
     return _ExportJob(
         status=JobStatus(job.status),
         fmt=str((job.params or {})["format"]),
