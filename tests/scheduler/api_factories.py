@@ -62,3 +62,10 @@ def sent_tasks(data_dir: Path) -> list[tuple[str, list[Any]]]:
         body = json.loads(base64.b64decode(message["body"]))
         sent.append((str(message["headers"]["task"]), list(body[0])))
     return sent
+
+
+def touch_file(path: Path, data: bytes = b"x") -> Path:
+    """Write ``data`` to ``path``, making its folders."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path

@@ -1,5 +1,6 @@
-"""Fixtures of the API tests (``test_api.py``, ``endpoints/``): a migrated SQLite database,
-settings with a token, a session factory and an authenticated client of the real app."""
+"""Fixtures of the scheduler tests: the data root and a folder outside it; for the API tests
+(``test_api.py``, ``endpoints/``) a migrated SQLite database, settings with a token, a session
+factory and an authenticated client of the real app."""
 
 from __future__ import annotations
 
@@ -13,14 +14,24 @@ from sqlalchemy.orm import Session, sessionmaker
 from scheduler.api import create_app
 from scheduler.database import make_engine, make_session_factory, upgrade
 from scheduler.settings import Settings
-from tests.scheduler.api_factories import AUTH, TOKEN, api_settings
+from tests.scheduler.api_factories import AUTH, TOKEN, api_settings, touch_file
 
 
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
+    """The only data root of every scheduler test; files outside it must be refused."""
     r = tmp_path / "root"
     r.mkdir()
     return r
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    """A folder beside the root with one image in it: what confinement must refuse."""
+    o = tmp_path / "outside"
+    o.mkdir()
+    touch_file(o / "secret.png")
+    return o
 
 
 @pytest.fixture

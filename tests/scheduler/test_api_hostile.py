@@ -53,13 +53,6 @@ HIDDEN = "HIDDEN_outside_target"
 
 
 @pytest.fixture
-def root(tmp_path: Path) -> Path:
-    r = tmp_path / "root"
-    r.mkdir()
-    return r
-
-
-@pytest.fixture
 def outside(tmp_path: Path) -> Path:
     o = tmp_path / "outside"
     o.mkdir()

@@ -11,54 +11,33 @@ import pytest
 
 from scheduler import expansion, refusals
 from scheduler.paths import PathOutsideRootsError
-
-
-def _touch(path: Path, data: bytes = b"x") -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return path
-
-
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    """The only data root; files outside it must be refused."""
-    r = tmp_path / "root"
-    r.mkdir()
-    return r
-
-
-@pytest.fixture
-def outside(tmp_path: Path) -> Path:
-    o = tmp_path / "outside"
-    o.mkdir()
-    _touch(o / "secret.png")
-    return o
+from tests.scheduler.api_factories import touch_file
 
 # ----------------------------------------------------------------------------- expand_inputs
 
 
 def test_expand_is_a_generator(root: Path) -> None:
-    _touch(root / "a.png")
+    touch_file(root / "a.png")
     assert inspect.isgenerator(expansion.expand_inputs([str(root)], [root]))
 
 
 def test_expand_files_folders_recursive_and_suffix_filter(root: Path) -> None:
-    a = _touch(root / "a.png")
-    b = _touch(root / "sub" / "deep" / "b.JPG")
-    c = _touch(root / "sub" / "c.dcm")
-    _touch(root / "sub" / "notes.txt")
-    _touch(root / "sub" / "model.pt")
-    explicit_txt = _touch(root / "explicit.txt")
+    a = touch_file(root / "a.png")
+    b = touch_file(root / "sub" / "deep" / "b.JPG")
+    c = touch_file(root / "sub" / "c.dcm")
+    touch_file(root / "sub" / "notes.txt")
+    touch_file(root / "sub" / "model.pt")
+    explicit_txt = touch_file(root / "explicit.txt")
     got = list(expansion.expand_inputs([str(root / "sub"), str(a), str(explicit_txt)], [root]))
     # Folders give image files only, depth first and sorted; explicit files are kept as given.
     assert got == [str(c), str(b), str(a), str(explicit_txt)]
 
 
 def test_expand_globs(root: Path) -> None:
-    a = _touch(root / "x" / "a.png")
-    b = _touch(root / "x" / "b.png")
-    _touch(root / "x" / "c.txt")
-    d = _touch(root / "y" / "z" / "d.tif")
+    a = touch_file(root / "x" / "a.png")
+    b = touch_file(root / "x" / "b.png")
+    touch_file(root / "x" / "c.txt")
+    d = touch_file(root / "y" / "z" / "d.tif")
     assert list(expansion.expand_inputs([str(root / "x" / "*.png")], [root])) == [str(a), str(b)]
     assert list(expansion.expand_inputs([str(root / "**" / "*.tif")], [root])) == [str(d)]
     # A glob matching folders expands their images.
@@ -68,7 +47,7 @@ def test_expand_globs(root: Path) -> None:
 
 
 def test_expand_list_file_with_missing_relative_comments_and_duplicates(root: Path) -> None:
-    a = _touch(root / "imgs" / "a.png")
+    a = touch_file(root / "imgs" / "a.png")
     folder = root / "imgs"
     listing = root / "lists" / "inputs.txt"
     listing.parent.mkdir()
@@ -121,11 +100,11 @@ def test_expand_refuses_symlink_and_list_file_outside(root: Path, outside: Path)
 def test_found_link_outside_the_roots_is_an_item_not_a_refusal(
     root: Path, outside: Path
 ) -> None:
-    images = [_touch(root / "bulk" / f"img_{i:02d}.png") for i in range(5)]
+    images = [touch_file(root / "bulk" / f"img_{i:02d}.png") for i in range(5)]
     stray = root / "bulk" / "img_02b.png"
     stray.symlink_to(outside / "secret.png")
     (outside / "more").mkdir()
-    _touch(outside / "more" / "hidden_away.png")
+    touch_file(outside / "more" / "hidden_away.png")
     (root / "bulk" / "zz_folder").symlink_to(outside / "more")
     expected = [*images[:3], stray, *images[3:]]
     # Found by walking the folder: the job goes on, the link is stored under its own path
@@ -161,7 +140,7 @@ def _expand_with_hang_guard(inputs: list[str], roots: list[Path]) -> list[str]:
 
 
 def test_symlink_loop_inside_a_root_is_not_followed(root: Path) -> None:
-    image = _touch(root / "a" / "x.png")
+    image = touch_file(root / "a" / "x.png")
     # Two links back up: glob's ** followed both, 2**depth paths (exponential).
     (root / "a" / "up").symlink_to("..")
     (root / "a" / "up2").symlink_to("../..")
@@ -172,7 +151,7 @@ def test_symlink_loop_inside_a_root_is_not_followed(root: Path) -> None:
 
 def test_expansion_is_time_boxed(root: Path) -> None:
     for i in range(3):
-        _touch(root / "sub" / f"{i}.png")
+        touch_file(root / "sub" / f"{i}.png")
     for inputs in ([str(root / "**" / "*.png")], [str(root)], [str(root / "sub" / "0.png")]):
         with pytest.raises(refusals.ExpansionTimeoutError, match="expansion_time_limit"):
             list(expansion.expand_inputs(inputs, [root], time_limit=0.0))
@@ -191,8 +170,8 @@ def test_expand_rejects_bad_strings_and_missing_list(root: Path) -> None:
 def test_list_lines_naming_folders_are_walked_relative_ones_too(root: Path) -> None:
     # is_folder answers from the confinement's lstat: a folder line is walked, a file line
     # and a missing one are items, and a folder listed again is walked again.
-    a = _touch(root / "imgs" / "a.png")
-    b = _touch(root / "imgs" / "sub" / "b.png")
+    a = touch_file(root / "imgs" / "a.png")
+    b = touch_file(root / "imgs" / "sub" / "b.png")
     listing = root / "inputs.txt"
     listing.write_text(f"imgs\nimgs/a.png\nimgs/none.png\n{root / 'imgs' / 'sub'}\n", "utf-8")
     got = list(expansion.expand_inputs([f"@{listing}"], [root]))

@@ -21,28 +21,7 @@ from scheduler.dispatch import Dispatcher
 from scheduler.paths import PathOutsideRootsError
 from scheduler.schema import Job, JobChunk, JobItem, JobKind, JobStatus
 from scheduler.settings import Settings
-
-
-def _touch(path: Path, data: bytes = b"x") -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return path
-
-
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    """The only data root; files outside it must be refused."""
-    r = tmp_path / "root"
-    r.mkdir()
-    return r
-
-
-@pytest.fixture
-def outside(tmp_path: Path) -> Path:
-    o = tmp_path / "outside"
-    o.mkdir()
-    _touch(o / "secret.png")
-    return o
+from tests.scheduler.api_factories import touch_file
 
 
 def _settings(tmp_path: Path, root: Path, url: str, **kw: Any) -> Settings:
@@ -106,7 +85,7 @@ def test_glob_is_lazy_and_stops_at_the_limit(
 ) -> None:
     for d in range(6):
         for i in range(4):
-            _touch(root / f"d{d}" / f"img_{i}.png")
+            touch_file(root / f"d{d}" / f"img_{i}.png")
     expanded = expansion.expand_inputs([str(root / "**" / "*.png")], [root])
     first = next(expanded)
     assert first == str(root / "d0" / "img_0.png")
@@ -120,7 +99,7 @@ def test_glob_is_lazy_and_stops_at_the_limit(
     # More matches than settings.max_paths_per_job (10): refused, nothing stored.
     for d in range(6):
         for i in range(4):
-            _touch(root / f"d{d}" / f"img_{i}.png")
+            touch_file(root / f"d{d}" / f"img_{i}.png")
     model_id = _model(sessions)
     with pytest.raises(submission.TooManyInputsError, match="at most 10"):
         submission.submit_classify(
@@ -129,7 +108,7 @@ def test_glob_is_lazy_and_stops_at_the_limit(
         )
     # One folder holding more images than a job may take is refused while it is read.
     for i in range(30):
-        _touch(root / "flat" / f"f_{i:02d}.png")
+        touch_file(root / "flat" / f"f_{i:02d}.png")
     with pytest.raises(submission.TooManyInputsError):
         submission.submit_classify(
             sessions, dispatcher, settings, [str(root / "flat")], model_version_id=model_id
@@ -137,13 +116,12 @@ def test_glob_is_lazy_and_stops_at_the_limit(
     assert _counts(sessions)[0] == 0
 
 
-
 def test_submit_classify_stores_items_chunks_and_dispatches(
     root: Path, settings: Settings, sessions: sessionmaker[Session], dispatcher: Dispatcher
 ) -> None:
     model_id = _model(sessions)
-    a = _touch(root / "a.png")
-    _touch(root / "sub" / "b.png")
+    a = touch_file(root / "a.png")
+    touch_file(root / "sub" / "b.png")
     inputs = [str(a), str(root / "sub"), str(root / "missing.png"), str(a), str(root / "sub")]
     job_id = submission.submit_classify(
         sessions, dispatcher, settings, inputs, submitter="me", top_k=2
@@ -169,7 +147,7 @@ def test_submit_classify_explicit_model_and_unknown_model(
     root: Path, settings: Settings, sessions: sessionmaker[Session], dispatcher: Dispatcher
 ) -> None:
     model_id = _model(sessions, promote=False)
-    _touch(root / "a.png")
+    touch_file(root / "a.png")
     job_id = submission.submit_classify(
         sessions, dispatcher, settings, [str(root / "a.png")], model_version_id=model_id
     )
@@ -198,7 +176,7 @@ def test_refused_outside_roots_stores_nothing(
     dispatcher: Dispatcher,
 ) -> None:
     _model(sessions)
-    _touch(root / "a.png")
+    touch_file(root / "a.png")
     with pytest.raises(PathOutsideRootsError):
         submission.submit_classify(
             sessions, dispatcher, settings, [str(root / "a.png"), str(outside / "secret.png")]
@@ -212,7 +190,7 @@ def test_too_many_inputs_stores_nothing(
 ) -> None:
     _model(sessions)
     for i in range(11):  # max_paths_per_job is 10
-        _touch(root / "many" / f"{i:02d}.png")
+        touch_file(root / "many" / f"{i:02d}.png")
     with pytest.raises(submission.TooManyInputsError, match="at most 10"):
         submission.submit_classify(sessions, dispatcher, settings, [str(root / "many")])
     assert _counts(sessions) == (0, 0, 0)
@@ -351,7 +329,7 @@ def test_submit_classify_on_postgresql(
     try:
         _model(sessions)
         for i in range(7):
-            _touch(root / "f" / f"{i}.png")
+            touch_file(root / "f" / f"{i}.png")
         job_id = submission.submit_classify(sessions, dispatcher, settings, [str(root / "f")])
         with sessions() as s:
             assert repository.get_job(s, job_id).progress_total == 7
@@ -367,7 +345,7 @@ def test_submit_classify_on_postgresql(
 def test_classify_options_reach_the_job_row(
     root: Path, settings: Settings, sessions: sessionmaker[Session], dispatcher: Dispatcher
 ) -> None:
-    _touch(root / "a.png")
+    touch_file(root / "a.png")
     _model(sessions)
     default_id = submission.submit_classify(sessions, dispatcher, settings, [str(root)])
     chosen_id = submission.submit_classify(
@@ -388,7 +366,7 @@ def test_reviews_from_must_name_a_classify_job(
     root: Path, settings: Settings, sessions: sessionmaker[Session], dispatcher: Dispatcher
 ) -> None:
     (root / "data").mkdir()
-    _touch(root / "a.png")
+    touch_file(root / "a.png")
     _model(sessions)
     classify_id = submission.submit_classify(sessions, dispatcher, settings, [str(root)])
     with sessions() as s:

@@ -16,13 +16,6 @@ from scheduler.database import make_engine, make_session_factory, upgrade
 
 
 @pytest.fixture
-def root(tmp_path: Path) -> Path:
-    r = tmp_path / "root"
-    r.mkdir()
-    return r
-
-
-@pytest.fixture
 def env(
     tmp_path: Path, root: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> dict[str, str]:

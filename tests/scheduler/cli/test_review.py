@@ -24,13 +24,6 @@ ENTRY_KEYS = ["item_id", "job_id", "path", "label", "confidence", "top_k", "expl
 
 
 @pytest.fixture
-def root(tmp_path: Path) -> Path:
-    r = tmp_path / "root"
-    r.mkdir()
-    return r
-
-
-@pytest.fixture
 def env(tmp_path: Path, root: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
         ) -> dict[str, str]:
     monkeypatch.chdir(tmp_path)

@@ -25,13 +25,6 @@ from scheduler.settings import Settings
 CLASSES = ("Glioblastoma", "Meningioma", "Normal")
 
 
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    r = tmp_path / "root"
-    r.mkdir()
-    return r
-
-
 def web_settings(tmp_path: Path, root: Path, url: str, **kw: Any) -> Settings:
     return Settings(data_dir=tmp_path / "state", database_url=url, data_roots=(root,),
                     chunk_size=4, max_paths_per_job=20, **kw)
