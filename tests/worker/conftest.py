@@ -22,8 +22,10 @@ import pytest
 import redis
 from sqlalchemy.orm import Session, sessionmaker
 
+from scheduler import repository
 from scheduler.database import make_engine, make_session_factory, upgrade
 from scheduler.dispatch import Dispatcher
+from scheduler.schema import ModelVersion
 from scheduler.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -66,6 +68,27 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
     path = tmp_path_factory.mktemp("model") / "tiny.pt"
     sha = save_checkpoint(path, model=model, meta=meta)
     return TinyModel(path=path, sha256=sha, classes=classes)
+
+
+def register_tiny_model(
+    session: Session,
+    model: TinyModel,
+    *,
+    training_job_id: int | None = None,
+    checkpoint_sha256: str | None = None,
+) -> ModelVersion:
+    """``model`` as a model version (in the caller's transaction); ``checkpoint_sha256``
+    overrides the file's own, for tests of a tampered checkpoint."""
+    return repository.register_model_version(
+        session,
+        training_job_id=training_job_id,
+        arch="resnet18",
+        label_mode="15",
+        classes=list(model.classes),
+        checkpoint_path=str(model.path),
+        checkpoint_sha256=checkpoint_sha256 or model.sha256,
+        metrics={},
+    )
 
 
 def write_images(folder: Path, n_good: int, *, broken: int = 0, seed: int = 0) -> list[Path]:

@@ -42,6 +42,7 @@ from tests.worker.conftest import (
     StartWorker,
     TinyModel,
     migrated_factory,
+    register_tiny_model,
     wait_until,
     write_images,
 )
@@ -63,11 +64,7 @@ def _settings(tmp_path: Path, root: Path, url: str, broker: str | None, **kw: An
 def _register(factory: sessionmaker[Session], model: TinyModel) -> int:
     with factory.begin() as session:
         train = repository.create_job(session, kind=JobKind.TRAIN, params={"data": "/d"})
-        version = repository.register_model_version(
-            session, training_job_id=train.id, arch="resnet18", label_mode="15",
-            classes=list(model.classes), checkpoint_path=str(model.path),
-            checkpoint_sha256=model.sha256, metrics={},
-        )
+        version = register_tiny_model(session, model, training_job_id=train.id)
         return int(version.id)
 
 

@@ -16,6 +16,7 @@ from tests.worker.conftest import (
     TinyModel,
     make_settings,
     migrated_factory,
+    register_tiny_model,
     wait_until,
     write_images,
 )
@@ -28,16 +29,7 @@ CHUNK = 16  # -> chunks of 16, 16, 8
 
 def _register_model(factory: sessionmaker[Session], model: TinyModel) -> int:
     with factory.begin() as session:
-        version = repository.register_model_version(
-            session,
-            training_job_id=None,
-            arch="resnet18",
-            label_mode="15",
-            classes=list(model.classes),
-            checkpoint_path=str(model.path),
-            checkpoint_sha256=model.sha256,
-            metrics={},
-        )
+        version = register_tiny_model(session, model)
         return int(version.id)
 
 

@@ -16,7 +16,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from scheduler import repository
 from scheduler.schema import Artifact, ChunkStatus, Job, JobKind, JobStatus, PredictionRow
 from scheduler.settings import Settings
-from tests.worker.conftest import TinyModel, make_settings, migrated_factory, write_images
+from tests.worker.conftest import (
+    TinyModel,
+    make_settings,
+    migrated_factory,
+    register_tiny_model,
+    write_images,
+)
 from worker import liveness, runtime
 from worker.appsettings import job_dir
 from worker.ledger import ChunkLedger, ChunkWork
@@ -35,16 +41,7 @@ def _job(
     review_below: float,
 ) -> int:
     with factory.begin() as session:
-        version = repository.register_model_version(
-            session,
-            training_job_id=None,
-            arch="resnet18",
-            label_mode="15",
-            classes=list(model.classes),
-            checkpoint_path=str(model.path),
-            checkpoint_sha256=model.sha256,
-            metrics={},
-        )
+        version = register_tiny_model(session, model)
         job = repository.create_job(
             session,
             kind=JobKind.CLASSIFY,

@@ -16,7 +16,7 @@ from scheduler import repository
 from scheduler.dispatch import EVALUATE_TASK, TRAIN_TASK
 from scheduler.schema import JobKind, JobStatus
 from scheduler.settings import Settings
-from tests.worker.conftest import TinyModel, make_settings, migrated_factory
+from tests.worker.conftest import TinyModel, make_settings, migrated_factory, register_tiny_model
 from worker.app import create_celery_app
 from worker.appsettings import job_dir
 
@@ -124,16 +124,7 @@ def test_evaluate_task(
                           dataset)
     factory = migrated_factory(sqlite_url)
     with factory.begin() as session:
-        version = repository.register_model_version(
-            session,
-            training_job_id=None,
-            arch="resnet18",
-            label_mode="15",
-            classes=list(tiny_model.classes),
-            checkpoint_path=str(tiny_model.path),
-            checkpoint_sha256=tiny_model.sha256,
-            metrics={},
-        )
+        version = register_tiny_model(session, tiny_model)
         job_id = int(
             repository.create_job(
                 session,
@@ -168,11 +159,7 @@ def test_evaluate_task(
 
 def _evaluate_job(factory: sessionmaker[Session], model: TinyModel, data: Path) -> int:
     with factory.begin() as session:
-        version = repository.register_model_version(
-            session, training_job_id=None, arch="resnet18", label_mode="15",
-            classes=list(model.classes), checkpoint_path=str(model.path),
-            checkpoint_sha256=model.sha256, metrics={},
-        )
+        version = register_tiny_model(session, model)
         return int(repository.create_job(
             session, kind=JobKind.EVALUATE, params={"data": str(data)},
             model_version_id=version.id,
@@ -216,16 +203,7 @@ def test_evaluate_with_wrong_checksum_fails_the_job(
                           dataset)
     factory = migrated_factory(sqlite_url)
     with factory.begin() as session:
-        version = repository.register_model_version(
-            session,
-            training_job_id=None,
-            arch="resnet18",
-            label_mode="15",
-            classes=list(tiny_model.classes),
-            checkpoint_path=str(tiny_model.path),
-            checkpoint_sha256="0" * 64,
-            metrics={},
-        )
+        version = register_tiny_model(session, tiny_model, checkpoint_sha256="0" * 64)
         job_id = int(
             repository.create_job(
                 session,
@@ -279,16 +257,7 @@ def test_evaluate_skips_while_another_run_of_the_job_is_alive(
                           dataset)
     factory = migrated_factory(sqlite_url)
     with factory.begin() as session:
-        version = repository.register_model_version(
-            session,
-            training_job_id=None,
-            arch="resnet18",
-            label_mode="15",
-            classes=list(tiny_model.classes),
-            checkpoint_path=str(tiny_model.path),
-            checkpoint_sha256=tiny_model.sha256,
-            metrics={},
-        )
+        version = register_tiny_model(session, tiny_model)
         job_id = int(
             repository.create_job(
                 session,
